@@ -1,0 +1,40 @@
+"""lightfunc: functional-style training for PyTorch.
+
+Write `train_step(state, batch) -> (state, metrics)` as a pure function;
+lightfunc compiles it, runs it in a generator loop that yields immutable
+trainer states, and keeps the run reproducible.
+
+    import lightfunc as lf
+    state = lf.TrainState.create(model, lf.optim.adamw(1e-3))
+    step = lf.build(train_step)
+    for ts in lf.loop(step, state, loader, max_epochs=3):
+        ...
+"""
+
+from . import optim as optim
+from ._build import Step as Step
+from ._build import build as build
+from ._build import build_eval as build_eval
+from ._compile import CompileOptions as CompileOptions
+from ._compile import compile_counts as compile_counts
+from ._device import resolve_device as resolve_device
+from ._device import to_device as to_device
+from ._fit import fit as fit
+from ._func import apply as apply
+from ._func import buffers_of as buffers_of
+from ._func import params_of as params_of
+from ._func import value_and_grad as value_and_grad
+from ._loop import TrainerState as TrainerState
+from ._loop import evaluate as evaluate
+from ._loop import loop as loop
+from ._loop import predict as predict
+from ._progress import ProgressBar as ProgressBar
+from ._rng import RngKey as RngKey
+from ._seed import seed_everything as seed_everything
+from ._seed import seed_worker as seed_worker
+from ._state import TrainState as TrainState
+from ._tree import register_dataclass as register_dataclass
+from ._tree import tree_leaves as tree_leaves
+from ._tree import tree_map as tree_map
+
+__version__ = "0.1.0.dev0"

@@ -1,0 +1,264 @@
+"""`build`: turn a pure step function into a fast, checked one.
+
+    step = lightfunc.build(train_step)            # compiled
+    state, metrics = step(state, batch)
+
+A built train step, on every call:
+1. seeds torch's generators from the state's `RngKey` (restoring them after),
+2. calls the compiled (or eager) user function on the state without its key,
+3. returns the new state with the key advanced, and the metrics.
+
+The first call also validates: the step returned `(state, metrics)`, the new
+state has the structure, shapes and dtypes of the old one, metrics are a dict
+of 0-d tensors, and no input tensor was written in place. Later calls do no
+checking, so they cost one dict lookup and a function call over the compiled
+graph.
+
+Transforms of a step (precision, sharding, accumulation) will wrap the user
+function *before* it reaches `compile_fn`, so that all of them land in one
+graph; `build` applies them in one fixed order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any, Generic, Literal, TypeVar
+
+import torch
+
+from ._compile import CompileOptions, as_compile_options, compile_fn
+from ._rng import RngKey, seeded
+from ._tree import PyTree, describe_leaf, tree_flatten_with_paths, tree_structure
+
+S = TypeVar("S")
+Metrics = dict[str, torch.Tensor]
+TrainStepFn = Callable[[Any, Any], tuple[Any, Metrics]]
+EvalStepFn = Callable[[Any, Any], Any]
+
+
+class Step(Generic[S]):
+    """A built step: callable like the function it wraps.
+
+    Attributes:
+        fn: the user's function, unchanged.
+        kind: "train" (returns `(state, metrics)`, advances the RNG key) or
+            "eval" (returns anything; no RNG advance).
+        compile_options: how `fn` is compiled, or None for eager.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        *,
+        kind: Literal["train", "eval"],
+        compile_options: CompileOptions | None,
+        validate: bool,
+    ) -> None:
+        self.fn = fn
+        self.kind = kind
+        self.compile_options = compile_options
+        self._run = fn if compile_options is None else compile_fn(fn, compile_options)
+        self._pending_validation = validate
+        self.__name__ = getattr(fn, "__name__", "step")
+        self.__doc__ = getattr(fn, "__doc__", None)
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the step runs through `torch.compile`."""
+        return self.compile_options is not None
+
+    def __call__(self, state: S, batch: Any) -> Any:
+        key = getattr(state, "rng", None) if dataclasses.is_dataclass(state) else None
+        if not isinstance(key, RngKey):
+            key = None
+        inner = _without_rng(state) if key is not None else state
+        with seeded(key if self.kind == "train" else None, _device_of(state)):
+            if self._pending_validation:
+                out = self._first_call(inner, batch)
+            else:
+                out = self._run(inner, batch)
+        if self.kind == "eval" or key is None:
+            return out
+        new_state, metrics = out
+        return dataclasses.replace(new_state, rng=key.next()), metrics
+
+    def _first_call(self, state: Any, batch: Any) -> Any:
+        versions = _versions((state, batch))
+        try:
+            out = self._run(state, batch)
+        except Exception as compile_error:
+            if self._run is self.fn:
+                raise
+            # A user bug raised inside a compiled region comes back wrapped in
+            # dynamo's exception types; rerun eagerly so the user sees the
+            # original, readable error. If eager succeeds, the failure is torch.compile's.
+            self.fn(state, batch)
+            raise RuntimeError(
+                f"torch.compile failed on `{self.__name__}`, which runs fine eagerly: "
+                f"{type(compile_error).__name__}: {compile_error}\n"
+                f"Build it with compile=False to run eagerly, or try "
+                f"compile=lightfunc.CompileOptions(fullgraph=False)."
+            ) from compile_error
+        _check_not_mutated(versions, (state, batch), self.__name__)
+        if self.kind == "train":
+            _check_train_output(out, state, self.__name__)
+        self._pending_validation = False
+        return out
+
+    def __repr__(self) -> str:
+        how = "eager" if self.compile_options is None else f"compiled({self.compile_options.mode})"
+        return f"Step({self.__name__}, kind={self.kind}, {how})"
+
+
+def build(
+    train_step: TrainStepFn,
+    *,
+    compile: bool | str | CompileOptions = True,
+    validate: bool = True,
+) -> Step[Any]:
+    """Build a train step: `train_step(state, batch) -> (new_state, metrics)`.
+
+    Args:
+        train_step: a pure function. It must not modify `state` or `batch` in
+            place, call `.item()`, or do I/O; it returns a new state of the
+            same structure and a dict of 0-d metric tensors.
+        compile: True (default) compiles with `torch.compile(fullgraph=True,
+            dynamic=False)`; False runs eagerly; a mode string
+            ("max-autotune", ...) or a `CompileOptions` selects options.
+        validate: check the first call's output and inputs (see module doc).
+
+    Returns:
+        A `Step`, called as `new_state, metrics = step(state, batch)`.
+
+    Raises:
+        TypeError / ValueError: at the first call, when the step returns the
+            wrong structure or non-scalar metrics; RuntimeError when it wrote
+            into its inputs.
+
+    Example:
+        >>> import torch, lightfunc as lf
+        >>> model = torch.nn.Linear(3, 1)
+        >>> def train_step(state, batch):
+        ...     x, y = batch
+        ...     def loss_fn(params):
+        ...         out, _ = lf.apply(model, params, state.buffers, x, train=True)
+        ...         return torch.nn.functional.mse_loss(out, y)
+        ...     loss, grads = lf.value_and_grad(loss_fn)(state.params)
+        ...     return state.apply_gradients(grads), {"loss": loss}
+        >>> step = lf.build(train_step, compile=False)
+        >>> state = lf.TrainState.create(model, lf.optim.sgd(0.1))
+        >>> state, metrics = step(state, (torch.ones(4, 3), torch.zeros(4, 1)))
+        >>> int(state.step)
+        1
+    """
+    _check_callable(train_step, "train_step")
+    return Step(train_step, kind="train", compile_options=as_compile_options(compile), validate=validate)
+
+
+def build_eval(
+    eval_step: EvalStepFn,
+    *,
+    compile: bool | str | CompileOptions = True,
+    validate: bool = True,
+) -> Step[Any]:
+    """Build an eval or predict step: `eval_step(state, batch) -> metrics or outputs`.
+
+    Same compile options as `build`. The RNG key is neither used nor advanced:
+    eval steps should run the model with `train=False`.
+    """
+    _check_callable(eval_step, "eval_step")
+    return Step(eval_step, kind="eval", compile_options=as_compile_options(compile), validate=validate)
+
+
+def _check_callable(fn: Any, name: str) -> None:
+    if isinstance(fn, Step):
+        raise TypeError(f"`{name}` is already a built Step ({fn!r}); pass it directly instead of building it again.")
+    if not callable(fn):
+        raise TypeError(f"`{name}` must be a function `(state, batch) -> ...`, got {type(fn).__name__}.")
+
+
+def _without_rng(state: Any) -> Any:
+    # The key holds Python ints; keeping it out of the compiled call means
+    # dynamo never guards on (and recompiles for) a changing counter.
+    return dataclasses.replace(state, rng=None)
+
+
+def _device_of(state: Any) -> torch.device | None:
+    step = getattr(state, "step", None)
+    return step.device if isinstance(step, torch.Tensor) else None
+
+
+def _versions(tree: PyTree) -> list[int | None]:
+    _, leaves, _ = tree_flatten_with_paths(tree)
+    return [x._version if isinstance(x, torch.Tensor) else None for x in leaves]
+
+
+def _check_not_mutated(before: list[int | None], tree: PyTree, name: str) -> None:
+    paths, leaves, _ = tree_flatten_with_paths(tree)
+    for path, leaf, version in zip(paths, leaves, before, strict=True):
+        if isinstance(leaf, torch.Tensor) and leaf._version != version:
+            where = path.replace("[0]", "state", 1).replace("[1]", "batch", 1) if path.startswith("[") else path
+            raise RuntimeError(
+                f"`{name}` modified its input in place at `{where}`. Steps must be pure: "
+                f"return new tensors (`x = x + y`, not `x.add_(y)`; clone buffers before "
+                f"updating them, as lightfunc.apply does)."
+            )
+
+
+def _check_train_output(out: Any, state: Any, name: str) -> None:
+    if not (isinstance(out, tuple) and len(out) == 2):
+        got = f"a tuple of length {len(out)}" if isinstance(out, tuple) else type(out).__name__
+        raise TypeError(
+            f"`{name}` must return `(new_state, metrics)`, got {got}. "
+            f"Eval and predict steps, which return only metrics, are built with lightfunc.build_eval."
+        )
+    new_state, metrics = out
+    _check_same_tree(state, new_state, name)
+    _check_metrics(metrics, name)
+
+
+def _check_same_tree(old: Any, new: Any, name: str) -> None:
+    if tree_structure(old) != tree_structure(new):
+        old_paths, _, _ = tree_flatten_with_paths(old)
+        new_paths, _, _ = tree_flatten_with_paths(new)
+        missing = sorted(set(old_paths) - set(new_paths))
+        extra = sorted(set(new_paths) - set(old_paths))
+        detail = ""
+        if missing:
+            detail += f" Missing in the returned state: {', '.join(missing[:8])}."
+        if extra:
+            detail += f" Not in the input state: {', '.join(extra[:8])}."
+        raise ValueError(
+            f"`{name}` returned a state whose structure differs from its input "
+            f"(given {type(new).__name__}, expected {type(old).__name__} of the same structure).{detail} "
+            f"Build the new state with state.replace(...) or state.apply_gradients(...)."
+        )
+    paths, old_leaves, _ = tree_flatten_with_paths(old)
+    _, new_leaves, _ = tree_flatten_with_paths(new)
+    for path, a, b in zip(paths, old_leaves, new_leaves, strict=True):
+        if isinstance(a, torch.Tensor) and (
+            not isinstance(b, torch.Tensor) or a.shape != b.shape or a.dtype != b.dtype
+        ):
+            raise ValueError(
+                f"`{name}` changed the state leaf `{path}`: given {describe_leaf(b)}, "
+                f"expected {describe_leaf(a)}. A step must keep every leaf's shape and dtype "
+                f"(a changing shape or dtype would recompile every step)."
+            )
+
+
+def _check_metrics(metrics: Any, name: str) -> None:
+    if not isinstance(metrics, Mapping):
+        raise TypeError(
+            f"`{name}` must return metrics as a dict of 0-d tensors, got {type(metrics).__name__}. "
+            f"Return {{}} if there is nothing to report."
+        )
+    for key, value in metrics.items():
+        if not isinstance(key, str):
+            raise TypeError(f"`{name}` returned a metric key {key!r} of type {type(key).__name__}; keys must be str.")
+        if not isinstance(value, torch.Tensor) or value.ndim != 0:
+            raise ValueError(
+                f"`{name}` returned metric {key!r} as {describe_leaf(value)}; expected a 0-d tensor. "
+                f"Reduce it (e.g. .mean()) and keep it a tensor: calling .item() inside a step syncs "
+                f"with the device every step."
+            )

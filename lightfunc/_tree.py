@@ -1,0 +1,133 @@
+"""Pytree helpers on optree, in lightfunc's own registry namespace.
+
+Every container lightfunc defines (train states, optimizer states) is a frozen
+dataclass registered here with `register_dataclass`, so `tree_map` and friends
+see through it. All helpers use the same namespace, so user code that calls
+them never has to pass one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+import optree
+import torch
+
+NAMESPACE = "lightfunc"
+
+T = TypeVar("T")
+PyTree = Any
+
+
+def register_dataclass(cls: type[T], *, static: Iterable[str] = ()) -> type[T]:
+    """Register a frozen dataclass as a pytree node in lightfunc's namespace.
+
+    Fields named in `static` are kept in the tree structure (aux data) rather
+    than as children, so tree maps leave them alone: use it for functions and
+    configuration (an optimizer, a module), never for tensors.
+
+    Args:
+        cls: a class decorated with `@dataclasses.dataclass(frozen=True)`.
+        static: names of fields that are not pytree children.
+
+    Returns:
+        `cls`, so this can be used as a decorator.
+    """
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"`register_dataclass` expects a dataclass, got {cls!r}.")
+    static = tuple(static)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = set(static) - set(names)
+    if unknown:
+        raise ValueError(f"`static` names unknown fields {sorted(unknown)} of {cls.__name__}.")
+    children = tuple(n for n in names if n not in static)
+
+    def flatten(obj: Any) -> tuple[tuple[Any, ...], tuple[Any, ...], tuple[str, ...]]:
+        kids = tuple(getattr(obj, n) for n in children)
+        aux = tuple(getattr(obj, n) for n in static)
+        return kids, aux, children
+
+    def unflatten(aux: tuple[Any, ...], kids: Iterable[Any]) -> Any:
+        kwargs = dict(zip(children, kids, strict=True))
+        kwargs.update(zip(static, aux, strict=True))
+        return cls(**kwargs)
+
+    optree.register_pytree_node(cls, flatten, unflatten, namespace=NAMESPACE)  # type: ignore[arg-type]
+    return cls
+
+
+def tree_map(fn: Callable[..., Any], tree: PyTree, *rest: PyTree, none_is_leaf: bool = False) -> PyTree:
+    """`optree.tree_map` in lightfunc's namespace."""
+    return optree.tree_map(fn, tree, *rest, none_is_leaf=none_is_leaf, namespace=NAMESPACE)
+
+
+def tree_leaves(tree: PyTree) -> list[Any]:
+    """The leaves of `tree`, in flattening order."""
+    return optree.tree_leaves(tree, namespace=NAMESPACE)
+
+
+def tree_flatten(tree: PyTree) -> tuple[list[Any], optree.PyTreeSpec]:
+    """Leaves and structure of `tree`."""
+    return optree.tree_flatten(tree, namespace=NAMESPACE)
+
+
+def tree_unflatten(spec: optree.PyTreeSpec, leaves: Iterable[Any]) -> PyTree:
+    """Rebuild a tree from a structure and its leaves."""
+    return optree.tree_unflatten(spec, leaves)
+
+
+def tree_structure(tree: PyTree) -> optree.PyTreeSpec:
+    """The structure of `tree` without its leaves."""
+    return optree.tree_structure(tree, namespace=NAMESPACE)
+
+
+def tree_paths(tree: PyTree) -> list[str]:
+    """Readable paths of every leaf, e.g. ``params.0.weight`` or ``opt_state[1].mu.bias``."""
+    paths, _, _ = optree.tree_flatten_with_path(tree, namespace=NAMESPACE)
+    return [path_str(p) for p in paths]
+
+
+def tree_flatten_with_paths(tree: PyTree) -> tuple[list[str], list[Any], optree.PyTreeSpec]:
+    """Paths (as strings), leaves and structure of `tree`."""
+    paths, leaves, spec = optree.tree_flatten_with_path(tree, namespace=NAMESPACE)
+    return [path_str(p) for p in paths], leaves, spec
+
+
+def path_str(path: tuple[Any, ...]) -> str:
+    """Join one optree path into a dotted string; integer entries become ``[i]``."""
+    out = ""
+    for entry in path:
+        if isinstance(entry, int):
+            out += f"[{entry}]"
+        else:
+            out += ("." if out else "") + str(entry)
+    return out or "<root>"
+
+
+def tree_zeros_like(tree: PyTree) -> PyTree:
+    """A tree of zeros with the shapes, dtypes and devices of `tree`'s tensors."""
+    return tree_map(torch.zeros_like, tree)
+
+
+def tree_global_norm(tree: PyTree) -> torch.Tensor:
+    """The L2 norm of all leaves taken together (0-d tensor, fp32 or wider)."""
+    leaves = tree_leaves(tree)
+    if not leaves:
+        return torch.zeros(())
+    squares = [torch.sum(torch.square(x.to(torch.promote_types(x.dtype, torch.float32)))) for x in leaves]
+    return torch.sqrt(torch.stack(squares).sum())
+
+
+def tree_describe(tree: PyTree) -> str:
+    """One line per leaf: path, shape and dtype; for error messages."""
+    paths, leaves, _ = tree_flatten_with_paths(tree)
+    return "\n".join(f"  {p}: {describe_leaf(x)}" for p, x in zip(paths, leaves, strict=True))
+
+
+def describe_leaf(x: Any) -> str:
+    """A short description of one leaf: ``Tensor(shape=(3, 4), dtype=float32)`` or its type."""
+    if isinstance(x, torch.Tensor):
+        return f"Tensor(shape={tuple(x.shape)}, dtype={str(x.dtype).removeprefix('torch.')}, device={x.device})"
+    return f"{type(x).__name__}({x!r})"
