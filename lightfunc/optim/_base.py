@@ -59,4 +59,4 @@ class GradientTransformation(NamedTuple):
 
 def apply_updates(params: Params, updates: Updates) -> Params:
     """Return `params + updates`, leaf by leaf, in each parameter's dtype."""
-    return tree_map(lambda p, u: (p + u.to(p.dtype)), params, updates)
+    return tree_map(lambda p, u: p + u.to(p.dtype), params, updates)

@@ -1,0 +1,180 @@
+"""Ready-made optimizers, each a `chain` of transformations.
+
+Each matches its torch.optim namesake on CPU, with the same defaults (the
+betas are spelled `b1`, `b2`): Adam and AdamW bit for bit, SGD within one
+fp32 rounding per step (see `_transforms`). The order inside each chain is
+the order in which torch applies the same operations.
+"""
+
+from __future__ import annotations
+
+from ._base import GradientTransformation, ScalarOrSchedule
+from ._masking import MaskOrFn
+from ._transforms import (
+    chain,
+    scale_by_adam,
+    scale_by_learning_rate,
+    scale_by_lion,
+    trace,
+)
+from ._validate import check_float, check_learning_rate
+from ._weight_decay import add_decayed_weights, add_decoupled_weight_decay
+
+
+def sgd(
+    lr: ScalarOrSchedule,
+    momentum: float = 0.0,
+    *,
+    nesterov: bool = False,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+) -> GradientTransformation:
+    """Stochastic gradient descent with optional momentum, as torch.optim.SGD.
+
+    The gradient gets the L2 term ``weight_decay * param``, then feeds the
+    momentum buffer (see `trace`), then is scaled by ``-lr``.
+
+    Args:
+        lr: learning rate, a float >= 0 or a schedule of the step count.
+        momentum: momentum factor, >= 0 (0: no momentum buffer is kept).
+        nesterov: use Nesterov momentum (needs `momentum` > 0, no `dampening`).
+        dampening: dampening of the momentum's gradient term, in [0, 1].
+        weight_decay: L2 penalty coefficient, >= 0.
+
+    Returns:
+        A `GradientTransformation`.
+
+    Raises:
+        TypeError, ValueError: a hyper-parameter out of range.
+
+    Example:
+        >>> import torch, lightfunc.optim as lo
+        >>> params = {"w": torch.ones(3)}
+        >>> tx = lo.sgd(0.1, momentum=0.9)
+        >>> updates, state = tx.update({"w": torch.ones(3)}, tx.init(params), params)
+        >>> lo.apply_updates(params, updates)["w"]
+        tensor([0.9000, 0.9000, 0.9000])
+    """
+    lr = check_learning_rate("lr", lr)
+    momentum = check_float(
+        "momentum", momentum, low=0.0, hint="A typical value is 0.9; 0 disables it."
+    )
+    if nesterov and momentum == 0:
+        raise ValueError(
+            "`nesterov=True` needs `momentum` > 0, got momentum=0.0. Pass e.g. `momentum=0.9`, "
+            "or drop `nesterov=True`."
+        )
+    dampening = check_float("dampening", dampening, low=0.0, high=1.0, hint="The default is 0.0.")
+    parts = []
+    # torch's order: the L2 term joins the gradient before it enters the momentum buffer.
+    if check_float("weight_decay", weight_decay, low=0.0, hint="Use 0.0 for no decay.") != 0:
+        parts.append(add_decayed_weights(weight_decay))
+    if momentum != 0:
+        parts.append(trace(momentum, nesterov=nesterov, dampening=dampening))
+    parts.append(scale_by_learning_rate(lr))
+    return chain(*parts)
+
+
+def adam(
+    lr: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    *,
+    weight_decay: float = 0.0,
+) -> GradientTransformation:
+    """Adam, as torch.optim.Adam (weight decay is an L2 term added to the gradient).
+
+    Args:
+        lr: learning rate, a float >= 0 or a schedule of the step count.
+        b1: decay of the first moment (torch's ``betas[0]``), in [0, 1).
+        b2: decay of the second moment (torch's ``betas[1]``), in [0, 1).
+        eps: added to the denominator, >= 0.
+        weight_decay: L2 penalty coefficient, >= 0; for decoupled decay use `adamw`.
+
+    Returns:
+        A `GradientTransformation`.
+
+    Raises:
+        TypeError, ValueError: a hyper-parameter out of range.
+    """
+    lr = check_learning_rate("lr", lr)
+    parts = []
+    if check_float("weight_decay", weight_decay, low=0.0) != 0:
+        parts.append(add_decayed_weights(weight_decay))
+    parts.append(scale_by_adam(b1, b2, eps, learning_rate=lr))
+    return chain(*parts)
+
+
+def adamw(
+    lr: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.01,
+    *,
+    mask: MaskOrFn | None = None,
+) -> GradientTransformation:
+    """AdamW, as torch.optim.AdamW: Adam with decoupled weight decay.
+
+    torch shrinks the parameter first, ``p *= 1 - lr * weight_decay``, then
+    takes the Adam step from the gradient alone; this chain returns the sum of
+    both moves, ``-lr * adam_direction + (p * (1 - lr * weight_decay) - p)``
+    with `p` the parameter before the step (see `add_decoupled_weight_decay`
+    for why the shrink is written that way). The decay uses the *scheduled*
+    learning rate.
+
+    Args:
+        lr: learning rate, a float >= 0 or a schedule of the step count.
+        b1: decay of the first moment, in [0, 1).
+        b2: decay of the second moment, in [0, 1).
+        eps: added to the denominator, >= 0.
+        weight_decay: decoupled decay coefficient, >= 0.
+        mask: which parameters to decay: a pytree of bools like the params (or
+            a prefix of them), or a function params -> such a tree; default all.
+            E.g. ``lambda p: {k: v.ndim > 1 for k, v in p.items()}`` skips
+            biases and norm scales.
+
+    Returns:
+        A `GradientTransformation`.
+
+    Raises:
+        TypeError, ValueError: a hyper-parameter out of range; (at `init`) a
+            mask that does not match the params.
+    """
+    lr = check_learning_rate("lr", lr)
+    parts = [scale_by_adam(b1, b2, eps, learning_rate=lr)]
+    if check_float("weight_decay", weight_decay, low=0.0) != 0:
+        parts.append(add_decoupled_weight_decay(lr, weight_decay, mask))
+    return chain(*parts)
+
+
+def lion(
+    lr: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.99,
+    weight_decay: float = 0.0,
+) -> GradientTransformation:
+    """Lion (Chen et al., 2023): signed momentum updates with decoupled weight decay.
+
+    ``p -= lr * (sign(b1 * m + (1 - b1) * g) + weight_decay * p)``, then
+    ``m = b2 * m + (1 - b2) * g``. Use a learning rate 3-10x smaller than
+    AdamW's and a weight decay 3-10x larger.
+
+    Args:
+        lr: learning rate, a float >= 0 or a schedule of the step count.
+        b1: interpolation rate of the update direction, in [0, 1].
+        b2: decay rate of the momentum, in [0, 1].
+        weight_decay: decoupled decay coefficient, >= 0.
+
+    Returns:
+        A `GradientTransformation`.
+
+    Raises:
+        TypeError, ValueError: a hyper-parameter out of range.
+    """
+    lr = check_learning_rate("lr", lr)
+    parts = [scale_by_lion(b1, b2), scale_by_learning_rate(lr)]
+    if check_float("weight_decay", weight_decay, low=0.0) != 0:
+        parts.append(add_decoupled_weight_decay(lr, weight_decay))
+    return chain(*parts)

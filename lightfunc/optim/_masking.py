@@ -1,0 +1,258 @@
+"""Applying transformations to part of the parameters: `masked`, `freeze`, `multi_transform`.
+
+A mask is a pytree of Python bools with the structure of the params, or a
+prefix of it (one bool for a whole sub-tree, e.g. ``{"generator": True,
+"discriminator": False}``), or a function params -> such a tree. Labels are
+the same with strings instead of bools.
+
+The inner transformation sees the params with every masked-out leaf replaced
+by `MaskedNode()`, a pytree with no leaves: tree maps skip it, so masked-out
+leaves carry no optimizer state at all, and their updates pass through
+untouched. Masks and labels are structure, not data: they are checked once,
+at `init`, and are never tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+
+from .._tree import PyTree, register_dataclass, tree_flatten_with_paths, tree_map, tree_structure
+from ._base import GradientTransformation, OptState, Params, Updates
+from ._transforms import set_to_zero
+
+#: A pytree of bools (or of label strings) matching the params or a prefix of
+#: them, or a function params -> such a tree.
+MaskOrFn = PyTree | Callable[[Params], PyTree]
+
+
+@register_dataclass
+@dataclasses.dataclass(frozen=True)
+class MaskedNode:
+    """Stands in for a parameter a transformation does not see; a pytree with no leaves."""
+
+
+@register_dataclass
+@dataclasses.dataclass(frozen=True)
+class MaskedState:
+    """State of `masked`."""
+
+    # The inner transformation's state, built on the params with masked-out
+    # leaves replaced by `MaskedNode()` (so it has no tensors for them).
+    inner_state: OptState
+
+
+@register_dataclass
+@dataclasses.dataclass(frozen=True)
+class MultiTransformState:
+    """State of `multi_transform`."""
+
+    # Label -> state of that label's transformation, holding tensors only for
+    # the parameters carrying that label.
+    inner_states: dict[str, OptState]
+
+
+def _resolve(tree_or_fn: MaskOrFn, params: Params) -> PyTree:
+    return tree_or_fn(params) if callable(tree_or_fn) else tree_or_fn
+
+
+def _check_structure(name: str, tree: PyTree, params: Params, example: str) -> None:
+    """Raise unless `tree` has the structure of `params` or a prefix of it."""
+    if tree_structure(tree).is_prefix(tree_structure(params)):
+        return
+    tree_paths, _, _ = tree_flatten_with_paths(tree)
+    param_paths, _, _ = tree_flatten_with_paths(params)
+
+    def under(path: str, prefix: str) -> bool:
+        return path == prefix or path.startswith((prefix + ".", prefix + "["))
+
+    uncovered = [p for p in param_paths if not any(under(p, t) for t in tree_paths)]
+    unused = [t for t in tree_paths if not any(under(p, t) for p in param_paths)]
+    raise ValueError(
+        f"`{name}` must have the structure of the params (or a prefix of it), but it does not.\n"
+        f"  params with no entry in `{name}`: {uncovered[:8]}{' ...' if len(uncovered) > 8 else ''}\n"
+        f"  entries of `{name}` matching no params: {unused[:8]}{' ...' if len(unused) > 8 else ''}\n"
+        f"  `{name}` structure:  {tree_structure(tree)}\n"
+        f"  params structure: {tree_structure(params)}\n"
+        f"Build it from the params, e.g. `{name}={example}`."
+    )
+
+
+def _check_leaves(name: str, tree: PyTree, kind: type, what: str) -> None:
+    """Raise unless every leaf of `tree` is an instance of `kind`."""
+    paths, leaves, _ = tree_flatten_with_paths(tree)
+    for path, leaf in zip(paths, leaves, strict=True):
+        if not isinstance(leaf, kind):
+            raise TypeError(
+                f"`{name}` leaves must be Python {what}, got {type(leaf).__name__} ({leaf!r}) at `{path}`. "
+                f"Masks and labels are structure, fixed when the optimizer is built: compute them "
+                f"from shapes and names, not from tensor values."
+            )
+
+
+def _select(mask: PyTree, tree: PyTree) -> PyTree:
+    """`tree` with every sub-tree under a False mask leaf replaced by `MaskedNode()`."""
+    return tree_map(lambda m, sub: sub if m else MaskedNode(), mask, tree)
+
+
+def _merge(mask: PyTree, inner: PyTree, outer: PyTree) -> PyTree:
+    """Sub-trees of `inner` under True mask leaves, of `outer` under False ones."""
+    return tree_map(lambda m, i, o: i if m else o, mask, inner, outer)
+
+
+def _masked_update(
+    inner: GradientTransformation,
+    mask: PyTree,
+    updates: Updates,
+    state: OptState,
+    params: Params | None,
+) -> tuple[Updates, OptState]:
+    inner_params = None if params is None else _select(mask, params)
+    new_updates, new_state = inner.update(_select(mask, updates), state, inner_params)
+    return _merge(mask, new_updates, updates), new_state
+
+
+def masked(inner: GradientTransformation, mask: MaskOrFn) -> GradientTransformation:
+    """Apply `inner` only where `mask` is True; other updates pass through unchanged.
+
+    Masked-out parameters carry no state of `inner`.
+
+    Args:
+        inner: the transformation to apply to the selected parameters.
+        mask: a pytree of bools with the params' structure (or a prefix of
+            it), or a function params -> such a tree, e.g.
+            ``lambda p: {k: v.ndim > 1 for k, v in p.items()}`` to select matrices.
+
+    Returns:
+        A `GradientTransformation` with `MaskedState`.
+
+    Raises:
+        TypeError: (at `init`) a mask leaf is not a bool.
+        ValueError: (at `init`) the mask's structure does not match the params.
+
+    Example:
+        >>> import torch, lightfunc.optim as lo
+        >>> params = {"w": torch.ones(2, 2), "b": torch.ones(2)}
+        >>> tx = lo.masked(lo.add_decayed_weights(0.1), {"w": True, "b": False})
+        >>> updates, _ = tx.update(params, tx.init(params), params)
+        >>> updates["w"][0, 0].item(), updates["b"][0].item()
+        (1.100000023841858, 1.0)
+    """
+
+    def init(params: Params) -> OptState:
+        mask_tree = _resolve(mask, params)
+        _check_structure(
+            "mask", mask_tree, params, "lambda p: {k: v.ndim > 1 for k, v in p.items()}"
+        )
+        _check_leaves("mask", mask_tree, bool, "bools")
+        return MaskedState(inner_state=inner.init(_select(mask_tree, params)))
+
+    def update(
+        updates: Updates, state: OptState, params: Params | None = None
+    ) -> tuple[Updates, OptState]:
+        # A mask function is called on the updates: they have the params' structure and shapes.
+        new_updates, inner_state = _masked_update(
+            inner, _resolve(mask, updates), updates, state.inner_state, params
+        )
+        return new_updates, MaskedState(inner_state=inner_state)
+
+    return GradientTransformation(init, update)
+
+
+def freeze(mask: MaskOrFn) -> GradientTransformation:
+    """Zero the updates of the parameters where `mask` is True, so they never move.
+
+    Put it last in a chain (after weight decay). The transformations before it
+    still keep state for the frozen parameters; to avoid that, give them their
+    own label in `multi_transform` with `set_to_zero()`.
+
+    Args:
+        mask: a pytree of bools (True = frozen) with the params' structure or a
+            prefix of it, or a function params -> such a tree.
+
+    Returns:
+        A stateless `GradientTransformation`.
+
+    Raises:
+        TypeError, ValueError: (at `init`) as for `masked`.
+    """
+    return masked(set_to_zero(), mask)
+
+
+def multi_transform(
+    transforms: Mapping[str, GradientTransformation], labels: MaskOrFn
+) -> GradientTransformation:
+    """Apply a different transformation to each labelled group of parameters.
+
+    For a GAN, ``multi_transform({"g": adam(2e-4), "d": adam(1e-4)},
+    {"generator": "g", "discriminator": "d"})``; for per-group settings, labels
+    computed from names, e.g. ``lambda p: {k: "no_decay" if k.endswith("bias")
+    else "decay" for k in p}``. Each group's state holds tensors only for its
+    own parameters.
+
+    Args:
+        transforms: label -> transformation.
+        labels: a pytree of label strings with the params' structure (or a
+            prefix of it), or a function params -> such a tree. Every label
+            must be a key of `transforms`.
+
+    Returns:
+        A `GradientTransformation` with `MultiTransformState`.
+
+    Raises:
+        TypeError: `transforms` is not a dict of transformations; (at `init`)
+            a label is not a string.
+        ValueError: (at `init`) the labels' structure does not match the
+            params, or a label has no transformation.
+    """
+    bad = (
+        [f"a {type(transforms).__name__}"]
+        if not isinstance(transforms, Mapping)
+        else [
+            f"{k!r}: {type(v).__name__}"
+            for k, v in transforms.items()
+            if not (isinstance(k, str) and isinstance(v, GradientTransformation))
+        ]
+    )
+    if bad:
+        raise TypeError(
+            f"`transforms` must be a dict label (str) -> GradientTransformation, got {bad[0]}. "
+            f'E.g. `{{"generator": adam(2e-4), "discriminator": adam(1e-4)}}`.'
+        )
+    transforms = dict(transforms)
+
+    def masks(label_tree: PyTree) -> dict[str, PyTree]:
+        return {name: tree_map(lambda label, n=name: label == n, label_tree) for name in transforms}
+
+    def init(params: Params) -> OptState:
+        label_tree = _resolve(labels, params)
+        _check_structure("labels", label_tree, params, 'lambda p: {k: "decay" for k in p}')
+        paths, leaves, _ = tree_flatten_with_paths(label_tree)
+        _check_leaves("labels", label_tree, str, "strings")
+        for path, label in zip(paths, leaves, strict=True):
+            if label not in transforms:
+                raise ValueError(
+                    f"`labels` has label {label!r} at `{path}`, but `transforms` has no entry for it "
+                    f"(known labels: {sorted(transforms)}). Add `{label!r}: <transformation>` to "
+                    f"`transforms` or fix the label."
+                )
+        return MultiTransformState(
+            inner_states={
+                name: transforms[name].init(_select(mask, params))
+                for name, mask in masks(label_tree).items()
+            }
+        )
+
+    def update(
+        updates: Updates, state: OptState, params: Params | None = None
+    ) -> tuple[Updates, OptState]:
+        new_states = {}
+        # Each group's transformation only rewrites its own leaves, so applying them in turn
+        # gives every leaf exactly its group's update.
+        for name, mask in masks(_resolve(labels, updates)).items():
+            updates, new_states[name] = _masked_update(
+                transforms[name], mask, updates, state.inner_states[name], params
+            )
+        return updates, MultiTransformState(inner_states=new_states)
+
+    return GradientTransformation(init, update)
