@@ -84,7 +84,7 @@ class Step(Generic[S]):
         return dataclasses.replace(new_state, rng=key.next()), metrics
 
     def _first_call(self, state: Any, batch: Any) -> Any:
-        versions = _versions((state, batch))
+        versions = _versions({"state": state, "batch": batch})
         try:
             out = self._run(state, batch)
         except Exception as compile_error:
@@ -100,7 +100,7 @@ class Step(Generic[S]):
                 f"Build it with compile=False to run eagerly, or try "
                 f"compile=lightfunc.CompileOptions(fullgraph=False)."
             ) from compile_error
-        _check_not_mutated(versions, (state, batch), self.__name__)
+        _check_not_mutated(versions, {"state": state, "batch": batch}, self.__name__)
         if self.kind == "train":
             _check_train_output(out, state, self.__name__)
         self._pending_validation = False
@@ -153,7 +153,9 @@ def build(
         1
     """
     _check_callable(train_step, "train_step")
-    return Step(train_step, kind="train", compile_options=as_compile_options(compile), validate=validate)
+    return Step(
+        train_step, kind="train", compile_options=as_compile_options(compile), validate=validate
+    )
 
 
 def build_eval(
@@ -168,14 +170,20 @@ def build_eval(
     eval steps should run the model with `train=False`.
     """
     _check_callable(eval_step, "eval_step")
-    return Step(eval_step, kind="eval", compile_options=as_compile_options(compile), validate=validate)
+    return Step(
+        eval_step, kind="eval", compile_options=as_compile_options(compile), validate=validate
+    )
 
 
 def _check_callable(fn: Any, name: str) -> None:
     if isinstance(fn, Step):
-        raise TypeError(f"`{name}` is already a built Step ({fn!r}); pass it directly instead of building it again.")
+        raise TypeError(
+            f"`{name}` is already a built Step ({fn!r}); pass it directly instead of building it again."
+        )
     if not callable(fn):
-        raise TypeError(f"`{name}` must be a function `(state, batch) -> ...`, got {type(fn).__name__}.")
+        raise TypeError(
+            f"`{name}` must be a function `(state, batch) -> ...`, got {type(fn).__name__}."
+        )
 
 
 def _without_rng(state: Any) -> Any:
@@ -198,9 +206,8 @@ def _check_not_mutated(before: list[int | None], tree: PyTree, name: str) -> Non
     paths, leaves, _ = tree_flatten_with_paths(tree)
     for path, leaf, version in zip(paths, leaves, before, strict=True):
         if isinstance(leaf, torch.Tensor) and leaf._version != version:
-            where = path.replace("[0]", "state", 1).replace("[1]", "batch", 1) if path.startswith("[") else path
             raise RuntimeError(
-                f"`{name}` modified its input in place at `{where}`. Steps must be pure: "
+                f"`{name}` modified its input in place at `{path}`. Steps must be pure: "
                 f"return new tensors (`x = x + y`, not `x.add_(y)`; clone buffers before "
                 f"updating them, as lightfunc.apply does)."
             )
@@ -255,7 +262,9 @@ def _check_metrics(metrics: Any, name: str) -> None:
         )
     for key, value in metrics.items():
         if not isinstance(key, str):
-            raise TypeError(f"`{name}` returned a metric key {key!r} of type {type(key).__name__}; keys must be str.")
+            raise TypeError(
+                f"`{name}` returned a metric key {key!r} of type {type(key).__name__}; keys must be str."
+            )
         if not isinstance(value, torch.Tensor) or value.ndim != 0:
             raise ValueError(
                 f"`{name}` returned metric {key!r} as {describe_leaf(value)}; expected a 0-d tensor. "

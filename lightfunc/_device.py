@@ -11,7 +11,9 @@ from ._tree import PyTree, tree_map
 _ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 
 
-def resolve_device(accelerator: str = "auto", devices: int | str | list[int] = "auto") -> torch.device:
+def resolve_device(
+    accelerator: str = "auto", devices: int | str | list[int] = "auto"
+) -> torch.device:
     """The `torch.device` a single-process run uses.
 
     Args:
@@ -45,7 +47,9 @@ def resolve_device(accelerator: str = "auto", devices: int | str | list[int] = "
         return torch.device("cuda", index)
     if accelerator == "mps":
         if not torch.backends.mps.is_available():
-            raise ValueError("`accelerator='mps'` was asked for but MPS is not available. Use 'auto' or 'cpu'.")
+            raise ValueError(
+                "`accelerator='mps'` was asked for but MPS is not available. Use 'auto' or 'cpu'."
+            )
         return torch.device("mps")
     return torch.device("cpu")
 

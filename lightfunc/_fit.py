@@ -36,7 +36,11 @@ def fit(
     Raises:
         ValueError: if the run has no steps to take.
     """
-    bar = ProgressBar(_expected_steps(train_data, loop_kwargs), log_every_n_steps=log_every_n_steps) if progress_bar else None
+    bar = (
+        ProgressBar(_expected_steps(train_data, loop_kwargs), log_every_n_steps=log_every_n_steps)
+        if progress_bar
+        else None
+    )
     last: TrainerState | None = None
     try:
         for ts in loop(step, state, train_data, **loop_kwargs):
@@ -47,7 +51,9 @@ def fit(
         if bar is not None:
             bar.close()
     if last is None:
-        raise ValueError("`fit` ran no steps: the state is already past `max_steps` / `max_epochs`.")
+        raise ValueError(
+            "`fit` ran no steps: the state is already past `max_steps` / `max_epochs`."
+        )
     return last
 
 
@@ -68,5 +74,5 @@ def _expected_steps(train_data: Iterable[Any], kwargs: dict[str, Any]) -> int | 
     if max_steps is None and max_epochs is None:
         max_epochs = 1
     by_epochs = per_epoch * max_epochs if per_epoch is not None and max_epochs is not None else None
-    candidates = [n for n in (max_steps, by_epochs) if n is not None]
+    candidates: list[int] = [n for n in (max_steps, by_epochs) if isinstance(n, int)]
     return min(candidates) if candidates else None

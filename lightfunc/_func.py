@@ -107,23 +107,23 @@ def value_and_grad(
 
     def checked(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, Any]:
         out = fn(*args, **kwargs)
-        if has_aux:
-            if not (isinstance(out, tuple) and len(out) == 2):
-                raise TypeError(
-                    f"`value_and_grad(..., has_aux=True)` expects the function to return "
-                    f"(loss, aux), got {_describe(out)}. Return a pair, or pass has_aux=False."
-                )
-            value, aux = out
-        else:
-            value, aux = out, None
-        _check_loss(value, has_aux)
-        return value, (value, aux)
+        if not has_aux:
+            _check_loss(out, has_aux)
+            return out
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise TypeError(
+                f"`value_and_grad(..., has_aux=True)` expects the function to return "
+                f"(loss, aux), got {_describe(out)}. Return a pair, or pass has_aux=False."
+            )
+        _check_loss(out[0], has_aux)
+        return out
 
-    grad_fn = torch.func.grad_and_value(checked, argnums=argnums, has_aux=True)
+    argnums = argnums if isinstance(argnums, int) else tuple(argnums)
+    grad_fn = torch.func.grad_and_value(checked, argnums=argnums, has_aux=has_aux)
 
     def wrapped(*args: Any, **kwargs: Any) -> tuple[Any, PyTree]:
-        grads, (_, (value, aux)) = grad_fn(*args, **kwargs)
-        return ((value, aux) if has_aux else value), grads
+        grads, value = grad_fn(*args, **kwargs)
+        return value, grads
 
     return wrapped
 
@@ -141,7 +141,9 @@ def _check_loss(value: Any, has_aux: bool) -> None:
             f"Reduce it first, e.g. loss.mean() or loss.sum()."
         )
     if not value.is_floating_point():
-        raise TypeError(f"`value_and_grad`: {where} must be floating point, got dtype {value.dtype}.")
+        raise TypeError(
+            f"`value_and_grad`: {where} must be floating point, got dtype {value.dtype}."
+        )
 
 
 def _describe(x: Any) -> str:

@@ -137,7 +137,9 @@ def loop(
 
     ts = state if isinstance(state, TrainerState) else TrainerState(state=state)
     ts = ts.replace(state=to_device(ts.state, device))
-    return _run(train, evaluate_, ts, train_data, eval_data, limits, device)
+    return _run(
+        train, evaluate_, ts, train_data, eval_data if eval_data is not None else (), limits, device
+    )
 
 
 def _run(
@@ -145,14 +147,16 @@ def _run(
     eval_step: Step[Any] | None,
     ts: TrainerState,
     train_data: Iterable[Any],
-    eval_data: Iterable[Any] | None,
+    eval_data: Iterable[Any],
     limits: _Limits,
     device: torch.device,
 ) -> Iterator[TrainerState]:
     n_train = _num_batches(train_data, limits.train_batches, "limit_train_batches")
     while not _done(ts, limits):
         _set_epoch(train_data, ts.epoch)
-        batches: Iterable[Any] = train_data if n_train is None else itertools.islice(train_data, n_train)
+        batches: Iterable[Any] = (
+            train_data if n_train is None else itertools.islice(train_data, n_train)
+        )
         it = itertools.islice(batches, ts.batch_idx, None)  # resume mid-epoch
         upcoming = next(it, _END)
         if upcoming is _END and ts.batch_idx == 0:
@@ -166,14 +170,22 @@ def _run(
             # Fetch the next batch while the device works, and to know whether
             # this step ends the epoch (evaluation then belongs to this step).
             upcoming = next(it, _END)
-            ts = ts.replace(state=state, step=ts.step + 1, batch_idx=ts.batch_idx + 1, metrics=metrics)
+            ts = ts.replace(
+                state=state, step=ts.step + 1, batch_idx=ts.batch_idx + 1, metrics=metrics
+            )
             end_of_epoch = upcoming is _END
-            end_of_run = _done(ts, limits) or (end_of_epoch and _done(ts.replace(epoch=ts.epoch + 1), limits))
+            end_of_run = _done(ts, limits) or (
+                end_of_epoch and _done(ts.replace(epoch=ts.epoch + 1), limits)
+            )
             if eval_step is not None and (
-                end_of_epoch or end_of_run or (limits.eval_every and ts.step % limits.eval_every == 0)
+                end_of_epoch
+                or end_of_run
+                or (limits.eval_every and ts.step % limits.eval_every == 0)
             ):
                 ts = ts.replace(
-                    eval_metrics=evaluate(eval_step, ts.state, eval_data, limit_batches=limits.eval_batches),  # type: ignore[arg-type]
+                    eval_metrics=evaluate(
+                        eval_step, ts.state, eval_data, limit_batches=limits.eval_batches
+                    ),
                     eval_at_step=ts.step,
                 )
             yield ts
@@ -232,7 +244,9 @@ def evaluate(
             totals[name] = totals[name] + value * size if name in totals else value * size
         count += size
     if count == 0:
-        raise ValueError("`data` yielded no batches to evaluate; check its length and `limit_batches`.")
+        raise ValueError(
+            "`data` yielded no batches to evaluate; check its length and `limit_batches`."
+        )
     return {name: total / count for name, total in totals.items()}
 
 
@@ -271,15 +285,23 @@ def _limits(
     eval_every: int | None,
     fast_dev_run: bool | int,
 ) -> _Limits:
-    for name, value in (("max_steps", max_steps), ("max_epochs", max_epochs), ("eval_every", eval_every)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+    for name, value in (
+        ("max_steps", max_steps),
+        ("max_epochs", max_epochs),
+        ("eval_every", eval_every),
+    ):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
             raise ValueError(f"`{name}` must be a positive int or None, got {value!r}.")
-    for name, value in (("limit_train_batches", limit_train_batches), ("limit_eval_batches", limit_eval_batches)):
-        _check_limit(name, value)
+    _check_limit("limit_train_batches", limit_train_batches)
+    _check_limit("limit_eval_batches", limit_eval_batches)
     if fast_dev_run:
         n = 1 if fast_dev_run is True else fast_dev_run
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"`fast_dev_run` must be a bool or a positive int, got {fast_dev_run!r}.")
+            raise ValueError(
+                f"`fast_dev_run` must be a bool or a positive int, got {fast_dev_run!r}."
+            )
         return _Limits(max_steps=n, max_epochs=1, train_batches=n, eval_batches=n, eval_every=n)
     if max_steps is None and max_epochs is None:
         max_epochs = 1
@@ -294,7 +316,9 @@ def _check_limit(name: str, value: int | float | None) -> None:
     if isinstance(value, int) and value < 1:
         raise ValueError(f"`{name}` as a count must be >= 1, got {value}.")
     if isinstance(value, float) and not 0.0 < value <= 1.0:
-        raise ValueError(f"`{name}` as a fraction must be in (0, 1], got {value}. Give an int for a count.")
+        raise ValueError(
+            f"`{name}` as a fraction must be in (0, 1], got {value}. Give an int for a count."
+        )
 
 
 def _num_batches(data: Iterable[Any], limit: int | float | None, name: str) -> int | None:

@@ -26,7 +26,9 @@ class ProgressBar:
         stream: where to write (default stderr).
     """
 
-    def __init__(self, total: int | None = None, *, log_every_n_steps: int = 50, stream: TextIO | None = None) -> None:
+    def __init__(
+        self, total: int | None = None, *, log_every_n_steps: int = 50, stream: TextIO | None = None
+    ) -> None:
         self.total = total
         self.every = max(1, log_every_n_steps)
         self.stream = stream if stream is not None else sys.stderr
@@ -38,7 +40,9 @@ class ProgressBar:
             except ImportError:
                 pass
             else:
-                self._bar = tqdm(total=total, file=self.stream, unit="step", dynamic_ncols=True, leave=True)
+                self._bar = tqdm(
+                    total=total, file=self.stream, unit="step", dynamic_ncols=True, leave=True
+                )
 
     def update(self, ts: TrainerState) -> None:
         """Advance to `ts`; reads its metrics only every `log_every_n_steps` steps and after evaluations."""
@@ -52,7 +56,11 @@ class ProgressBar:
             elapsed = time.perf_counter() - self._start
             of_total = f"/{self.total}" if self.total else ""
             rate = ts.step / elapsed if elapsed > 0 else 0.0
-            print(f"epoch {ts.epoch} step {ts.step}{of_total} {rate:.1f} step/s {_format_metrics(ts)}", file=self.stream, flush=True)
+            print(
+                f"epoch {ts.epoch} step {ts.step}{of_total} {rate:.1f} step/s {_format_metrics(ts)}",
+                file=self.stream,
+                flush=True,
+            )
 
     def close(self) -> None:
         """Finish the bar (a no-op for plain output)."""

@@ -56,12 +56,15 @@ class RngKey:
         return (z ^ (z >> 31)) >> 1
 
 
-optree.register_pytree_node(
-    RngKey,
-    lambda k: ((), (k.seed, k.counter), ()),  # type: ignore[arg-type,return-value]
-    lambda aux, _: RngKey(*aux),
-    namespace=NAMESPACE,
-)
+def _flatten_key(key: RngKey) -> tuple[tuple[()], tuple[int, int], tuple[()]]:
+    return (), (key.seed, key.counter), ()
+
+
+def _unflatten_key(aux: tuple[int, int], children: object) -> RngKey:
+    return RngKey(*aux)
+
+
+optree.register_pytree_node(RngKey, _flatten_key, _unflatten_key, namespace=NAMESPACE)  # type: ignore[arg-type]
 
 
 @contextlib.contextmanager
@@ -73,16 +76,16 @@ def seeded(key: RngKey | None, device: torch.device | None = None) -> Iterator[N
     if key is None:
         yield
         return
-    cuda = device is not None and device.type == "cuda"
+    cuda_device = device if device is not None and device.type == "cuda" else None
     cpu_state = torch.get_rng_state()
-    cuda_state = torch.cuda.get_rng_state(device) if cuda else None
+    cuda_state = torch.cuda.get_rng_state(cuda_device) if cuda_device is not None else None
     seed = key.step_seed()
     torch.default_generator.manual_seed(seed)
-    if cuda:
+    if cuda_device is not None:
         torch.cuda.manual_seed(seed)  # the current device's generator
     try:
         yield
     finally:
         torch.set_rng_state(cpu_state)
-        if cuda_state is not None:
-            torch.cuda.set_rng_state(cuda_state, device)
+        if cuda_state is not None and cuda_device is not None:
+            torch.cuda.set_rng_state(cuda_state, cuda_device)

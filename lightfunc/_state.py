@@ -77,7 +77,9 @@ class TrainState:
         elif isinstance(model, dict):
             params, bufs = dict(model), dict(buffers or {})
         else:
-            raise TypeError(f"`model` must be an nn.Module or a dict of tensors, got {type(model).__name__}.")
+            raise TypeError(
+                f"`model` must be an nn.Module or a dict of tensors, got {type(model).__name__}."
+            )
         device = next(iter(params.values())).device if params else torch.device("cpu")
         return cls(
             params=params,
@@ -97,7 +99,9 @@ class TrainState:
         """
         updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
         params = apply_updates(self.params, updates)
-        return dataclasses.replace(self, params=params, opt_state=opt_state, step=self.step + 1, **changes)
+        return dataclasses.replace(
+            self, params=params, opt_state=opt_state, step=self.step + 1, **changes
+        )
 
     def replace(self, **changes: Any) -> TrainState:
         """A copy with the given fields replaced (`dataclasses.replace`)."""

@@ -58,7 +58,9 @@ def register_dataclass(cls: type[T], *, static: Iterable[str] = ()) -> type[T]:
     return cls
 
 
-def tree_map(fn: Callable[..., Any], tree: PyTree, *rest: PyTree, none_is_leaf: bool = False) -> PyTree:
+def tree_map(
+    fn: Callable[..., Any], tree: PyTree, *rest: PyTree, none_is_leaf: bool = False
+) -> PyTree:
     """`optree.tree_map` in lightfunc's namespace."""
     return optree.tree_map(fn, tree, *rest, none_is_leaf=none_is_leaf, namespace=NAMESPACE)
 
@@ -116,7 +118,9 @@ def tree_global_norm(tree: PyTree) -> torch.Tensor:
     leaves = tree_leaves(tree)
     if not leaves:
         return torch.zeros(())
-    squares = [torch.sum(torch.square(x.to(torch.promote_types(x.dtype, torch.float32)))) for x in leaves]
+    squares = [
+        torch.sum(torch.square(x.to(torch.promote_types(x.dtype, torch.float32)))) for x in leaves
+    ]
     return torch.sqrt(torch.stack(squares).sum())
 
 

@@ -42,13 +42,16 @@ def assert_trees_close(
             problems.append(f"  {path}: {msg}")
     if problems:
         raise AssertionError(
-            f"{len(problems)} of {len(a_leaves)} leaves differ (rtol={rtol}, atol={atol}):\n" + "\n".join(problems)
+            f"{len(problems)} of {len(a_leaves)} leaves differ (rtol={rtol}, atol={atol}):\n"
+            + "\n".join(problems)
         )
 
 
 def _leaf_mismatch(a: Any, e: Any, *, rtol: float, atol: float, equal_nan: bool) -> str | None:
     if not isinstance(a, torch.Tensor) or not isinstance(e, torch.Tensor):
-        return None if (type(a) is type(e) and a == e) else f"{describe_leaf(a)} != {describe_leaf(e)}"
+        return (
+            None if (type(a) is type(e) and a == e) else f"{describe_leaf(a)} != {describe_leaf(e)}"
+        )
     if a.shape != e.shape or a.dtype != e.dtype:
         return f"actual {describe_leaf(a)}, expected {describe_leaf(e)}"
     a64, e64 = a.detach().cpu().double(), e.detach().cpu().double()
@@ -60,4 +63,6 @@ def _leaf_mismatch(a: Any, e: Any, *, rtol: float, atol: float, equal_nan: bool)
     rel = diff / e64.abs().clamp_min(torch.finfo(torch.float64).tiny)
     max_rel = float(rel[finite].max()) if finite.any() else float("nan")
     bad = int((~torch.isclose(a64, e64, rtol=rtol, atol=atol, equal_nan=equal_nan)).sum())
-    return f"{bad}/{a.numel()} elements differ; max abs diff {max_abs:.3g}, max rel diff {max_rel:.3g}"
+    return (
+        f"{bad}/{a.numel()} elements differ; max abs diff {max_abs:.3g}, max rel diff {max_rel:.3g}"
+    )
