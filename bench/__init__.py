@@ -1,0 +1,1 @@
+"""lightfunc benchmarks: `python -m bench` (see README, "Benchmarks")."""

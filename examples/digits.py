@@ -1,0 +1,117 @@
+"""Classify handwritten digits with an MLP: a pure train step, compiled, in lightfunc's loop.
+
+    make demo                                  # sets up .venv, then runs this
+    python examples/digits.py --epochs 30      # the same, by hand
+    python examples/digits.py --no-compile     # eager, to compare
+
+Data: scikit-learn's `load_digits`, 1,797 real 8x8 grey-scale digits that ship
+inside the package (nothing is downloaded), split 80/20, stratified. Model:
+64 -> 256 -> 256 -> 10 with dropout, AdamW with a cosine-decayed learning
+rate. Defaults reach about 0.97-0.98 test accuracy in well under a minute on
+2 CPU cores, most of it the one-off compile.
+
+`digits_torch.py` beside this file is the same run written as a plain
+PyTorch loop: diff the two to see what lightfunc replaces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from torch.utils.data import DataLoader, TensorDataset
+
+import lightfunc as lf
+
+
+def load_data(seed: int) -> tuple[TensorDataset, TensorDataset]:
+    """Digits as (x in [0, 1], label) tensors: 1,437 train and 360 test examples."""
+    x, y = load_digits(return_X_y=True)
+    x_train, x_test, y_train, y_test = train_test_split(
+        x / 16.0, y, test_size=0.2, random_state=seed, stratify=y
+    )
+
+    def as_tensors(x, y):
+        return TensorDataset(
+            torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.int64)
+        )
+
+    return as_tensors(x_train, y_train), as_tensors(x_test, y_test)
+
+
+def make_model(hidden: int = 256, dropout: float = 0.2) -> torch.nn.Module:
+    return torch.nn.Sequential(
+        torch.nn.Linear(64, hidden),
+        torch.nn.ReLU(),
+        torch.nn.Dropout(dropout),
+        torch.nn.Linear(hidden, hidden),
+        torch.nn.ReLU(),
+        torch.nn.Dropout(dropout),
+        torch.nn.Linear(hidden, 10),
+    )
+
+
+def main(argv: list[str] | None = None) -> float:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--weight-decay", type=float, default=1e-2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument("--limit-train-batches", type=int, default=None, help="for smoke tests")
+    args = parser.parse_args(argv)
+
+    lf.seed_everything(args.seed)
+    train_set, test_set = load_data(args.seed)
+    # drop_last: every train batch has one shape, so the step compiles once.
+    train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, drop_last=True)
+    test_loader = DataLoader(test_set, batch_size=len(test_set))
+    model = make_model()
+
+    steps_per_epoch = min(len(train_loader), args.limit_train_batches or len(train_loader))
+    schedule = lf.optim.cosine_decay_schedule(args.lr, decay_steps=args.epochs * steps_per_epoch)
+    state = lf.TrainState.create(
+        model, lf.optim.adamw(schedule, weight_decay=args.weight_decay), seed=args.seed
+    )
+
+    def train_step(state: lf.TrainState, batch):
+        x, y = batch
+
+        def loss_fn(params):
+            logits, buffers = lf.apply(model, params, state.buffers, x, train=True)
+            return F.cross_entropy(logits, y), (logits, buffers)
+
+        (loss, (logits, buffers)), grads = lf.value_and_grad(loss_fn, has_aux=True)(state.params)
+        accuracy = (logits.argmax(-1) == y).float().mean()
+        return state.apply_gradients(grads, buffers=buffers), {"loss": loss, "acc": accuracy}
+
+    def eval_step(state: lf.TrainState, batch):
+        x, y = batch
+        logits, _ = lf.apply(model, state.params, state.buffers, x, train=False)
+        return {"loss": F.cross_entropy(logits, y), "acc": (logits.argmax(-1) == y).float().mean()}
+
+    start = time.perf_counter()
+    final = lf.fit(
+        lf.build(train_step, compile=args.compile),
+        state,
+        train_loader,
+        max_epochs=args.epochs,
+        limit_train_batches=args.limit_train_batches,
+        eval_step=eval_step,
+        eval_data=test_loader,
+        log_every_n_steps=steps_per_epoch,
+    )
+    seconds = time.perf_counter() - start
+    accuracy = float(final.eval_metrics["acc"]) if final.eval_metrics else float("nan")
+    mode = "compiled" if args.compile else "eager"
+    print(f"{final.step} steps ({mode}) in {seconds:.1f} s; test accuracy: {accuracy:.4f}")
+    return accuracy
+
+
+if __name__ == "__main__":
+    main()
