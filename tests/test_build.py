@@ -31,7 +31,8 @@ def test_a_kept_state_is_unchanged_by_later_steps(compile_):
     assert int(s3.step) == 3 and int(s1.step) == 1
 
 
-def test_a_step_that_writes_into_its_input_is_rejected_at_the_first_call():
+@pytest.mark.parametrize("compile_", [False, pytest.param(True, marks=pytest.mark.compiled)])
+def test_a_step_that_writes_into_its_input_is_rejected_at_the_first_call(compile_):
     _, train_step, _, state = _setup()
 
     def mutating(state, batch):
@@ -41,7 +42,7 @@ def test_a_step_that_writes_into_its_input_is_rejected_at_the_first_call():
     with pytest.raises(
         RuntimeError, match=r"modified its input in place at `state.params.0.weight`"
     ):
-        lf.build(mutating, compile=False)(state, make_data()[0])
+        lf.build(mutating, compile=compile_)(state, make_data()[0])
 
 
 def test_a_step_that_writes_into_its_batch_is_rejected():

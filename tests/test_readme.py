@@ -1,0 +1,30 @@
+"""The README's Python blocks run as written."""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
+
+
+@pytest.mark.compiled
+def test_readme_python_blocks_run(fresh_dynamo, capsys):
+    blocks = _python_blocks()
+    assert len(blocks) >= 2
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(64, 64, generator=g), torch.randint(0, 10, (64,), generator=g)
+    loaders = {
+        "train_loader": [(x[:32], y[:32]), (x[32:], y[32:])],
+        "test_loader": [(x, y)],
+    }
+    namespace: dict = dict(loaders)
+    for block in blocks:
+        exec(compile(block, str(README), "exec"), namespace)
+    assert namespace["final"].step == 40
+    assert "tx" in namespace
