@@ -20,9 +20,7 @@ it is never traced into a compiled graph.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from collections.abc import Iterator
 
 import optree
 import torch
@@ -67,25 +65,25 @@ def _unflatten_key(aux: tuple[int, int], children: object) -> RngKey:
 optree.register_pytree_node(RngKey, _flatten_key, _unflatten_key, namespace=NAMESPACE)  # type: ignore[arg-type]
 
 
-@contextlib.contextmanager
-def seeded(key: RngKey | None, device: torch.device | None = None) -> Iterator[None]:
-    """Seed torch's CPU (and `device`'s CUDA) generator from `key` for the block, then restore it.
+class seeded:
+    """Seed torch's CPU (and `device`'s CUDA) generator from `key` for a `with` block, then restore it.
 
-    With `key=None` the block runs on the caller's generators untouched.
+    A class rather than a generator-based context manager: it runs every step.
     """
-    if key is None:
-        yield
-        return
-    cuda_device = device if device is not None and device.type == "cuda" else None
-    cpu_state = torch.get_rng_state()
-    cuda_state = torch.cuda.get_rng_state(cuda_device) if cuda_device is not None else None
-    seed = key.step_seed()
-    torch.default_generator.manual_seed(seed)
-    if cuda_device is not None:
-        torch.cuda.manual_seed(seed)  # the current device's generator
-    try:
-        yield
-    finally:
-        torch.set_rng_state(cpu_state)
-        if cuda_state is not None and cuda_device is not None:
-            torch.cuda.set_rng_state(cuda_state, cuda_device)
+
+    def __init__(self, key: RngKey, device: torch.device | None = None) -> None:
+        self.seed = key.step_seed()
+        self.cuda = device if device is not None and device.type == "cuda" else None
+
+    def __enter__(self) -> None:
+        self.cpu_state = torch.default_generator.get_state()
+        torch.default_generator.manual_seed(self.seed)
+        if self.cuda is not None:
+            self.cuda_state = torch.cuda.get_rng_state(self.cuda)
+            with torch.cuda.device(self.cuda):
+                torch.cuda.manual_seed(self.seed)
+
+    def __exit__(self, *exc: object) -> None:
+        torch.default_generator.set_state(self.cpu_state)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda_state, self.cuda)

@@ -58,6 +58,25 @@ def register_dataclass(cls: type[T], *, static: Iterable[str] = ()) -> type[T]:
     return cls
 
 
+def replace_fields(obj: T, **changes: Any) -> T:
+    """`dataclasses.replace(obj, **changes)` without re-running `__init__`.
+
+    For per-step bookkeeping objects (the loop's `TrainerState`): it copies
+    the instance dict, about 5x faster than `replace`. Only for dataclasses
+    whose `__init__` / `__post_init__` do nothing but store the fields;
+    instances with `__slots__` fall back to `dataclasses.replace`. Never for
+    objects passed into a compiled function: dynamo's guards ran a compiled
+    step ~10% slower on instances built this way.
+    """
+    fields = getattr(obj, "__dict__", None)
+    if fields is None:
+        return dataclasses.replace(obj, **changes)  # type: ignore[type-var]
+    new = object.__new__(type(obj))
+    new.__dict__.update(fields)
+    new.__dict__.update(changes)
+    return new
+
+
 def tree_map(
     fn: Callable[..., Any], tree: PyTree, *rest: PyTree, none_is_leaf: bool = False
 ) -> PyTree:

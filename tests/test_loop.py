@@ -279,3 +279,10 @@ def test_loop_rejects_a_train_step_as_the_eval_step():
     step, _, state = _setup()
     with pytest.raises(TypeError, match=r"`eval_step` must be built with lightfunc.build_eval"):
         lf.loop(step, state, make_data(), eval_step=step, eval_data=make_data())
+
+
+def test_trainer_state_replace_rejects_unknown_fields():
+    ts = lf.TrainerState(state=None)
+    assert ts.replace(step=3).step == 3 and ts.step == 0
+    with pytest.raises(TypeError, match=r"TrainerState has no field\(s\) \['steps'\]"):
+        ts.replace(steps=3)
