@@ -15,6 +15,10 @@ from . import optim as optim
 from ._build import Step as Step
 from ._build import build as build
 from ._build import build_eval as build_eval
+from ._checkpoint import CheckpointError as CheckpointError
+from ._checkpoint import load as load
+from ._checkpoint import read_metadata as read_metadata
+from ._checkpoint import save as save
 from ._compile import CompileOptions as CompileOptions
 from ._compile import compile_counts as compile_counts
 from ._device import resolve_device as resolve_device
@@ -28,6 +32,8 @@ from ._loop import TrainerState as TrainerState
 from ._loop import evaluate as evaluate
 from ._loop import loop as loop
 from ._loop import predict as predict
+from ._params_file import export_params as export_params
+from ._params_file import load_params as load_params
 from ._progress import ProgressBar as ProgressBar
 from ._rng import RngKey as RngKey
 from ._seed import seed_everything as seed_everything

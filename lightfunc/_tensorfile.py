@@ -1,0 +1,217 @@
+"""Reading and writing safetensors files: dtypes, checksums, errors with the file's name.
+
+The low layer under `_checkpoint`: it knows the safetensors container, not
+lightfunc's trees. Every failure of the container (truncated file, garbage
+bytes, bad header) is raised as `CheckpointError` naming the file; a missing
+file stays a `FileNotFoundError`. Tensors are read with `pread` into memory
+the caller owns (not a lazy memory map), so a checksum computed on them has
+read every byte from the file.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ._atomic import atomic_write
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is unreadable, corrupted, or does not match the tree it is loaded into."""
+
+
+def _dtype_codes() -> dict[torch.dtype, str]:
+    codes = {
+        torch.float64: "F64",
+        torch.float32: "F32",
+        torch.float16: "F16",
+        torch.bfloat16: "BF16",
+        torch.int64: "I64",
+        torch.int32: "I32",
+        torch.int16: "I16",
+        torch.int8: "I8",
+        torch.uint8: "U8",
+        torch.bool: "BOOL",
+        torch.complex64: "C64",
+    }
+    optional = {  # dtypes some torch builds lack
+        "uint16": "U16",
+        "uint32": "U32",
+        "uint64": "U64",
+        "float8_e4m3fn": "F8_E4M3",
+        "float8_e5m2": "F8_E5M2",
+        "float8_e4m3fnuz": "F8_E4M3FNUZ",
+        "float8_e5m2fnuz": "F8_E5M2FNUZ",
+        "float8_e8m0fnu": "F8_E8M0",
+    }
+    for name, code in optional.items():
+        if isinstance(getattr(torch, name, None), torch.dtype):
+            codes[getattr(torch, name)] = code
+    return codes
+
+
+#: torch dtype -> safetensors dtype code, for every dtype a file can hold.
+DTYPE_CODES = _dtype_codes()
+_CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def crc32(tensor: torch.Tensor) -> int:
+    """zlib CRC-32 of a contiguous CPU tensor's raw bytes (reads every byte)."""
+    raw = tensor.reshape(-1).view(torch.uint8)
+    return zlib.crc32(raw.numpy().data) if raw.numel() else 0
+
+
+def to_writable(tensor: torch.Tensor, path: str) -> torch.Tensor:
+    """A dense, contiguous CPU copy-or-view of `tensor` that safetensors can write.
+
+    Raises:
+        TypeError: `tensor` is sparse, a tensor subclass (DTensor, ...), on
+            the meta device, or of a dtype safetensors cannot hold.
+    """
+    if type(tensor) not in (torch.Tensor, torch.nn.Parameter) or tensor.layout != torch.strided:
+        raise TypeError(
+            f"Cannot save the tensor at `{path}`: it is a {type(tensor).__name__} with layout "
+            f"{tensor.layout}; only plain dense tensors can be saved. Convert it first "
+            f"(`.full_tensor()` for a DTensor, `.to_dense()` for a sparse tensor)."
+        )
+    if tensor.device.type == "meta":
+        raise TypeError(
+            f"Cannot save the tensor at `{path}`: it is on the meta device and has no data. "
+            f"Materialise it (e.g. `torch.empty_like(t, device='cpu')` filled with values) first."
+        )
+    if tensor.dtype not in DTYPE_CODES:
+        raise TypeError(
+            f"Cannot save the tensor at `{path}`: dtype {dtype_name(tensor.dtype)} is not supported "
+            f"by safetensors. Supported: {', '.join(sorted(map(dtype_name, DTYPE_CODES)))}. "
+            f"Convert it (e.g. complex128 -> `torch.view_as_real(t)`)."
+        )
+    return tensor.detach().cpu().contiguous()
+
+
+def unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`tensors` with every tensor that shares storage with an earlier one copied.
+
+    safetensors refuses overlapping tensors (a contiguous slice and its base,
+    two views with different offsets); each is then stored as its own copy.
+    """
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for name, t in tensors.items():
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if key in seen and t.numel():
+            t = t.clone()
+        seen.add(key)
+        out[name] = t
+    return out
+
+
+def write_file(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path, *, fsync: bool
+) -> Path:
+    """Atomically write `tensors` (contiguous, CPU, unshared) and `metadata` to `path`."""
+
+    def write(tmp: Path) -> None:
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+        except SafetensorError as e:
+            raise CheckpointError(
+                f"Cannot write the checkpoint '{path}': safetensors refused it ({e}). The header "
+                f"(metadata, paths and non-tensor leaves) must stay under 100 MB: pass less "
+                f"`metadata` or keep large data in tensors."
+            ) from e
+
+    return atomic_write(path, write, fsync=fsync)
+
+
+class TensorFile:
+    """An open safetensors file whose failures name the file and say what is wrong.
+
+    Use as ``with TensorFile(path) as f: ...``.
+
+    Raises:
+        FileNotFoundError: no file at `path`.
+        CheckpointError: `path` is a directory, or not a complete safetensors file.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        if path.is_dir():
+            inside = sorted(p.name for p in path.glob("*.safetensors"))[:5]
+            raise CheckpointError(
+                f"Checkpoint path '{path}' is a directory; expected a .safetensors file written "
+                f"by lightfunc.save. Files in it: {inside or 'no .safetensors files'}."
+            )
+        if not path.exists():
+            raise FileNotFoundError(
+                f"No checkpoint file at '{path}'. Check the path (and the working directory "
+                f"'{Path.cwd()}'); checkpoints are written by lightfunc.save."
+            )
+        self._file: Any = None
+        with self._errors("open"):
+            try:
+                self._file = safe_open(path, framework="pt", backend="pread")
+                self._owned = True  # `pread` reads into memory we own
+            except TypeError:  # safetensors < 0.8: no `backend`, tensors are memory-mapped
+                self._file = safe_open(path, framework="pt")
+                self._owned = False
+            self.metadata: dict[str, str] = self._file.metadata() or {}
+            self.names: list[str] = list(self._file.keys())
+
+    def __enter__(self) -> TensorFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._file = None
+
+    @contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except FileNotFoundError:
+            raise
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(
+                f"Cannot {what} the checkpoint '{self.path}': {e}. The file is truncated, "
+                f"corrupted, or not a safetensors file. Use another checkpoint, or save again."
+            ) from e
+
+    def dtype(self, name: str) -> torch.dtype | str:
+        """The dtype of tensor `name` (its safetensors code when torch lacks it)."""
+        with self._errors("read"):
+            code = self._file.get_slice(name).get_dtype()
+        return _CODE_DTYPES.get(code, code)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        with self._errors("read"):
+            return tuple(self._file.get_slice(name).get_shape())
+
+    def read(self, name: str, checksum: int | None) -> torch.Tensor:
+        """Tensor `name` in owned CPU memory; its CRC-32 is compared with `checksum` if given.
+
+        Raises:
+            CheckpointError: the checksum differs (the file is corrupted).
+        """
+        with self._errors(f"read tensor `{name}` from"):
+            tensor = self._file.get_tensor(name)
+            if not self._owned:
+                tensor = tensor.clone()
+        if checksum is not None:
+            actual = crc32(tensor)
+            if actual != checksum:
+                raise CheckpointError(
+                    f"Checksum mismatch for tensor `{name}` in '{self.path}': the file is corrupted "
+                    f"(stored crc32 {checksum:#010x}, the bytes read give {actual:#010x}). Load an "
+                    f"earlier checkpoint; `verify=False` skips this check and loads the damaged values."
+                )
+        return tensor
