@@ -21,6 +21,7 @@ from ._checkpoint import read_metadata as read_metadata
 from ._checkpoint import save as save
 from ._compile import CompileOptions as CompileOptions
 from ._compile import compile_counts as compile_counts
+from ._data import Loader as Loader
 from ._device import resolve_device as resolve_device
 from ._device import to_device as to_device
 from ._fit import fit as fit
