@@ -33,6 +33,7 @@ from ._loop import TrainerState as TrainerState
 from ._loop import evaluate as evaluate
 from ._loop import loop as loop
 from ._loop import predict as predict
+from ._manager import CheckpointManager as CheckpointManager
 from ._params_file import export_params as export_params
 from ._params_file import load_params as load_params
 from ._progress import ProgressBar as ProgressBar

@@ -16,8 +16,10 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import signal
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -25,6 +27,9 @@ from ._build import Step, build, build_eval
 from ._compile import CompileOptions
 from ._device import resolve_device, to_device
 from ._tree import register_dataclass, replace_fields, tree_leaves
+
+if TYPE_CHECKING:
+    from ._manager import CheckpointManager
 
 Metrics = dict[str, torch.Tensor]
 
@@ -42,6 +47,7 @@ class TrainerState:
         metrics: the last train step's metrics, device tensors, not synced.
         eval_metrics: the last evaluation's mean metrics (device tensors), or None.
         eval_at_step: the `step` at which `eval_metrics` were computed, or -1.
+        epoch_end: True on the state yielded after the last batch of an epoch.
     """
 
     state: Any
@@ -51,6 +57,7 @@ class TrainerState:
     metrics: Metrics = dataclasses.field(default_factory=dict)
     eval_metrics: Metrics | None = None
     eval_at_step: int = -1
+    epoch_end: bool = False
 
     @property
     def evaluated(self) -> bool:
@@ -96,6 +103,7 @@ def loop(
     fast_dev_run: bool | int = False,
     accelerator: str = "auto",
     devices: int | str | list[int] = "auto",
+    checkpoint: CheckpointManager | None = None,
 ) -> Iterator[TrainerState]:
     """Run `step` over `train_data`, yielding a `TrainerState` after every step.
 
@@ -118,6 +126,11 @@ def loop(
             batches, once, to check the code end to end.
         accelerator: "auto", "cpu", "gpu"/"cuda" or "mps".
         devices: "auto", 1 or [index].
+        checkpoint: a `CheckpointManager` that sees every state (and saves on
+            its schedule). With one, SIGTERM (preemption) makes the loop save
+            the last completed step and stop cleanly; with
+            `save_on_exception=True`, a step that raises first gets the last
+            completed step saved.
 
     Yields:
         `TrainerState` after each train step, with evaluation results attached
@@ -148,9 +161,12 @@ def loop(
 
     ts = state if isinstance(state, TrainerState) else TrainerState(state=state)
     ts = ts.replace(state=to_device(ts.state, device))
-    return _run(
-        train, evaluate_, ts, train_data, eval_data if eval_data is not None else (), limits, device
-    )
+    if checkpoint is not None and not hasattr(checkpoint, "update"):
+        raise TypeError(
+            f"`checkpoint` must be a lightfunc.CheckpointManager, got {type(checkpoint).__name__}."
+        )
+    eval_batches = eval_data if eval_data is not None else ()
+    return _run(train, evaluate_, ts, train_data, eval_batches, limits, device, checkpoint)
 
 
 def _run(
@@ -161,53 +177,98 @@ def _run(
     eval_data: Iterable[Any],
     limits: _Limits,
     device: torch.device,
+    checkpoint: CheckpointManager | None,
 ) -> Iterator[TrainerState]:
     n_train = _num_batches(train_data, limits.train_batches, "limit_train_batches")
-    while not _done(ts, limits):
-        _set_epoch(train_data, ts.epoch)
-        iter_from = getattr(train_data, "iter_from", None)
-        it: Iterator[Any]
-        if callable(iter_from):  # a lightfunc.Loader: start at batch_idx, reading no skipped batch
-            it = iter_from(ts.epoch, ts.batch_idx)
-            if n_train is not None:
-                it = itertools.islice(it, max(0, n_train - ts.batch_idx))
-        else:  # a plain iterable: resume mid-epoch by reading and dropping batch_idx batches
-            batches = train_data if n_train is None else itertools.islice(train_data, n_train)
-            it = itertools.islice(batches, ts.batch_idx, None)
-        upcoming = next(it, _END)
-        if upcoming is _END and ts.batch_idx == 0:
-            raise ValueError(
-                "`train_data` yielded no batches for an epoch. Check the DataLoader's length "
-                "(batch_size larger than the dataset with drop_last=True?) and `limit_train_batches`."
-            )
-        while upcoming is not _END:
-            batch = to_device(upcoming, device, non_blocking=True)
-            state, metrics = train(ts.state, batch)
-            # Fetch the next batch while the device works, and to know whether
-            # this step ends the epoch (evaluation then belongs to this step).
+    with _StopRequest(enabled=checkpoint is not None) as stop:
+        while not _done(ts, limits):
+            _set_epoch(train_data, ts.epoch)
+            it = _epoch_batches(train_data, ts, n_train)
             upcoming = next(it, _END)
-            ts = ts.replace(
-                state=state, step=ts.step + 1, batch_idx=ts.batch_idx + 1, metrics=metrics
-            )
-            end_of_epoch = upcoming is _END
-            end_of_run = _done(ts, limits) or (
-                end_of_epoch and _done(ts.replace(epoch=ts.epoch + 1), limits)
-            )
-            if eval_step is not None and (
-                end_of_epoch
-                or end_of_run
-                or (limits.eval_every and ts.step % limits.eval_every == 0)
-            ):
-                ts = ts.replace(
-                    eval_metrics=evaluate(
-                        eval_step, ts.state, eval_data, limit_batches=limits.eval_batches
-                    ),
-                    eval_at_step=ts.step,
+            if upcoming is _END and ts.batch_idx == 0:
+                raise ValueError(
+                    "`train_data` yielded no batches for an epoch. Check the DataLoader's length "
+                    "(batch_size larger than the dataset with drop_last=True?) and `limit_train_batches`."
                 )
-            yield ts
-            if end_of_run and not end_of_epoch:
-                return
-        ts = ts.replace(epoch=ts.epoch + 1, batch_idx=0)
+            while upcoming is not _END:
+                batch = to_device(upcoming, device, non_blocking=True)
+                try:
+                    state, metrics = train(ts.state, batch)
+                except Exception:
+                    if checkpoint is not None and checkpoint.save_on_exception and ts.step > 0:
+                        checkpoint.save(ts, reason="exception")
+                    raise
+                # Fetch the next batch while the device works, and to know whether
+                # this step ends the epoch (evaluation then belongs to this step).
+                upcoming = next(it, _END)
+                end_of_epoch = upcoming is _END
+                ts = ts.replace(
+                    state=state,
+                    step=ts.step + 1,
+                    batch_idx=ts.batch_idx + 1,
+                    metrics=metrics,
+                    epoch_end=end_of_epoch,
+                )
+                end_of_run = _done(ts, limits) or (
+                    end_of_epoch and _done(ts.replace(epoch=ts.epoch + 1), limits)
+                )
+                if eval_step is not None and (
+                    end_of_epoch
+                    or end_of_run
+                    or (limits.eval_every and ts.step % limits.eval_every == 0)
+                ):
+                    ts = ts.replace(
+                        eval_metrics=evaluate(
+                            eval_step, ts.state, eval_data, limit_batches=limits.eval_batches
+                        ),
+                        eval_at_step=ts.step,
+                    )
+                if checkpoint is not None:
+                    checkpoint.update(ts)
+                yield ts
+                if stop.requested and checkpoint is not None:
+                    checkpoint.save(ts, reason="sigterm")
+                    return
+                if end_of_run and not end_of_epoch:
+                    return
+            ts = ts.replace(epoch=ts.epoch + 1, batch_idx=0, epoch_end=False)
+
+
+def _epoch_batches(
+    train_data: Iterable[Any], ts: TrainerState, n_train: int | None
+) -> Iterator[Any]:
+    """The batches of `ts.epoch` from position `ts.batch_idx` on."""
+    iter_from = getattr(train_data, "iter_from", None)
+    if callable(iter_from):  # a lightfunc.Loader: start at batch_idx, reading no skipped batch
+        it: Iterator[Any] = iter_from(ts.epoch, ts.batch_idx)
+        return it if n_train is None else itertools.islice(it, max(0, n_train - ts.batch_idx))
+    # A plain iterable: resume mid-epoch by reading and dropping batch_idx batches.
+    batches = train_data if n_train is None else itertools.islice(train_data, n_train)
+    return itertools.islice(batches, ts.batch_idx, None)
+
+
+class _StopRequest:
+    """While active (main thread, with a checkpoint manager), SIGTERM asks the loop to stop.
+
+    The loop then saves the last completed step and returns, so a preempted
+    job exits cleanly with a checkpoint instead of dying mid-step.
+    """
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.requested = False
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def __enter__(self) -> _StopRequest:
+        if self.enabled:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 _END = object()

@@ -23,8 +23,11 @@ def test_readme_python_blocks_run(fresh_dynamo, capsys):
         "train_loader": [(x[:32], y[:32]), (x[32:], y[32:])],
         "test_loader": [(x, y)],
     }
-    namespace: dict = dict(loaders)
+    namespace: dict = dict(loaders, x_train=x, y_train=y)
     for block in blocks:
         exec(compile(block, str(README), "exec"), namespace)
     assert namespace["final"].step == 40
     assert "tx" in namespace
+    assert (
+        namespace["ts"].step == 4 and namespace["again"].step == 4
+    )  # 2 epochs of 2 batches, saved and loaded
