@@ -286,3 +286,57 @@ def test_trainer_state_replace_rejects_unknown_fields():
     assert ts.replace(step=3).step == 3 and ts.step == 0
     with pytest.raises(TypeError, match=r"TrainerState has no field\(s\) \['steps'\]"):
         ts.replace(steps=3)
+
+
+def test_epoch_end_marks_the_last_step_of_each_epoch():
+    step, _, state = _setup()
+    flags = [
+        ts.epoch_end for ts in lf.loop(step, state, make_data(n=100, batch_size=32), max_epochs=2)
+    ]
+    assert flags == [False, False, False, True] * 2
+
+
+def test_a_failing_step_saves_the_last_completed_state_before_raising(tmp_path):
+    step, _, state = _setup()
+    calls = []
+
+    def failing(state, batch):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+        return step.fn(state, batch)
+
+    manager = lf.CheckpointManager(tmp_path, every_n_steps=100, save_on_exception=True)
+    with pytest.raises(RuntimeError, match="boom"):
+        list(lf.loop(lf.build(failing, compile=False), state, make_data(), checkpoint=manager))
+    restored = manager.restore(state)
+    assert restored is not None and restored.step == 2
+    index = (tmp_path / "index.json").read_text()
+    assert '"reason": "exception"' in index
+
+
+def test_without_save_on_exception_a_failing_step_writes_nothing(tmp_path):
+    _, _, state = _setup()
+    manager = lf.CheckpointManager(tmp_path, every_n_steps=100)
+
+    def failing(state, batch):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        list(
+            lf.loop(
+                lf.build(failing, compile=False, validate=False),
+                state,
+                make_data(),
+                checkpoint=manager,
+            )
+        )
+    assert manager.latest() is None
+
+
+def test_checkpoint_must_be_a_manager():
+    step, _, state = _setup()
+    with pytest.raises(
+        TypeError, match=r"`checkpoint` must be a lightfunc.CheckpointManager, got str"
+    ):
+        lf.loop(step, state, make_data(), checkpoint="runs/x")
