@@ -11,6 +11,7 @@ trainer states, and keeps the run reproducible.
         ...
 """
 
+from . import callbacks as callbacks
 from . import optim as optim
 from ._build import Step as Step
 from ._build import build as build

@@ -18,7 +18,7 @@ import itertools
 import math
 import signal
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -30,6 +30,7 @@ from ._tree import register_dataclass, replace_fields, tree_leaves
 
 if TYPE_CHECKING:
     from ._manager import CheckpointManager
+    from .callbacks import Callback
 
 Metrics = dict[str, torch.Tensor]
 
@@ -48,6 +49,8 @@ class TrainerState:
         eval_metrics: the last evaluation's mean metrics (device tensors), or None.
         eval_at_step: the `step` at which `eval_metrics` were computed, or -1.
         epoch_end: True on the state yielded after the last batch of an epoch.
+        callbacks: each stateful callback's `state_dict()`, by `state_key`
+            (saved in checkpoints, handed back to the callbacks on resume).
     """
 
     state: Any
@@ -58,6 +61,7 @@ class TrainerState:
     eval_metrics: Metrics | None = None
     eval_at_step: int = -1
     epoch_end: bool = False
+    callbacks: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def evaluated(self) -> bool:
@@ -104,6 +108,7 @@ def loop(
     accelerator: str = "auto",
     devices: int | str | list[int] = "auto",
     checkpoint: CheckpointManager | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> Iterator[TrainerState]:
     """Run `step` over `train_data`, yielding a `TrainerState` after every step.
 
@@ -131,6 +136,10 @@ def loop(
             the last completed step and stop cleanly; with
             `save_on_exception=True`, a step that raises first gets the last
             completed step saved.
+        callbacks: `lightfunc.callbacks.Callback`s that observe every state
+            and may stop the run (see `lightfunc.callbacks`). Their hooks run
+            in this generator; `on_end` runs when the loop finishes or is
+            stopped, not when you break out of it.
 
     Yields:
         `TrainerState` after each train step, with evaluation results attached
@@ -165,8 +174,28 @@ def loop(
         raise TypeError(
             f"`checkpoint` must be a lightfunc.CheckpointManager, got {type(checkpoint).__name__}."
         )
+    from .callbacks import ModelCheckpoint  # lightfunc.callbacks imports this module
+    from .callbacks._base import check_unique_keys
+
+    callbacks = list(callbacks)
+    check_unique_keys(callbacks)
+    # SIGTERM and save-on-exception go to the explicit manager, else to a ModelCheckpoint's.
+    emergency = checkpoint or next(
+        (cb.manager for cb in callbacks if isinstance(cb, ModelCheckpoint)), None
+    )
     eval_batches = eval_data if eval_data is not None else ()
-    return _run(train, evaluate_, ts, train_data, eval_batches, limits, device, checkpoint)
+    return _run(
+        train,
+        evaluate_,
+        ts,
+        train_data,
+        eval_batches,
+        limits,
+        device,
+        checkpoint,
+        emergency,
+        callbacks,
+    )
 
 
 def _run(
@@ -178,9 +207,16 @@ def _run(
     limits: _Limits,
     device: torch.device,
     checkpoint: CheckpointManager | None,
+    emergency: CheckpointManager | None,
+    callbacks: list[Callback],
 ) -> Iterator[TrainerState]:
     n_train = _num_batches(train_data, limits.train_batches, "limit_train_batches")
-    with _StopRequest(enabled=checkpoint is not None) as stop:
+    for cb in callbacks:
+        if cb.state_key in ts.callbacks:
+            cb.load_state_dict(ts.callbacks[cb.state_key])
+        cb.on_start(ts)
+    last = ts
+    with _StopRequest(enabled=emergency is not None) as stop:
         while not _done(ts, limits):
             _set_epoch(train_data, ts.epoch)
             it = _epoch_batches(train_data, ts, n_train)
@@ -195,8 +231,8 @@ def _run(
                 try:
                     state, metrics = train(ts.state, batch)
                 except Exception:
-                    if checkpoint is not None and checkpoint.save_on_exception and ts.step > 0:
-                        checkpoint.save(ts, reason="exception")
+                    if emergency is not None and emergency.save_on_exception and ts.step > 0:
+                        emergency.save(ts, reason="exception")
                     raise
                 # Fetch the next batch while the device works, and to know whether
                 # this step ends the epoch (evaluation then belongs to this step).
@@ -223,15 +259,38 @@ def _run(
                         ),
                         eval_at_step=ts.step,
                     )
+                stop_asked = False
+                if callbacks:
+                    ts, stop_asked = _run_callbacks(callbacks, ts)
                 if checkpoint is not None:
                     checkpoint.update(ts)
                 yield ts
-                if stop.requested and checkpoint is not None:
-                    checkpoint.save(ts, reason="sigterm")
-                    return
-                if end_of_run and not end_of_epoch:
+                last = ts
+                if stop.requested and emergency is not None:
+                    emergency.save(ts, reason="sigterm")
+                if stop.requested or stop_asked or (end_of_run and not end_of_epoch):
+                    _end(callbacks, ts)
                     return
             ts = ts.replace(epoch=ts.epoch + 1, batch_idx=0, epoch_end=False)
+        _end(callbacks, last)
+
+
+def _run_callbacks(callbacks: list[Callback], ts: TrainerState) -> tuple[TrainerState, bool]:
+    """`on_step` on all (any may ask to stop), collect their states, then `on_step_end` on all."""
+    stop = False
+    for cb in callbacks:
+        stop = bool(cb.on_step(ts)) or stop
+    states = {cb.state_key: s for cb in callbacks if (s := cb.state_dict()) is not None}
+    if states:
+        ts = ts.replace(callbacks=states)
+    for cb in callbacks:
+        cb.on_step_end(ts)
+    return ts, stop
+
+
+def _end(callbacks: list[Callback], ts: TrainerState) -> None:
+    for cb in callbacks:
+        cb.on_end(ts)
 
 
 def _epoch_batches(

@@ -27,14 +27,18 @@ import os
 import shutil
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from ._atomic import atomic_write
 from ._checkpoint import CheckpointError, load, save, verify
 from ._loop import TrainerState
+
+if TYPE_CHECKING:
+    from .callbacks import Callback
 
 SUFFIX = ".safetensors"
 LAST = "last"
@@ -224,17 +228,22 @@ class CheckpointManager:
             return path
         return None
 
-    def restore(self, like: Any) -> TrainerState | None:
+    def restore(self, like: Any, *, callbacks: Sequence[Callback] = ()) -> TrainerState | None:
         """Load the newest good checkpoint into `like`'s structure, or None when there is none.
 
         Args:
             like: the run's initial state (a `TrainState`, or any state) or a `TrainerState`.
+            callbacks: the run's callbacks, when the checkpoint holds their
+                state (their fresh `state_dict()`s give its structure).
         """
         path = self.latest()
         if path is None:
             return None
         template = like if isinstance(like, TrainerState) else TrainerState(state=like)
-        template = template.replace(metrics={}, eval_metrics=None, eval_at_step=-1)
+        states = {cb.state_key: s for cb in callbacks if (s := cb.state_dict()) is not None}
+        template = template.replace(
+            metrics={}, eval_metrics=None, eval_at_step=-1, callbacks=states
+        )
         restored: TrainerState = load(path, like=template)
         return restored
 
