@@ -7,3 +7,8 @@ Pass them to `lightfunc.loop(..., callbacks=[...])` or `lightfunc.fit`. See
 from ._base import Callback as Callback
 from ._checkpoint import ModelCheckpoint as ModelCheckpoint
 from ._early_stopping import EarlyStopping as EarlyStopping
+from ._profiler import ProfilerCallback as ProfilerCallback
+from ._progress import ProgressBar as ProgressBar
+from ._summary import ModelSummary as ModelSummary
+from ._summary import summarize as summarize
+from ._timer import Timer as Timer
