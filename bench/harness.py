@@ -62,7 +62,7 @@ class Config:
     workloads: tuple[str, ...] = ("mlp", "cnn", "gpt")
     impls: tuple[str, ...] = (
         "raw_eager", "raw_compiled_module", "raw_compiled_functional",
-        "lightfunc_eager", "lightfunc_compiled", "lightfunc_loop",
+        "lightfunc_eager", "lightfunc_compiled", "lightfunc_loop", "lightfunc_fit", "lightfunc_fit_barebones",
         "lightning_trainer", "lightning_barebones", "lightning_compiled",
     )  # fmt: skip
     rounds: int = 5

@@ -9,9 +9,12 @@ holds (parameters, optimizer state).
 
 from __future__ import annotations
 
+import contextlib
+import io
+import tempfile
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -252,6 +255,69 @@ class LightfuncLoop(LightfuncStep):
         return tensor_bytes(self.trainer_state.state)
 
 
+class _StepTimer(lf.callbacks.Callback):
+    """Times steps 2..n of a `fit` call, like the Lightning runners' timer."""
+
+    def __init__(self, first: int) -> None:
+        self.first, self.start, self.end = first, 0.0, 0.0
+
+    def on_step_end(self, ts: lf.TrainerState) -> None:
+        if ts.step == self.first + 1:
+            self.start = time.perf_counter()
+        self.end = time.perf_counter()
+
+
+class LightfuncFit(LightfuncStep):
+    """`lf.fit` with its defaults (progress bar, summary, logger, last checkpoint), one call per window."""
+
+    name = "lightfunc_fit"
+    fit_kwargs: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, workload: Workload) -> None:
+        super().__init__(workload)
+        self.trainer_state = lf.TrainerState(state=self.state)
+        self.root = tempfile.mkdtemp(prefix="lightfunc-bench-fit-")
+
+    def _fit(self, steps: int, timer: _StepTimer | None = None) -> lf.TrainerState:
+        kwargs = dict(self.fit_kwargs)
+        if not kwargs.get("barebones"):
+            kwargs.update(default_root_dir=self.root, callbacks=[timer] if timer else [])
+        elif timer is not None:
+            raise RuntimeError("barebones fit takes no callbacks; timed by the caller")
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            return lf.fit(self._step, self.trainer_state, self.workload.batches,
+                          max_steps=self.trainer_state.step + steps, max_epochs=None, **kwargs)  # fmt: skip
+
+    def run(self, n: int) -> float:
+        timer = _StepTimer(self.trainer_state.step)
+        self.trainer_state = self._fit(n + 1, timer)
+        sync(self.device)
+        return timer.end - timer.start
+
+    def first_losses(self, k: int) -> list[float]:
+        losses = []
+        for _ in range(k):
+            self.trainer_state = self._fit(1)
+            losses.append(float(self.trainer_state.metrics["loss"]))
+        return losses
+
+    def state_bytes(self) -> int:
+        return tensor_bytes(self.trainer_state.state)
+
+
+class LightfuncFitBarebones(LightfuncFit):
+    """`lf.fit(barebones=True)`: no bar, logger, summary or checkpoints; whole call timed."""
+
+    name = "lightfunc_fit_barebones"
+    fit_kwargs: ClassVar[dict[str, Any]] = {"barebones": True}
+
+    def run(self, n: int) -> float:
+        start = time.perf_counter()
+        self.trainer_state = self._fit(n)
+        sync(self.device)
+        return time.perf_counter() - start
+
+
 RUNNERS: dict[str, type[Runner]] = {
     cls.name: cls
     for cls in (
@@ -262,5 +328,7 @@ RUNNERS: dict[str, type[Runner]] = {
         LightfuncStep,
         LightfuncMaxAutotune,
         LightfuncLoop,
+        LightfuncFit,
+        LightfuncFitBarebones,
     )
 }

@@ -3,12 +3,18 @@
     make demo                                  # sets up .venv, then runs this
     python examples/digits.py --epochs 30      # the same, by hand
     python examples/digits.py --no-compile     # eager, to compare
+    tensorboard --logdir runs/digits/logs      # the curves
 
 Data: scikit-learn's `load_digits`, 1,797 real 8x8 grey-scale digits that ship
 inside the package (nothing is downloaded), split 80/20, stratified. Model:
 64 -> 256 -> 256 -> 10 with dropout, AdamW with a cosine-decayed learning
 rate. Defaults reach about 0.97-0.98 test accuracy in well under a minute on
 2 CPU cores, most of it the one-off compile.
+
+`lf.fit` runs it like Lightning's `Trainer`: a progress bar, a model
+summary, TensorBoard logs and checkpoints under `runs/digits/` (the best by
+validation accuracy, and `last`), and early stopping on validation accuracy.
+Run it again with `--resume` to continue from `runs/digits/checkpoints`.
 
 `digits_torch.py` beside this file is the same run written as a plain
 PyTorch loop: diff the two to see what lightfunc replaces.
@@ -23,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 import lightfunc as lf
 
@@ -64,13 +70,20 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     parser.add_argument("--limit-train-batches", type=int, default=None, help="for smoke tests")
+    parser.add_argument("--run-dir", default="runs/digits", help="logs and checkpoints go here")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the run directory's last checkpoint"
+    )
+    parser.add_argument("--patience", type=int, default=10, help="early stopping, in epochs")
     args = parser.parse_args(argv)
 
     lf.seed_everything(args.seed)
     train_set, test_set = load_data(args.seed)
-    # drop_last: every train batch has one shape, so the step compiles once.
-    train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, drop_last=True)
-    test_loader = DataLoader(test_set, batch_size=len(test_set))
+    # lf.Loader: seeded, resumable mid-epoch. drop_last: one batch shape, so one compile.
+    train_loader = lf.Loader(
+        train_set.tensors, args.batch_size, shuffle=True, seed=args.seed, drop_last=True
+    )
+    test_loader = [test_set.tensors]  # one batch of all 360 test digits
     model = make_model()
 
     steps_per_epoch = min(len(train_loader), args.limit_train_batches or len(train_loader))
@@ -104,7 +117,16 @@ def main(argv: list[str] | None = None) -> float:
         limit_train_batches=args.limit_train_batches,
         eval_step=eval_step,
         eval_data=test_loader,
+        default_root_dir=args.run_dir,
+        enable_model_summary=model,
         log_every_n_steps=steps_per_epoch,
+        callbacks=[
+            lf.callbacks.EarlyStopping("val_acc", mode="max", patience=args.patience),
+            lf.callbacks.ModelCheckpoint(
+                f"{args.run_dir}/best", monitor="val_acc", mode="max", save_last=False
+            ),
+        ],
+        ckpt_path="last" if args.resume else None,
     )
     seconds = time.perf_counter() - start
     accuracy = float(final.eval_metrics["acc"]) if final.eval_metrics else float("nan")

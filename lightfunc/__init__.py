@@ -12,6 +12,7 @@ trainer states, and keeps the run reproducible.
 """
 
 from . import callbacks as callbacks
+from . import loggers as loggers
 from . import optim as optim
 from ._build import Step as Step
 from ._build import build as build
@@ -37,7 +38,6 @@ from ._loop import predict as predict
 from ._manager import CheckpointManager as CheckpointManager
 from ._params_file import export_params as export_params
 from ._params_file import load_params as load_params
-from ._progress import ProgressBar as ProgressBar
 from ._rng import RngKey as RngKey
 from ._seed import seed_everything as seed_everything
 from ._seed import seed_worker as seed_worker
@@ -45,5 +45,6 @@ from ._state import TrainState as TrainState
 from ._tree import register_dataclass as register_dataclass
 from ._tree import tree_leaves as tree_leaves
 from ._tree import tree_map as tree_map
+from .callbacks import ProgressBar as ProgressBar
 
 __version__ = "0.1.0.dev0"

@@ -1,14 +1,26 @@
-"""`fit`: drive the loop to the end in one call, for users coming from `Trainer.fit`."""
+"""`fit`: drive the loop to the end in one call, with `Trainer`'s defaults, for users coming from Lightning.
+
+    final = lf.fit(step, state, loader, max_epochs=10, eval_step=eval_step, eval_data=val_loader)
+
+turns on what `Trainer` turns on: a progress bar, a model summary, a logger
+(TensorBoard if installed, else CSV) and last-checkpoint saving, all under
+`default_root_dir`. `barebones=True` turns all of it off; `fast_dev_run`
+writes no files.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
-from typing import Any
+import os
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
 
 from ._build import Step
 from ._loop import TrainerState, loop
-from ._progress import ProgressBar
+from .callbacks import Callback, ModelCheckpoint, ModelSummary, ProgressBar
 
 
 def fit(
@@ -16,45 +28,110 @@ def fit(
     state: Any,
     train_data: Iterable[Any],
     *,
-    progress_bar: bool = True,
+    default_root_dir: str | os.PathLike[str] = "runs/lightfunc",
+    callbacks: Sequence[Callback] = (),
+    logger: Callback | bool = True,
+    enable_progress_bar: bool = True,
+    enable_model_summary: bool | torch.nn.Module = True,
+    enable_checkpointing: bool = True,
     log_every_n_steps: int = 50,
+    barebones: bool = False,
+    ckpt_path: Literal["last"] | str | os.PathLike[str] | None = None,
     **loop_kwargs: Any,
 ) -> TrainerState:
     """Train to the end and return the final `TrainerState`.
 
-    Takes the same arguments as `lightfunc.loop` (`max_epochs`, `max_steps`,
-    `eval_step`, `eval_data`, `fast_dev_run`, ...), plus:
+    Takes `lightfunc.loop`'s arguments (`max_epochs`, `max_steps`,
+    `eval_step`, `eval_data`, `fast_dev_run`, `accelerator`, ...), plus
+    `Trainer`'s switches, by the same names:
 
     Args:
-        progress_bar: show a progress bar (tqdm on a terminal, plain lines otherwise).
-        log_every_n_steps: how often the bar reads metrics from the device.
+        default_root_dir: where logs (`logs/`) and checkpoints (`checkpoints/`) go.
+        callbacks: more callbacks (`EarlyStopping`, your own, ...), run after the defaults.
+        logger: True for the default logger (TensorBoard if installed, else
+            CSV), False for none, or a `lightfunc.loggers` logger.
+        enable_progress_bar: show a progress bar (tqdm on a terminal, plain lines otherwise).
+        enable_model_summary: print parameter counts at the start; pass the
+            `nn.Module` to get per-module rows.
+        enable_checkpointing: save `checkpoints/last.safetensors` at the end
+            of every epoch (and on SIGTERM). Add a `ModelCheckpoint` callback
+            for anything more.
+        log_every_n_steps: how often the logger and the bar read metrics from the device.
+        barebones: turn all of the above off (for overhead measurements).
+        ckpt_path: "last" to resume from `checkpoints/` under
+            `default_root_dir` (a fresh start when there is none), or the path
+            of a checkpoint to resume from.
 
     Returns:
-        The last `TrainerState`: final state, counters, last metrics and
-        evaluation results.
+        The last `TrainerState`.
 
     Raises:
-        ValueError: if the run has no steps to take.
+        ValueError: if `barebones` is combined with a feature it turns off,
+            or the run has no steps to take.
     """
-    bar = (
-        ProgressBar(_expected_steps(train_data, loop_kwargs), log_every_n_steps=log_every_n_steps)
-        if progress_bar
-        else None
-    )
+    fast_dev_run = bool(loop_kwargs.get("fast_dev_run"))
+    root = Path(default_root_dir)
+    if barebones and (logger not in (True, False) or callbacks):
+        raise ValueError(
+            "`barebones=True` turns off logging, checkpointing, the progress bar and the summary; "
+            "it cannot be combined with a `logger` or `callbacks`. Drop `barebones`, or those."
+        )
+    active: list[Callback] = []
+    if not barebones:
+        if enable_model_summary:
+            module = (
+                enable_model_summary if isinstance(enable_model_summary, torch.nn.Module) else None
+            )
+            active.append(ModelSummary(module))
+        if enable_progress_bar:
+            total = _expected_steps(train_data, loop_kwargs)
+            active.append(ProgressBar(log_every_n_steps=log_every_n_steps, total=total))
+        if not fast_dev_run:  # fast_dev_run writes no files
+            active += _writers(root, logger, enable_checkpointing, log_every_n_steps)
+    active += callbacks
+    start = _resume(state, root, ckpt_path, active)
     last: TrainerState | None = None
-    try:
-        for ts in loop(step, state, train_data, **loop_kwargs):
-            if bar is not None:
-                bar.update(ts)
-            last = ts
-    finally:
-        if bar is not None:
-            bar.close()
+    for ts in loop(step, start, train_data, callbacks=active, **loop_kwargs):
+        last = ts
     if last is None:
         raise ValueError(
             "`fit` ran no steps: the state is already past `max_steps` / `max_epochs`."
         )
     return last
+
+
+def _writers(
+    root: Path, logger: Callback | bool, checkpointing: bool, every: int
+) -> list[Callback]:
+    from .loggers import default_logger
+
+    out: list[Callback] = []
+    if logger is True:
+        out.append(default_logger(root / "logs", log_every_n_steps=every))
+    elif isinstance(logger, Callback):
+        out.append(logger)
+    elif logger is not False:
+        raise TypeError(
+            f"`logger` must be a bool or a lightfunc.loggers logger, got {type(logger).__name__}."
+        )
+    if checkpointing:
+        out.append(ModelCheckpoint(root / "checkpoints", every_n_epochs=1, keep_last_n=1))
+    return out
+
+
+def _resume(state: Any, root: Path, ckpt_path: Any, callbacks: list[Callback]) -> Any:
+    if ckpt_path is None:
+        return state
+    from ._checkpoint import load
+    from ._manager import CheckpointManager
+
+    if ckpt_path == "last":
+        manager = next((cb.manager for cb in callbacks if isinstance(cb, ModelCheckpoint)), None)
+        manager = manager or CheckpointManager(root / "checkpoints")
+        restored = manager.restore(state, callbacks=callbacks)
+        return state if restored is None else restored
+    states = {cb.state_key: s for cb in callbacks if (s := cb.state_dict()) is not None}
+    return load(ckpt_path, like=TrainerState(state=state, callbacks=states))
 
 
 def _expected_steps(train_data: Iterable[Any], kwargs: dict[str, Any]) -> int | None:

@@ -421,15 +421,7 @@ def _limits(
     eval_every: int | None,
     fast_dev_run: bool | int,
 ) -> _Limits:
-    for name, value in (
-        ("max_steps", max_steps),
-        ("max_epochs", max_epochs),
-        ("eval_every", eval_every),
-    ):
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, int) or value < 1
-        ):
-            raise ValueError(f"`{name}` must be a positive int or None, got {value!r}.")
+    check_positive_ints(max_steps=max_steps, max_epochs=max_epochs, eval_every=eval_every)
     _check_limit("limit_train_batches", limit_train_batches)
     _check_limit("limit_eval_batches", limit_eval_batches)
     if fast_dev_run:
@@ -442,6 +434,15 @@ def _limits(
     if max_steps is None and max_epochs is None:
         max_epochs = 1
     return _Limits(max_steps, max_epochs, limit_train_batches, limit_eval_batches, eval_every)
+
+
+def check_positive_ints(**values: Any) -> None:
+    """Raise ValueError naming the first argument that is neither None nor a positive int."""
+    for name, value in values.items():
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise ValueError(f"`{name}` must be a positive int or None, got {value!r}.")
 
 
 def _check_limit(name: str, value: int | float | None) -> None:

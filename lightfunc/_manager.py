@@ -35,7 +35,7 @@ import torch
 
 from ._atomic import atomic_write
 from ._checkpoint import CheckpointError, load, save, verify
-from ._loop import TrainerState
+from ._loop import TrainerState, check_positive_ints
 
 if TYPE_CHECKING:
     from .callbacks import Callback
@@ -83,15 +83,9 @@ class CheckpointManager:
         filename: str = "step={step}",
         save_on_exception: bool = False,
     ) -> None:
-        for name, value in (
-            ("every_n_steps", every_n_steps),
-            ("every_n_epochs", every_n_epochs),
-            ("keep_last_n", keep_last_n),
-        ):
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 1
-            ):
-                raise ValueError(f"`{name}` must be a positive int or None, got {value!r}.")
+        check_positive_ints(
+            every_n_steps=every_n_steps, every_n_epochs=every_n_epochs, keep_last_n=keep_last_n
+        )
         if mode not in ("min", "max"):
             raise ValueError(f"`mode` must be 'min' or 'max', got {mode!r}.")
         if save_top_k < -1:
@@ -191,10 +185,12 @@ class CheckpointManager:
         self.entries = sorted(keep, key=lambda e: e["step"])
 
     def _rank_key(self, entry: dict[str, Any]) -> tuple[int, float, int]:
+        # Ties keep the earlier checkpoint: a later one must be strictly better
+        # to replace it (as in Lightning). Missing scores rank last, newest first.
         score = entry["score"]
         if score is None or math.isnan(score):
             return (1, 0.0, -entry["step"])
-        return (0, score if self.mode == "min" else -score, -entry["step"])
+        return (0, score if self.mode == "min" else -score, entry["step"])
 
     # -- reading --------------------------------------------------------------
 

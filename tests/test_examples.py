@@ -9,19 +9,34 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
 
-def test_digits_example_runs_eagerly(capsys):
+def test_digits_example_runs_eagerly(capsys, tmp_path):
     import digits
 
-    accuracy = digits.main(["--epochs", "2", "--no-compile"])
+    accuracy = digits.main(["--epochs", "2", "--no-compile", "--run-dir", str(tmp_path)])
     assert 0.5 < accuracy <= 1.0
     assert "test accuracy:" in capsys.readouterr().out
+    assert (tmp_path / "checkpoints" / "last.safetensors").exists()
+    assert list((tmp_path / "best").glob("step=*.safetensors"))
+    assert list((tmp_path / "logs").rglob("*"))  # TensorBoard event files
+
+
+def test_digits_example_resumes_from_its_last_checkpoint(capsys, tmp_path):
+    import digits
+
+    digits.main(["--epochs", "1", "--no-compile", "--run-dir", str(tmp_path)])
+    capsys.readouterr()
+    digits.main(["--epochs", "2", "--no-compile", "--run-dir", str(tmp_path), "--resume"])
+    out = capsys.readouterr().out
+    assert "44 steps (eager)" in out  # 22 batches per epoch; the second run only ran epoch 2
 
 
 @pytest.mark.compiled
-def test_digits_example_runs_compiled(capsys, fresh_dynamo):
+def test_digits_example_runs_compiled(capsys, fresh_dynamo, tmp_path):
     import digits
 
-    accuracy = digits.main(["--epochs", "1", "--limit-train-batches", "5"])
+    accuracy = digits.main(
+        ["--epochs", "1", "--limit-train-batches", "5", "--run-dir", str(tmp_path)]
+    )
     assert 0.0 <= accuracy <= 1.0
     assert "(compiled)" in capsys.readouterr().out
 

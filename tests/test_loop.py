@@ -204,14 +204,16 @@ def test_fit_drives_the_loop_to_the_end_and_shows_plain_progress_off_a_terminal(
     step, evaluate, state = _setup()
     data = make_data(n=100, batch_size=32)
     stream = io.StringIO()
-    bar = lf.ProgressBar(8, log_every_n_steps=2, stream=stream)
-    for ts in lf.loop(step, state, data, max_epochs=2, eval_step=evaluate, eval_data=data):
-        bar.update(ts)
-    bar.close()
+    bar = lf.ProgressBar(total=8, log_every_n_steps=2, stream=stream)
+    list(
+        lf.loop(
+            step, state, data, max_epochs=2, eval_step=evaluate, eval_data=data, callbacks=[bar]
+        )
+    )
     lines = stream.getvalue().splitlines()
     assert "\r" not in stream.getvalue()
     assert len(lines) == 4 and lines[-1].startswith("epoch 1 step 8/8") and "val_acc=" in lines[-1]
-    final = lf.fit(step, state, data, max_epochs=2, progress_bar=False)
+    final = lf.fit(step, state, data, max_epochs=2, barebones=True)
     assert final.step == 8 and final.epoch == 1
 
 

@@ -125,3 +125,10 @@ def test_orphaned_temporary_files_are_removed(tmp_path):
 def test_bad_arguments_are_rejected(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         lf.CheckpointManager(tmp_path, **kwargs)
+
+
+def test_a_tie_keeps_the_earlier_checkpoint(tmp_path):
+    manager = lf.CheckpointManager(tmp_path, monitor="val_loss", save_top_k=1, save_last=False)
+    for step, val in [(1, 0.5), (2, 0.3), (3, 0.3), (4, 0.4)]:
+        manager.update(_ts(step, val_loss=val))
+    assert [p.name for p in manager.checkpoints()] == ["step=2.safetensors"]

@@ -32,7 +32,7 @@ def test_lightfunc_run_matches_a_plain_pytorch_loop(compile_, fresh_dynamo):
     train_step, _ = make_steps(model)
     state = lf.TrainState.create(model, lf.optim.adamw(1e-2, weight_decay=0.05))
     final = lf.fit(
-        lf.build(train_step, compile=compile_), state, data, max_epochs=5, progress_bar=False
+        lf.build(train_step, compile=compile_), state, data, max_epochs=5, barebones=True
     )
 
     tol = 1e-5

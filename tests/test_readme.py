@@ -14,7 +14,8 @@ def _python_blocks() -> list[str]:
 
 
 @pytest.mark.compiled
-def test_readme_python_blocks_run(fresh_dynamo, capsys):
+def test_readme_python_blocks_run(fresh_dynamo, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # `fit` writes its logs and checkpoints under ./runs
     blocks = _python_blocks()
     assert len(blocks) >= 2
     g = torch.Generator().manual_seed(0)
