@@ -100,8 +100,12 @@ def main(argv: list[str] | None = None) -> float:
             return F.cross_entropy(logits, y), (logits, buffers)
 
         (loss, (logits, buffers)), grads = lf.value_and_grad(loss_fn, has_aux=True)(state.params)
-        accuracy = (logits.argmax(-1) == y).float().mean()
-        return state.apply_gradients(grads, buffers=buffers), {"loss": loss, "acc": accuracy}
+        metrics = {
+            "loss": loss,
+            "acc": (logits.argmax(-1) == y).float().mean(),
+            "grad_norm": lf.optim.global_norm(grads),
+        }
+        return state.apply_gradients(grads, buffers=buffers), metrics
 
     def eval_step(state: lf.TrainState, batch):
         x, y = batch

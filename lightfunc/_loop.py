@@ -276,7 +276,12 @@ def _run(
 
 
 def _run_callbacks(callbacks: list[Callback], ts: TrainerState) -> tuple[TrainerState, bool]:
-    """`on_step` on all (any may ask to stop), collect their states, then `on_step_end` on all."""
+    """Extra metrics from all, `on_step` on all (any may ask to stop), states collected, `on_step_end` on all."""
+    extra: dict[str, Any] = {}
+    for cb in callbacks:
+        extra.update(cb.extra_metrics(ts) or {})
+    if extra:
+        ts = ts.replace(metrics={**ts.metrics, **extra})
     stop = False
     for cb in callbacks:
         stop = bool(cb.on_step(ts)) or stop

@@ -251,3 +251,43 @@ def test_model_checkpoint_keeps_the_top_k_with_templated_names(tmp_path):
         "01-0.500.safetensors", "03-0.200.safetensors", "last.safetensors",
     ]  # fmt: skip
     assert ckpt.best_model_path == tmp_path / "03-0.200.safetensors"
+
+
+def test_learning_rate_monitor_reports_the_rate_each_update_used(tmp_path):
+    model = make_model()
+    train_step, _ = make_steps(model)
+    schedule = lf.optim.linear_schedule(1.0, 0.0, transition_steps=4)
+    state = lf.TrainState.create(model, lf.optim.sgd(schedule))
+    logger = lf.loggers.CSVLogger(tmp_path, log_every_n_steps=1)
+    monitor = lf.callbacks.LearningRateMonitor(schedule)
+    states = list(
+        lf.loop(
+            lf.build(train_step, compile=False),
+            state,
+            make_data(n=128),
+            callbacks=[monitor, logger],
+        )
+    )
+    assert [float(ts.metrics["lr"]) for ts in states] == [1.0, 0.75, 0.5, 0.25]
+    rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    assert (
+        rows[0].split(",")[:4] == ["step", "epoch", "loss", "lr"]
+        and rows[2].split(",")[3] == "0.75"
+    )
+
+
+def test_learning_rate_monitor_checks_its_arguments():
+    with pytest.raises(
+        TypeError, match=r"`schedule` must be a lightfunc.optim schedule .* got str"
+    ):
+        lf.callbacks.LearningRateMonitor("cosine")
+    monitor = lf.callbacks.LearningRateMonitor(0.1)
+    with pytest.raises(
+        TypeError, match=r"needs a state with a `step` tensor \(a TrainState\), got dict"
+    ):
+        monitor.extra_metrics(lf.TrainerState(state={"w": torch.zeros(1)}))
+    assert float(
+        monitor.extra_metrics(
+            lf.TrainerState(state=lf.TrainState.create({"w": torch.zeros(1)}, lf.optim.sgd(0.1)))
+        )["lr"]
+    ) == pytest.approx(0.1)

@@ -7,6 +7,7 @@ Pass them to `lightfunc.loop(..., callbacks=[...])` or `lightfunc.fit`. See
 from ._base import Callback as Callback
 from ._checkpoint import ModelCheckpoint as ModelCheckpoint
 from ._early_stopping import EarlyStopping as EarlyStopping
+from ._lr_monitor import LearningRateMonitor as LearningRateMonitor
 from ._profiler import ProfilerCallback as ProfilerCallback
 from ._progress import ProgressBar as ProgressBar
 from ._summary import ModelSummary as ModelSummary

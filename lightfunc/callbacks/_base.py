@@ -4,6 +4,8 @@
         ...
 
 For every train step the loop calls, in order:
+0. `extra_metrics(ts)` on every callback: device tensors it adds to
+   `ts.metrics` (a learning rate, ...), seen by everything after it;
 1. `on_step(ts)` on every callback: observe, update your own state, and
    return True to ask the loop to stop after this step;
 2. collects every stateful callback's `state_dict()` into `ts.callbacks`
@@ -47,6 +49,10 @@ class Callback:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what `state_dict` returned (called before `on_start` when resuming)."""
+
+    def extra_metrics(self, ts: TrainerState) -> dict[str, Any] | None:
+        """Metrics (0-d device tensors, not synced) to add to this step's `ts.metrics`, or None."""
+        return None
 
     def on_start(self, ts: TrainerState) -> None:
         """Once, before the first step of this `loop` call."""
