@@ -38,6 +38,11 @@ from ._loop import predict as predict
 from ._manager import CheckpointManager as CheckpointManager
 from ._params_file import export_params as export_params
 from ._params_file import load_params as load_params
+from ._precision import LossScale as LossScale
+from ._precision import Policy as Policy
+from ._precision import apply_if_finite as apply_if_finite
+from ._precision import cast_tree as cast_tree
+from ._precision import policy as policy
 from ._rng import RngKey as RngKey
 from ._seed import seed_everything as seed_everything
 from ._seed import seed_worker as seed_worker
