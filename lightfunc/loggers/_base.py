@@ -96,6 +96,10 @@ class Logger(Callback):
         # Validated now, written at the first on_start (never twice).
         self._init_hparams = None if hparams is None else check_hparams(hparams, "hparams")
         self._hparams: dict[str, Any] = {}  # everything logged so far, merged
+        self._init_backend()
+
+    def _init_backend(self) -> None:
+        """Set up a subclass's own fields (called at the end of `__init__`)."""
 
     @property
     def log_dir(self) -> Path:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import csv
-import os
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,18 +35,7 @@ class CSVLogger(Logger):
         ['step,epoch,loss', '10,0,0.5']
     """
 
-    def __init__(
-        self,
-        save_dir: str | os.PathLike[str],
-        *,
-        name: str = "run",
-        log_every_n_steps: int = 50,
-        rank: int | None = None,
-        hparams: Mapping[str, Any] | None = None,
-    ) -> None:
-        super().__init__(
-            save_dir, name=name, log_every_n_steps=log_every_n_steps, rank=rank, hparams=hparams
-        )
+    def _init_backend(self) -> None:
         self._columns: list[str] = []  # metric names, in order of first appearance
         self._rows: list[dict[str, Any]] = []  # every record written, oldest first
         self._loaded = False  # whether an existing metrics.csv was read in

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -31,18 +29,7 @@ class JSONLLogger(Logger):
         {'step': 10, 'epoch': 0, 'metrics': {'loss': 0.5}}
     """
 
-    def __init__(
-        self,
-        save_dir: str | os.PathLike[str],
-        *,
-        name: str = "run",
-        log_every_n_steps: int = 50,
-        rank: int | None = None,
-        hparams: Mapping[str, Any] | None = None,
-    ) -> None:
-        super().__init__(
-            save_dir, name=name, log_every_n_steps=log_every_n_steps, rank=rank, hparams=hparams
-        )
+    def _init_backend(self) -> None:
         self._file: IO[str] | None = None  # metrics.jsonl, opened for appending at the first write
 
     @property

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-from collections.abc import Mapping
 from typing import Any
 
 from ._base import Logger
@@ -48,23 +46,12 @@ class TensorBoardLogger(Logger):
         >>> # for ts in lf.loop(step, state, data, callbacks=[logger]): ...
     """
 
-    def __init__(
-        self,
-        save_dir: str | os.PathLike[str],
-        *,
-        name: str = "run",
-        log_every_n_steps: int = 50,
-        rank: int | None = None,
-        hparams: Mapping[str, Any] | None = None,
-    ) -> None:
+    def _init_backend(self) -> None:
         if not tensorboard_available():
             raise ModuleNotFoundError(
                 "TensorBoardLogger needs the `tensorboard` package: `pip install tensorboard` "
                 "(or `lightfunc[logging]`), or use lightfunc.loggers.CSVLogger / JSONLLogger."
             )
-        super().__init__(
-            save_dir, name=name, log_every_n_steps=log_every_n_steps, rank=rank, hparams=hparams
-        )
         self._writer: Any = None  # a SummaryWriter, opened at the first write
 
     def _open(self) -> Any:
