@@ -9,6 +9,19 @@ import torch.nn.functional as F
 
 import lightfunc as lf
 
+# The Tensor methods that read a value back from the device: tests patch them to catch syncs.
+DEVICE_READS = (
+    "item",
+    "tolist",
+    "cpu",
+    "numpy",
+    "__bool__",
+    "__float__",
+    "__int__",
+    "__repr__",
+    "__format__",
+)
+
 
 def make_model(seed: int = 0, *, dropout: float = 0.0, batchnorm: bool = True) -> torch.nn.Module:
     torch.manual_seed(seed)

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from helpers import make_data, make_model, make_steps
+from helpers import DEVICE_READS, make_data, make_model, make_steps
 
 import lightfunc as lf
 from lightfunc.loggers import (
@@ -22,18 +22,7 @@ from lightfunc.loggers import (
 
 DATA = make_data(n=100, batch_size=32)  # 4 batches per epoch
 LOGGERS = (TensorBoardLogger, CSVLogger, JSONLLogger)
-# The Tensor methods that read a value back from the device (patched to catch syncs).
-READS = (
-    "item",
-    "tolist",
-    "cpu",
-    "numpy",
-    "__bool__",
-    "__float__",
-    "__int__",
-    "__repr__",
-    "__format__",
-)
+READS = DEVICE_READS
 HPARAMS = {"lr": 0.1, "layers": [16, 3], "optim": {"name": "sgd", "nesterov": False}, "tag": None}
 
 

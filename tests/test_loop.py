@@ -2,7 +2,7 @@ import io
 
 import pytest
 import torch
-from helpers import make_data, make_model, make_steps
+from helpers import DEVICE_READS, make_data, make_model, make_steps
 
 import lightfunc as lf
 from lightfunc.testing import assert_trees_close
@@ -151,17 +151,7 @@ def test_the_loop_never_reads_tensors_back_per_step(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("the loop synchronised with the device")
 
-    for name in (
-        "item",
-        "tolist",
-        "cpu",
-        "numpy",
-        "__bool__",
-        "__float__",
-        "__int__",
-        "__repr__",
-        "__format__",
-    ):
+    for name in DEVICE_READS:
         monkeypatch.setattr(torch.Tensor, name, forbidden)
     states = list(lf.loop(step, state, data, max_epochs=3, eval_step=evaluate, eval_data=data))
     monkeypatch.undo()
