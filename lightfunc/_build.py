@@ -14,9 +14,9 @@ of 0-d tensors, and no input tensor was written in place. Later calls do no
 checking, so they cost one dict lookup and a function call over the compiled
 graph.
 
-Transforms of a step (precision, sharding, accumulation) will wrap the user
-function *before* it reaches `compile_fn`, so that all of them land in one
-graph; `build` applies them in one fixed order.
+Transforms of a step (precision; sharding and accumulation to come) wrap
+the user function *before* it reaches `compile_fn`, so that all of them land
+in one graph; `build` applies them in one fixed order.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from typing import Any, Generic, Literal, TypeVar
 import torch
 
 from ._compile import CompileOptions, as_compile_options, compile_fn
+from ._precision import Policy, apply_policy, check_state, describe, policy
 from ._rng import RngKey, seeded
 from ._tree import PyTree, describe_leaf, tree_flatten_with_paths, tree_structure
 
@@ -45,6 +46,8 @@ class Step(Generic[S]):
         kind: "train" (returns `(state, metrics)`, advances the RNG key) or
             "eval" (returns anything; no RNG advance).
         compile_options: how `fn` is compiled, or None for eager.
+        precision: the `Policy` the step runs under, or None (as written).
+        skip_nonfinite: whether updates with non-finite gradients are skipped.
     """
 
     def __init__(
@@ -54,11 +57,22 @@ class Step(Generic[S]):
         kind: Literal["train", "eval"],
         compile_options: CompileOptions | None,
         validate: bool,
+        precision: Policy | None = None,
+        skip_nonfinite: bool = False,
     ) -> None:
         self.fn = fn
         self.kind = kind
         self.compile_options = compile_options
-        self._run = fn if compile_options is None else compile_fn(fn, compile_options)
+        self.precision = precision
+        self.skip_nonfinite = skip_nonfinite
+        # Transforms wrap the user's function before compilation, so that
+        # they land in the same graph.
+        self._fn = (
+            fn
+            if precision is None
+            else apply_policy(fn, precision, skip_nonfinite=skip_nonfinite, kind=kind)
+        )
+        self._run = self._fn if compile_options is None else compile_fn(self._fn, compile_options)
         self._pending_validation = validate
         self.__name__ = getattr(fn, "__name__", "step")
         self.__doc__ = getattr(fn, "__doc__", None)
@@ -86,16 +100,20 @@ class Step(Generic[S]):
         return self._run(state, batch)
 
     def _first_call(self, state: Any, batch: Any) -> Any:
+        if self.precision is not None:
+            check_state(
+                state, self.precision, self.kind == "train" and self.skip_nonfinite, self.__name__
+            )
         versions = _versions({"state": state, "batch": batch})
         try:
             out = self._run(state, batch)
         except Exception as compile_error:
-            if self._run is self.fn:
+            if self._run is self._fn:
                 raise
             # A user bug raised inside a compiled region comes back wrapped in
             # dynamo's exception types; rerun eagerly so the user sees the
             # original, readable error. If eager succeeds, the failure is torch.compile's.
-            self.fn(state, batch)
+            self._fn(state, batch)
             raise RuntimeError(
                 f"torch.compile failed on `{self.__name__}`, which runs fine eagerly: "
                 f"{type(compile_error).__name__}: {compile_error}\n"
@@ -110,6 +128,8 @@ class Step(Generic[S]):
 
     def __repr__(self) -> str:
         how = "eager" if self.compile_options is None else f"compiled({self.compile_options.mode})"
+        if self.precision is not None:
+            how += f", precision={describe(self.precision)}"
         return f"Step({self.__name__}, kind={self.kind}, {how})"
 
 
@@ -118,6 +138,8 @@ def build(
     *,
     compile: bool | str | CompileOptions = True,
     validate: bool = True,
+    precision: str | int | Policy | None = None,
+    skip_nonfinite: bool | None = None,
 ) -> Step[Any]:
     """Build a train step: `train_step(state, batch) -> (new_state, metrics)`.
 
@@ -129,6 +151,14 @@ def build(
             dynamic=False)`; False runs eagerly; a mode string
             ("max-autotune", ...) or a `CompileOptions` selects options.
         validate: check the first call's output and inputs (see module doc).
+        precision: run the step under a precision policy: a Lightning string
+            ("bf16-mixed", "16-mixed", "bf16-true", "16-true", "32-true",
+            "64-true") or a `Policy`. The state must be stored for it:
+            `TrainState.create(..., precision=...)`. See "Precision" in the README.
+        skip_nonfinite: skip (and count in the `skipped_steps` metric) updates
+            whose gradients are not finite. Always on for float16 policies,
+            which need it for loss scaling; optional for the others, whose
+            state then needs `TrainState.create(..., skip_nonfinite=True)`.
 
     Returns:
         A `Step`, called as `new_state, metrics = step(state, batch)`.
@@ -155,8 +185,22 @@ def build(
         1
     """
     _check_callable(train_step, "train_step")
+    pol = None if precision is None else policy(precision)
+    if skip_nonfinite is False and pol is not None and pol.needs_loss_scaling:
+        raise ValueError(
+            f"precision={describe(pol)} trains through float16, whose loss scaling skips the "
+            f"steps that overflow; skip_nonfinite=False cannot be honoured. Leave it unset."
+        )
+    skip = bool(skip_nonfinite) or (pol is not None and pol.needs_loss_scaling)
+    if skip and pol is None:
+        pol = policy("32-true")
     return Step(
-        train_step, kind="train", compile_options=as_compile_options(compile), validate=validate
+        train_step,
+        kind="train",
+        compile_options=as_compile_options(compile),
+        validate=validate,
+        precision=pol,
+        skip_nonfinite=skip,
     )
 
 
@@ -165,15 +209,21 @@ def build_eval(
     *,
     compile: bool | str | CompileOptions = True,
     validate: bool = True,
+    precision: str | int | Policy | None = None,
 ) -> Step[Any]:
     """Build an eval or predict step: `eval_step(state, batch) -> metrics or outputs`.
 
-    Same compile options as `build`. The RNG key is neither used nor advanced:
-    eval steps should run the model with `train=False`.
+    Same compile and precision options as `build`; the returned floating
+    tensors are cast to the policy's output dtype. The RNG key is neither
+    used nor advanced: eval steps should run the model with `train=False`.
     """
     _check_callable(eval_step, "eval_step")
     return Step(
-        eval_step, kind="eval", compile_options=as_compile_options(compile), validate=validate
+        eval_step,
+        kind="eval",
+        compile_options=as_compile_options(compile),
+        validate=validate,
+        precision=None if precision is None else policy(precision),
     )
 
 

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 
 from ._build import Step
-from ._loop import TrainerState, loop
+from ._loop import TrainerState, as_train_step, loop, state_for
 from .callbacks import Callback, ModelCheckpoint, ModelSummary, ProgressBar
 
 
@@ -42,7 +42,7 @@ def fit(
     """Train to the end and return the final `TrainerState`.
 
     Takes `lightfunc.loop`'s arguments (`max_epochs`, `max_steps`,
-    `eval_step`, `eval_data`, `fast_dev_run`, `accelerator`, ...), plus
+    `eval_step`, `eval_data`, `fast_dev_run`, `accelerator`, `precision`, ...), plus
     `Trainer`'s switches, by the same names:
 
     Args:
@@ -89,9 +89,11 @@ def fit(
         if not fast_dev_run:  # fast_dev_run writes no files
             active += _writers(root, logger, enable_checkpointing, log_every_n_steps)
     active += callbacks
-    start = _resume(state, root, ckpt_path, active)
+    # Precision converts the state before a checkpoint is restored into it.
+    train = as_train_step(step, loop_kwargs.pop("precision", None))
+    start = _resume(state_for(train, state), root, ckpt_path, active)
     last: TrainerState | None = None
-    for ts in loop(step, start, train_data, callbacks=active, **loop_kwargs):
+    for ts in loop(train, start, train_data, callbacks=active, **loop_kwargs):
         last = ts
     if last is None:
         raise ValueError(

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch.func import functional_call
 
+from ._precision import active_scaling
 from ._tree import PyTree
 
 Params = dict[str, torch.Tensor]
@@ -94,6 +95,12 @@ def value_and_grad(
     `torch.func.grad_and_value`, so it composes with `vmap` and
     `torch.compile(fullgraph=True)`.
 
+    Inside a step built with `lightfunc.build(..., precision="16-mixed")`
+    (or `skip_nonfinite=True`), it also applies the loss scale: the loss is
+    multiplied by the state's scale before differentiating, the gradients
+    are divided by it, and their finiteness is recorded for the step to be
+    skipped when they overflow. The value returned is the unscaled loss.
+
     Raises:
         TypeError / ValueError: on the first call, if `fn` returns something
             other than a 0-d floating tensor (or a pair, with `has_aux`).
@@ -122,6 +129,10 @@ def value_and_grad(
     grad_fn = torch.func.grad_and_value(checked, argnums=argnums, has_aux=has_aux)
 
     def wrapped(*args: Any, **kwargs: Any) -> tuple[Any, PyTree]:
+        scaling = active_scaling()
+        if scaling is not None:
+            # Inside a step built with `precision=`: scale the loss, check the gradients.
+            return scaling.value_and_grad(checked, argnums, has_aux, args, kwargs)
         grads, value = grad_fn(*args, **kwargs)
         return value, grads
 

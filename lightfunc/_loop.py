@@ -26,6 +26,8 @@ import torch
 from ._build import Step, build, build_eval
 from ._compile import CompileOptions
 from ._device import resolve_device, to_device
+from ._precision import Policy, describe, policy
+from ._state import TrainState
 from ._tree import register_dataclass, replace_fields, tree_leaves
 
 if TYPE_CHECKING:
@@ -109,6 +111,7 @@ def loop(
     devices: int | str | list[int] = "auto",
     checkpoint: CheckpointManager | None = None,
     callbacks: Sequence[Callback] = (),
+    precision: str | int | Policy | None = None,
 ) -> Iterator[TrainerState]:
     """Run `step` over `train_data`, yielding a `TrainerState` after every step.
 
@@ -131,6 +134,10 @@ def loop(
             batches, once, to check the code end to end.
         accelerator: "auto", "cpu", "gpu"/"cuda" or "mps".
         devices: "auto", 1 or [index].
+        precision: run under a precision policy (Lightning's strings:
+            "bf16-mixed", "16-mixed", "bf16-true", ...): a plain `step` (and
+            `eval_step`) is built with it, and a `TrainState` is converted
+            with `state.with_precision(...)`. A built step carries its own.
         checkpoint: a `CheckpointManager` that sees every state (and saves on
             its schedule). With one, SIGTERM (preemption) makes the loop save
             the last completed step and stop cleanly; with
@@ -162,14 +169,12 @@ def loop(
     )
     if (eval_step is None) != (eval_data is None):
         raise ValueError("`eval_step` and `eval_data` go together: give both or neither.")
-    train = step if isinstance(step, Step) else build(step)
-    if train.kind != "train":
-        raise TypeError(f"`step` must be a train step (built with lightfunc.build), got {train!r}.")
+    train = as_train_step(step, precision)
     evaluate_ = None if eval_step is None else _as_eval_step(eval_step, like=train)
     device = resolve_device(accelerator, devices)
 
     ts = state if isinstance(state, TrainerState) else TrainerState(state=state)
-    ts = ts.replace(state=to_device(ts.state, device))
+    ts = ts.replace(state=to_device(state_for(train, ts.state), device))
     if checkpoint is not None and not hasattr(checkpoint, "update"):
         raise TypeError(
             f"`checkpoint` must be a lightfunc.CheckpointManager, got {type(checkpoint).__name__}."
@@ -406,8 +411,34 @@ def predict(
     return [step(state, to_device(batch, device, non_blocking=True)) for batch in data]
 
 
+def as_train_step(
+    step: Step[Any] | Callable[..., Any], precision: str | int | Policy | None = None
+) -> Step[Any]:
+    """`step` as a built train step under `precision` (built here if it is a plain function)."""
+    if not isinstance(step, Step):
+        return build(step, precision=precision)
+    if step.kind != "train":
+        raise TypeError(f"`step` must be a train step (built with lightfunc.build), got {step!r}.")
+    if precision is not None and policy(precision) != (step.precision or policy("32-true")):
+        raise ValueError(
+            f"`step` was built with precision={describe(step.precision or policy('32-true'))}, "
+            f"but `precision={precision!r}` was given. Pass the plain function to have it built "
+            f"with `precision`, or build it with lightfunc.build(fn, precision={precision!r})."
+        )
+    return step
+
+
+def state_for(train: Step[Any], state: Any) -> Any:
+    """`state` converted for `train`'s precision, when it is a `TrainState` (others as they are)."""
+    if isinstance(state, TrainerState):
+        return state.replace(state=state_for(train, state.state))
+    if train.precision is None or not isinstance(state, TrainState):
+        return state
+    return state.with_precision(train.precision, skip_nonfinite=train.skip_nonfinite)
+
+
 def _as_eval_step(fn: Step[Any] | Callable[..., Any], like: Step[Any] | None = None) -> Step[Any]:
-    """`fn` as a built eval step; a plain function is compiled like the train step `like`."""
+    """`fn` as a built eval step; a plain function is built like the train step `like`."""
     if isinstance(fn, Step):
         if fn.kind != "eval":
             raise TypeError(f"`eval_step` must be built with lightfunc.build_eval, got {fn!r}.")
@@ -415,7 +446,7 @@ def _as_eval_step(fn: Step[Any] | Callable[..., Any], like: Step[Any] | None = N
     compile_: bool | CompileOptions = True
     if like is not None:
         compile_ = like.compile_options if like.compile_options is not None else False
-    return build_eval(fn, compile=compile_)
+    return build_eval(fn, compile=compile_, precision=None if like is None else like.precision)
 
 
 def _limits(

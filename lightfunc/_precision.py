@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -168,16 +169,23 @@ class LossScale:
     Attributes:
         scale: the factor the loss is multiplied by; 0-d float32 tensor.
         good_steps: finite steps since the scale last changed; 0-d int64 tensor.
+        skipped: steps skipped so far because their gradients were not finite;
+            0-d int64 tensor.
         growth_interval: after this many finite steps in a row the scale grows (static).
         growth_factor: the scale is multiplied by this when it grows (static).
         backoff_factor: the scale is multiplied by this after a non-finite step (static).
+        dynamic: False keeps the scale fixed (static); such a scale of 1.0 only
+            counts and skips non-finite steps (`build(..., skip_nonfinite=True)`
+            under bf16 or fp32).
     """
 
     scale: torch.Tensor
     good_steps: torch.Tensor
+    skipped: torch.Tensor
     growth_interval: int = 2000
     growth_factor: float = 2.0
     backoff_factor: float = 0.5
+    dynamic: bool = True
 
     @classmethod
     def create(
@@ -187,6 +195,7 @@ class LossScale:
         growth_interval: int = 2000,
         growth_factor: float = 2.0,
         backoff_factor: float = 0.5,
+        dynamic: bool = True,
         device: torch.device | str | None = None,
     ) -> LossScale:
         """A fresh scale (defaults as `torch.amp.GradScaler`'s).
@@ -214,10 +223,17 @@ class LossScale:
         return cls(
             scale=torch.tensor(float(init), dtype=torch.float32, device=device),
             good_steps=torch.zeros((), dtype=torch.int64, device=device),
+            skipped=torch.zeros((), dtype=torch.int64, device=device),
             growth_interval=growth_interval,
             growth_factor=float(growth_factor),
             backoff_factor=float(backoff_factor),
+            dynamic=bool(dynamic),
         )
+
+    @classmethod
+    def fixed(cls, value: float = 1.0, *, device: torch.device | str | None = None) -> LossScale:
+        """A scale that never changes; with 1.0 it only skips and counts non-finite steps."""
+        return cls.create(value, dynamic=False, device=device)
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """`loss * scale`, in at least float32 (a float16 loss would overflow at 2**16)."""
@@ -236,31 +252,36 @@ class LossScale:
 
     def all_finite(self, grads: PyTree) -> torch.Tensor:
         """Whether every element of every gradient is finite; a 0-d bool tensor."""
-        leaves = [g for g in tree_leaves(grads) if isinstance(g, torch.Tensor)]
-        if not leaves:
-            return torch.ones((), dtype=torch.bool, device=self.scale.device)
-        return torch.stack([torch.isfinite(g).all() for g in leaves]).all()
+        return all_finite(grads, device=self.scale.device)
 
     def update(self, finite: torch.Tensor) -> LossScale:
         """The scale after a step whose gradients were `finite` (0-d bool tensor).
 
-        Non-finite: the scale is multiplied by `backoff_factor`, `good_steps` reset.
-        Finite: `good_steps` counts up; on reaching `growth_interval` the scale
-        is multiplied by `growth_factor` (unless that would overflow float32)
-        and `good_steps` restarts from 0.
+        Non-finite: `skipped` counts up; a dynamic scale is multiplied by
+        `backoff_factor` and `good_steps` reset. Finite: `good_steps` counts
+        up; on reaching `growth_interval` a dynamic scale is multiplied by
+        `growth_factor` (unless that would overflow float32) and `good_steps`
+        restarts from 0.
         """
         zero = torch.zeros_like(self.good_steps)
+        skipped = self.skipped + (~finite).to(self.skipped.dtype)
         good = torch.where(finite, self.good_steps + 1, zero)
+        if not self.dynamic:
+            return dataclasses.replace(self, good_steps=good, skipped=skipped)
         grow = good >= self.growth_interval
         grown = self.scale * self.growth_factor
         grown = torch.where(torch.isfinite(grown), grown, self.scale)
         scale = torch.where(
             finite, torch.where(grow, grown, self.scale), self.scale * self.backoff_factor
         )
-        return dataclasses.replace(self, scale=scale, good_steps=torch.where(grow, zero, good))
+        return dataclasses.replace(
+            self, scale=scale, good_steps=torch.where(grow, zero, good), skipped=skipped
+        )
 
 
-register_dataclass(LossScale, static=("growth_interval", "growth_factor", "backoff_factor"))
+register_dataclass(
+    LossScale, static=("growth_interval", "growth_factor", "backoff_factor", "dynamic")
+)
 
 
 def apply_if_finite(finite: torch.Tensor, new_tree: PyTree, old_tree: PyTree) -> PyTree:
@@ -286,3 +307,233 @@ def apply_if_finite(finite: torch.Tensor, new_tree: PyTree, old_tree: PyTree) ->
         return new
 
     return tree_map(pick, new_tree, old_tree)
+
+
+def all_finite(tree: PyTree, *, device: torch.device | None = None) -> torch.Tensor:
+    """Whether every element of every tensor in `tree` is finite; a 0-d bool tensor, no sync."""
+    leaves = [g for g in tree_leaves(tree) if isinstance(g, torch.Tensor)]
+    if not leaves:
+        return torch.ones((), dtype=torch.bool, device=device)
+    return torch.stack([torch.isfinite(g).all() for g in leaves]).all()
+
+
+# ---------------------------------------------------------------- the step transform
+
+
+class _Scaling:
+    """What `lightfunc.value_and_grad` does inside a precision-transformed step.
+
+    With a `scale`, the loss is multiplied by it before differentiating and
+    the gradients divided by it after; with or without, the finiteness of
+    every gradient computed is recorded, for the transform to skip the update.
+    """
+
+    def __init__(self, scale: LossScale | None) -> None:
+        self.scale = scale
+        self.finite: list[torch.Tensor] = []
+
+    def value_and_grad(
+        self,
+        fn: Callable[..., Any],
+        argnums: int | tuple[int, ...],
+        has_aux: bool,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> tuple[Any, PyTree]:
+        scale = self.scale
+        if scale is None:
+            grads, value = torch.func.grad_and_value(fn, argnums=argnums, has_aux=has_aux)(
+                *args, **kwargs
+            )
+        else:
+
+            def scaled(*a: Any, **k: Any) -> tuple[torch.Tensor, Any]:
+                out = fn(*a, **k)
+                loss = out[0] if has_aux else out
+                return scale.scale_loss(loss), out
+
+            grads, (_, value) = torch.func.grad_and_value(scaled, argnums=argnums, has_aux=True)(
+                *args, **kwargs
+            )
+            grads = scale.unscale(grads)
+        self.finite.append(all_finite(grads))
+        return value, grads
+
+
+_ACTIVE: list[_Scaling] = []
+
+
+def active_scaling() -> _Scaling | None:
+    """The innermost precision transform's scaling, if a step is running under one."""
+    return _ACTIVE[-1] if _ACTIVE else None
+
+
+def get_loss_scale(state: Any) -> LossScale | None:
+    """`state.loss_scale` (or `state["loss_scale"]` for a dict state), if present."""
+    found = (
+        state.get("loss_scale")
+        if isinstance(state, Mapping)
+        else getattr(state, "loss_scale", None)
+    )
+    return found if isinstance(found, LossScale) else None
+
+
+def _set_loss_scale(state: Any, scale: LossScale) -> Any:
+    if isinstance(state, Mapping):
+        return {**state, "loss_scale": scale}
+    return dataclasses.replace(state, loss_scale=scale)
+
+
+def check_state(state: Any, pol: Policy, skip_nonfinite: bool, name: str) -> None:
+    """Raise a readable error when `state` was not created for `pol` (first call only)."""
+    spec = describe(pol)
+    params = state.get("params") if isinstance(state, Mapping) else getattr(state, "params", None)
+    if params is not None:
+        from ._tree import tree_flatten_with_paths
+
+        paths, leaves, _ = tree_flatten_with_paths(params)
+        for path, leaf in zip(paths, leaves, strict=True):
+            floating = isinstance(leaf, torch.Tensor) and leaf.is_floating_point()
+            if floating and leaf.dtype != pol.param_dtype:
+                raise ValueError(
+                    f"`{name}` is built with precision {spec}, which stores parameters in "
+                    f"{pol.param_dtype}, but the state's parameter `params.{path}` is "
+                    f"{leaf.dtype}. Create the state with "
+                    f"lightfunc.TrainState.create(..., precision={spec}) or convert it with "
+                    f"state.with_precision({spec})."
+                )
+    if (pol.needs_loss_scaling or skip_nonfinite) and get_loss_scale(state) is None:
+        why = "float16 needs loss scaling" if pol.needs_loss_scaling else "skip_nonfinite=True"
+        fix = (
+            f"lightfunc.TrainState.create(..., precision={spec})"
+            if pol.needs_loss_scaling
+            else f"lightfunc.TrainState.create(..., precision={spec}, skip_nonfinite=True)"
+        )
+        raise ValueError(
+            f"`{name}` is built with precision {spec} ({why}), so its state must carry a "
+            f"lightfunc.LossScale as `loss_scale`, but {type(state).__name__} has none. "
+            f"Create the state with {fix}."
+        )
+
+
+def describe(pol: Policy) -> str:
+    """The precision string `pol` parses from, quoted, or the `Policy` itself."""
+    for spec, known in PRECISIONS.items():
+        if known == pol:
+            return repr(spec)
+    return repr(pol)
+
+
+def apply_policy(
+    fn: Callable[[Any, Any], Any], pol: Policy, *, skip_nonfinite: bool, kind: str
+) -> Callable[[Any, Any], Any]:
+    """`fn` run under `pol`: the transform behind `build(..., precision=...)`.
+
+    - "*-mixed": the call runs under `torch.autocast` in the compute dtype;
+      parameters stay in their (float32) storage dtype, so gradients and the
+      optimizer update are float32 as well.
+    - "*-true": floating inputs in the batch are cast to the compute dtype;
+      the state is already stored in it (`TrainState.create(..., precision=...)`).
+    - Floating metrics (or an eval step's outputs) come back in the output dtype.
+    - With loss scaling (float16) or `skip_nonfinite`, every
+      `lightfunc.value_and_grad` inside the step scales the loss, unscales the
+      gradients and records whether they are finite; a step with non-finite
+      gradients returns the old state (parameters, optimizer state, buffers
+      and step count unchanged) with the scale backed off. No host sync: the
+      choice is a `torch.where` per leaf.
+    """
+    mixed = pol.compute_dtype != pol.param_dtype
+    scaled = kind == "train" and (pol.needs_loss_scaling or skip_nonfinite)
+
+    def precise(state: Any, batch: Any) -> Any:
+        if not mixed:
+            batch = cast_tree(batch, pol.compute_dtype)
+        scale = get_loss_scale(state) if scaled else None
+        scaling = _Scaling(scale if pol.needs_loss_scaling else None)
+        _ACTIVE.append(scaling)
+        try:
+            with torch.autocast(_device_type(state, batch), dtype=pol.compute_dtype, enabled=mixed):
+                out = fn(state, batch)
+        finally:
+            _ACTIVE.pop()
+        if kind != "train":
+            return cast_tree(out, pol.output_dtype)
+        new_state, metrics = out
+        metrics = cast_tree(metrics, pol.output_dtype) if isinstance(metrics, dict) else metrics
+        if scale is None:
+            return new_state, metrics
+        if not scaling.finite:
+            raise TypeError(
+                f"precision={describe(pol)} with loss scaling or skip_nonfinite needs the step "
+                f"to compute its gradients with lightfunc.value_and_grad, which scales the "
+                f"loss and checks the gradients; `{getattr(fn, '__name__', 'step')}` never "
+                f"called it."
+            )
+        finite = torch.stack(scaling.finite).all()
+        new_scale = scale.update(finite)
+        new_state = _set_loss_scale(_select(finite, new_state, state), new_scale)
+        metrics = dict(metrics)
+        if scale.dynamic:
+            metrics["loss_scale"] = scale.scale
+        metrics["skipped_steps"] = new_scale.skipped
+        return new_state, metrics
+
+    precise.__name__ = getattr(fn, "__name__", "step")
+    precise.__doc__ = getattr(fn, "__doc__", None)
+    # torch.compile caches graphs per code object: a fresh copy per transformed
+    # step keeps two built steps (train and eval, say) from sharing one cache
+    # and recompiling each other out of it.
+    precise.__code__ = precise.__code__.replace()
+    return precise
+
+
+# The two helpers below walk states by hand rather than with `tree_map`: they
+# run inside compiled steps, and dynamo cannot flatten a registered dataclass
+# whose static fields hold objects such as the optimizer (torch 2.13).
+
+
+def _select(finite: torch.Tensor, new: Any, old: Any) -> Any:
+    """`apply_if_finite` for whole states: dataclasses, dicts, lists and tuples of tensors."""
+    if isinstance(new, torch.Tensor) and isinstance(old, torch.Tensor):
+        return torch.where(finite, new, old)
+    if dataclasses.is_dataclass(new) and not isinstance(new, type):
+        changes = {
+            f.name: _select(finite, getattr(new, f.name), getattr(old, f.name))
+            for f in dataclasses.fields(new)
+            if f.init
+        }
+        return dataclasses.replace(new, **changes)
+    if isinstance(new, Mapping):
+        return {k: _select(finite, v, old[k]) for k, v in new.items()}
+    if isinstance(new, (list, tuple)) and not hasattr(new, "_fields"):
+        return type(new)(_select(finite, a, b) for a, b in zip(new, old, strict=True))
+    if isinstance(new, tuple):  # a namedtuple
+        return type(new)(*(_select(finite, a, b) for a, b in zip(new, old, strict=True)))
+    return new
+
+
+def _device_type(*trees: Any) -> str:
+    """The device type of the first tensor found in `trees` ("cpu" if none)."""
+    for tree in trees:
+        found = _first_tensor(tree)
+        if found is not None:
+            return found.device.type
+    return "cpu"
+
+
+def _first_tensor(tree: Any) -> torch.Tensor | None:
+    if isinstance(tree, torch.Tensor):
+        return tree
+    if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
+        children = [getattr(tree, f.name) for f in dataclasses.fields(tree)]
+    elif isinstance(tree, Mapping):
+        children = list(tree.values())
+    elif isinstance(tree, (list, tuple)):
+        children = list(tree)
+    else:
+        return None
+    for child in children:
+        found = _first_tensor(child)
+        if found is not None:
+            return found
+    return None

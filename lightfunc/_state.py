@@ -8,8 +8,9 @@ from typing import Any
 import torch
 
 from ._func import buffers_of, params_of
+from ._precision import LossScale, Policy, policy
 from ._rng import RngKey
-from ._tree import PyTree, register_dataclass
+from ._tree import PyTree, register_dataclass, tree_leaves
 from .optim._base import GradientTransformation, OptState, apply_updates
 
 
@@ -29,6 +30,8 @@ class TrainState:
         step: number of optimizer updates applied; 0-d int64 tensor on the params' device.
         rng: the run's random stream position (see `RngKey`); holds no tensors.
         tx: the optimizer (static: part of the tree structure, not a leaf).
+        loss_scale: the dynamic loss scale of a float16 run (or the skip counter
+            of `skip_nonfinite`), else None. See `lightfunc.LossScale`.
     """
 
     params: dict[str, torch.Tensor]
@@ -37,6 +40,7 @@ class TrainState:
     step: torch.Tensor
     rng: RngKey | None
     tx: GradientTransformation
+    loss_scale: LossScale | None = None
 
     @classmethod
     def create(
@@ -46,6 +50,8 @@ class TrainState:
         *,
         seed: int | None = 0,
         buffers: dict[str, torch.Tensor] | None = None,
+        precision: str | int | Policy | None = None,
+        skip_nonfinite: bool = False,
     ) -> TrainState:
         """A fresh state from a module (or a dict of parameters) and an optimizer.
 
@@ -56,6 +62,14 @@ class TrainState:
             seed: seed of the run's random stream (dropout and other draws
                 inside steps); `None` leaves torch's global generator alone.
             buffers: buffers to use when `model` is a dict.
+            precision: a precision string ("bf16-mixed", "16-true", ... see
+                `lightfunc.policy`): parameters, floating buffers and the
+                optimizer state are stored in its parameter dtype, and
+                float16 policies get a dynamic `LossScale`. Build the step
+                with the same `precision=`.
+            skip_nonfinite: also carry a fixed `LossScale` of 1.0 under a
+                policy without loss scaling, to skip and count steps whose
+                gradients are not finite (`build(..., skip_nonfinite=True)`).
 
         Returns:
             A `TrainState` at step 0.
@@ -81,7 +95,10 @@ class TrainState:
                 f"`model` must be an nn.Module or a dict of tensors, got {type(model).__name__}."
             )
         device = next(iter(params.values())).device if params else torch.device("cpu")
-        return cls(
+        if precision is not None:
+            pol = policy(precision)
+            params, bufs = pol.cast_to_param(params), pol.cast_to_param(bufs)
+        state = cls(
             params=params,
             buffers=bufs,
             opt_state=tx.init(params),
@@ -89,6 +106,44 @@ class TrainState:
             rng=None if seed is None else RngKey(int(seed)),
             tx=tx,
         )
+        if precision is None and not skip_nonfinite:
+            return state
+        return state.with_precision("32-true" if precision is None else precision, skip_nonfinite)
+
+    def with_precision(
+        self, precision: str | int | Policy, skip_nonfinite: bool = False
+    ) -> TrainState:
+        """This state stored for `precision`: what `create(..., precision=...)` gives.
+
+        Floating parameters, buffers and optimizer state are cast to the
+        policy's parameter dtype; a float16 policy (or `skip_nonfinite`) adds
+        a `LossScale` unless the state already has one. A state already in
+        that form is returned as it is.
+
+        Example:
+            >>> import torch, lightfunc as lf
+            >>> state = lf.TrainState.create(torch.nn.Linear(3, 2), lf.optim.adam(1e-3))
+            >>> half = state.with_precision("16-true")
+            >>> half.params["weight"].dtype, float(half.loss_scale.scale)
+            (torch.float16, 65536.0)
+        """
+        pol = policy(precision)
+        changes: dict[str, Any] = {}
+        for field in ("params", "buffers", "opt_state"):
+            tree = getattr(self, field)
+            if any(
+                isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != pol.param_dtype
+                for x in tree_leaves(tree)
+            ):
+                changes[field] = pol.cast_to_param(tree)
+        if self.loss_scale is None and (pol.needs_loss_scaling or skip_nonfinite):
+            device = self.step.device
+            changes["loss_scale"] = (
+                LossScale.create(device=device)
+                if pol.needs_loss_scaling
+                else LossScale.fixed(device=device)
+            )
+        return dataclasses.replace(self, **changes) if changes else self
 
     def apply_gradients(self, grads: PyTree, **changes: Any) -> TrainState:
         """One optimizer update: a new state with updated params, optimizer state and step.

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import lightfunc as lf
+import lightfunc.testing
 from lightfunc._precision import LossScale, Policy, apply_if_finite, cast_tree, policy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
@@ -207,12 +208,239 @@ def test_master_weights_keep_the_param_dtype(spec, dtype):
     assert {x.dtype for x in leaves if x.is_floating_point()} == {dtype}
 
 
+# ---------------------------------------------------------------- build(..., precision=)
+
+
+def plain_step(model: torch.nn.Module) -> Any:
+    """A train step that knows nothing of precision; the batch is `(x, y, factor)`."""
+
+    def train_step(state: lf.TrainState, batch: Any) -> tuple[lf.TrainState, Any]:
+        x, y, factor = batch
+
+        def loss_fn(params: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
+            logits, buffers = lf.apply(model, params, state.buffers, x, train=True)
+            return F.cross_entropy(logits, y) * factor, (logits, buffers)
+
+        (loss, (logits, buffers)), grads = lf.value_and_grad(loss_fn, has_aux=True)(state.params)
+        metrics = {"loss": loss, "logit_bytes": torch.tensor(logits.element_size())}
+        return state.apply_gradients(grads, buffers=buffers), metrics
+
+    return train_step
+
+
+def eval_step_for(model: torch.nn.Module) -> Any:
+    def eval_step(state: lf.TrainState, batch: Any) -> Any:
+        x, y = batch
+        logits, _ = lf.apply(model, state.params, state.buffers, x, train=False)
+        return {"acc": (logits.argmax(-1) == y).float().mean(), "logits": logits}
+
+    return eval_step
+
+
+def bn_mlp() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(), torch.nn.Linear(16, 3)
+    )
+
+
+def run_steps(
+    spec: str,
+    factors: list[float],
+    *,
+    compile: bool = False,
+    init_scale: float = 1024.0,
+    **kwargs: Any,
+) -> Any:
+    model = bn_mlp()
+    tx = lf.optim.adamw(1e-2, eps=1e-4)
+    state = lf.TrainState.create(model, tx, precision=spec, **kwargs)
+    if state.loss_scale is not None and state.loss_scale.dynamic:
+        # 2**16 (the default) overflows this model's float16 backward at first;
+        # start where the first step is finite.
+        state = state.replace(loss_scale=LossScale.create(init_scale))
+    step = lf.build(plain_step(model), precision=spec, compile=compile, **kwargs)
+    history = []
+    for f in factors:
+        state, m = step(state, tiny_batch(f))
+        history.append((state, m))
+    return history
+
+
+@pytest.mark.parametrize("spec", ["16-mixed", "16-true"])
+def test_transform_skips_an_overflowing_fp16_step_and_halves_the_scale(spec):
+    h = run_steps(spec, [1.0, 1e30, 1.0, 1.0])
+    (s1, m1), (s2, m2), (s3, m3), _ = h
+    assert int(m1["skipped_steps"]) == 0 and int(s1.step) == 1
+    assert float(m1["loss_scale"]) == 1024.0
+    # The overflowing step: nothing in the state moved but the scale.
+    assert int(m2["skipped_steps"]) == 1 and float(s2.loss_scale.scale) == 512.0
+    for old, new in zip(
+        lf.tree_leaves((s1.params, s1.opt_state, s1.buffers, s1.step)),
+        lf.tree_leaves((s2.params, s2.opt_state, s2.buffers, s2.step)),
+        strict=True,
+    ):
+        assert torch.equal(old, new)
+    # Training continues.
+    assert int(m3["skipped_steps"]) == 1 and int(s3.step) == 2
+    assert not torch.equal(s3.params["0.weight"], s2.params["0.weight"])
+
+
+def test_loss_scale_grows_back_after_the_growth_interval():
+    model = bn_mlp()
+    scale = LossScale.create(8.0, growth_interval=2)
+    state = lf.TrainState.create(model, lf.optim.sgd(0.1), precision="16-mixed")
+    state = state.replace(loss_scale=scale)
+    step = lf.build(plain_step(model), precision="16-mixed", compile=False)
+    scales = []
+    for f in [1e30, 1.0, 1.0, 1.0]:
+        state, _ = step(state, tiny_batch(f))
+        scales.append(float(state.loss_scale.scale))
+    assert scales == [4.0, 4.0, 8.0, 8.0]
+
+
+@pytest.mark.parametrize(
+    ("spec", "param", "compute", "output"),
+    [
+        ("bf16-mixed", F32, BF16, F32),
+        ("16-mixed", F32, F16, F32),
+        ("bf16-true", BF16, BF16, BF16),
+        ("16-true", F16, F16, F16),
+        ("64-true", F64, F64, F64),
+    ],
+)
+def test_transform_stores_computes_and_returns_in_the_policy_dtypes(spec, param, compute, output):
+    (state, m), *_ = run_steps(spec, [1.0, 1.0])
+    leaves = lf.tree_leaves((state.params, state.buffers, state.opt_state))
+    assert {x.dtype for x in leaves if x.is_floating_point()} == {param}
+    assert m["loss"].dtype == output
+    # The forward ran in the compute dtype: autocast for -mixed, a cast batch for -true.
+    assert int(m["logit_bytes"]) == compute.itemsize
+    model = bn_mlp()
+    x, y, _ = tiny_batch(1.0)
+    ev = lf.build_eval(eval_step_for(model), precision=spec, compile=False)
+    assert ev(state, (x, y))["logits"].dtype == output
+
+
+def test_skip_nonfinite_under_bf16_counts_and_skips():
+    h = run_steps("bf16-mixed", [1.0, float("nan"), 1.0], skip_nonfinite=True)
+    (s1, m1), (s2, m2), (s3, m3) = h
+    assert "loss_scale" not in m1 and float(s1.loss_scale.scale) == 1.0
+    assert [int(m["skipped_steps"]) for m in (m1, m2, m3)] == [0, 1, 1]
+    assert torch.equal(s1.params["0.weight"], s2.params["0.weight"]) and int(s2.step) == 1
+    assert float(s2.loss_scale.scale) == 1.0  # a fixed scale never backs off
+    assert int(s3.step) == 2
+
+
+def test_skip_nonfinite_without_a_policy_uses_fp32():
+    h = run_steps("32-true", [float("inf"), 1.0], skip_nonfinite=True)
+    assert [int(s.step) for s, _ in h] == [0, 1]
+
+
+def test_transform_errors_name_the_fix():
+    model = bn_mlp()
+    tx = lf.optim.sgd(0.1)
+    with pytest.raises(ValueError, match="skip_nonfinite=False cannot be honoured"):
+        lf.build(plain_step(model), precision="16-mixed", skip_nonfinite=False)
+    step = lf.build(plain_step(model), precision="bf16-true", compile=False)
+    with pytest.raises(
+        ValueError, match=r"stores parameters in torch.bfloat16.*`params.0.bias` is torch.float32"
+    ):
+        step(lf.TrainState.create(model, tx), tiny_batch(1.0))
+    step = lf.build(plain_step(model), precision="16-mixed", compile=False)
+    with pytest.raises(ValueError, match=r"must carry a lightfunc.LossScale.*precision='16-mixed'"):
+        step(lf.TrainState.create(model, tx), tiny_batch(1.0))
+    step = lf.build(plain_step(model), precision="bf16-mixed", skip_nonfinite=True, compile=False)
+    with pytest.raises(ValueError, match="skip_nonfinite=True"):
+        step(lf.TrainState.create(model, tx, precision="bf16-mixed"), tiny_batch(1.0))
+
+    def no_value_and_grad(state: lf.TrainState, batch: Any) -> Any:
+        return state, {}
+
+    step = lf.build(no_value_and_grad, precision="16-mixed", compile=False)
+    with pytest.raises(TypeError, match="never called it"):
+        step(lf.TrainState.create(model, tx, precision="16-mixed"), tiny_batch(1.0))
+
+
+def test_with_precision_is_idempotent_and_keeps_an_existing_scale():
+    state = lf.TrainState.create(bn_mlp(), lf.optim.adam(1e-3))
+    half = state.with_precision("16-mixed")
+    assert half.params["0.weight"].dtype == F32 and half.loss_scale is not None
+    assert half.with_precision("16-mixed") is half
+    true = half.with_precision("bf16-true")
+    assert true.loss_scale is half.loss_scale
+    assert {x.dtype for x in lf.tree_leaves(true.opt_state) if x.is_floating_point()} == {BF16}
+    assert state.with_precision("32-true") is state
+
+
+def test_loop_converts_the_state_and_refuses_a_conflicting_step():
+    model = bn_mlp()
+    state = lf.TrainState.create(model, lf.optim.adamw(1e-2, eps=1e-4))
+    data = [tiny_batch(1.0)] * 3
+    step = lf.build(plain_step(model), compile=False, precision="bf16-true")
+    last = list(lf.loop(step, state, data, accelerator="cpu"))[-1]
+    assert last.state.params["0.weight"].dtype == BF16 and int(last.state.step) == 3
+    with pytest.raises(ValueError, match=r"built with precision='bf16-true'.*precision='16-mixed'"):
+        next(lf.loop(step, state, data, precision="16-mixed"))
+
+
+def test_fit_with_precision_checkpoints_and_resumes_the_loss_scale(tmp_path):
+    model = bn_mlp()
+    data = [tiny_batch(1.0), tiny_batch(1e30), tiny_batch(1.0)]
+    state = lf.TrainState.create(model, lf.optim.adamw(1e-2))
+    kwargs: dict[str, Any] = dict(
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        precision="16-mixed",
+    )
+    first = lf.fit(
+        lf.build(plain_step(model), compile=False, precision="16-mixed"),
+        state,
+        data,
+        max_epochs=1,
+        **kwargs,
+    )
+    assert float(first.state.loss_scale.scale) == 2.0**15
+    assert int(first.state.loss_scale.skipped) == 1
+    again = lf.fit(plain_step(model), state, data, max_epochs=2, ckpt_path="last", **kwargs)
+    # Resumed after epoch 1 (2 updates, 1 skip): epoch 2 adds the same again.
+    assert int(first.state.step) == 2 and int(again.state.step) == 4
+    assert int(again.state.loss_scale.skipped) == 2
+    assert float(again.state.loss_scale.scale) == 2.0**14
+
+
+@pytest.mark.compiled
+@pytest.mark.parametrize(
+    ("spec", "tol"), [("bf16-mixed", 1e-2), ("16-mixed", 2e-3), ("bf16-true", 2e-2)]
+)
+def test_compiled_precision_step_matches_eager_and_compiles_once(spec, tol):
+    """Compiled and eager agree within the compute dtype's tolerance (bf16 keeps
+    8 bits of mantissa: ~4e-3 relative per rounding; fp16 11 bits); an
+    overflow in the middle changes the scale tensor, which never recompiles."""
+    factors = [1.0, 1.0, 1e30, 1.0, 1.0, 1.0]
+    before = lf.compile_counts()["graphs"]
+    compiled = run_steps(spec, factors, compile=True)
+    assert lf.compile_counts()["graphs"] - before == 1
+    eager = run_steps(spec, factors)
+    for (_, cm), (_, em) in zip(compiled, eager, strict=True):
+        if "skipped_steps" in em:
+            assert int(cm["skipped_steps"]) == int(em["skipped_steps"])
+    lf.testing.assert_trees_close(compiled[-1][0].params, eager[-1][0].params, atol=tol, rtol=tol)
+
+
 # ---------------------------------------------------------------- digits, per policy
 
 
 @functools.cache
 def digits_accuracy(spec: str) -> float:
-    """Test accuracy of the digits MLP after 8 eager epochs under `spec`; same settings for all."""
+    """Test accuracy of the digits MLP after 8 eager epochs under `spec`; same settings for all.
+
+    The step is written once, without precision; `build(..., precision=spec)`
+    and `TrainState.create(..., precision=spec)` do the rest.
+    """
     from digits import load_data, make_model
 
     train_set, test_set = load_data(0)
@@ -220,18 +448,16 @@ def digits_accuracy(spec: str) -> float:
     model = make_model(hidden=128, dropout=0.0)
     # eps=1e-4, not 1e-8: under "16-true" Adam's moments are float16, where 1e-8
     # rounds to 0 and an underflowed second moment gives 0 / 0.
-    state = init_state(model, spec, lf.optim.adamw(2e-3, weight_decay=1e-2, eps=1e-4))
-    step = make_mixed_step(model, spec)
+    tx = lf.optim.adamw(2e-3, weight_decay=1e-2, eps=1e-4)
+    state = lf.TrainState.create(model, tx, precision=spec)
+    step = lf.build(plain_step(model), precision=spec, compile=False)
     one = torch.tensor(1.0)
     loader = lf.Loader(train_set.tensors, 64, shuffle=True, seed=0, drop_last=True)
     for _ in range(8):
         for x, y in loader:
             state, _ = step(state, (x, y, one))
-    pol = policy(spec)
-    x, y = test_set.tensors
-    params = pol.cast_to_compute(state["train"].params)
-    logits, _ = lf.apply(model, params, {}, pol.cast_to_compute(x), train=False)
-    return float((logits.argmax(-1) == y).float().mean())
+    evaluate = lf.build_eval(eval_step_for(model), precision=spec, compile=False)
+    return float(evaluate(state, test_set.tensors)["acc"])
 
 
 @pytest.mark.parametrize("spec", [s for s in ALL if s != "32-true"])
