@@ -3,6 +3,7 @@
     make demo                                  # sets up .venv, then runs this
     python examples/digits.py --epochs 30      # the same, by hand
     python examples/digits.py --no-compile     # eager, to compare
+    python examples/digits.py --precision bf16-mixed   # or 16-mixed, bf16-true, ...
     tensorboard --logdir runs/digits/logs      # the curves
 
 Data: scikit-learn's `load_digits`, 1,797 real 8x8 grey-scale digits that ship
@@ -69,6 +70,9 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--weight-decay", type=float, default=1e-2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument(
+        "--precision", default="32-true", help="32-true, bf16-mixed, 16-mixed, bf16-true, ..."
+    )
     parser.add_argument("--limit-train-batches", type=int, default=None, help="for smoke tests")
     parser.add_argument("--run-dir", default="runs/digits", help="logs and checkpoints go here")
     parser.add_argument(
@@ -114,7 +118,7 @@ def main(argv: list[str] | None = None) -> float:
 
     start = time.perf_counter()
     final = lf.fit(
-        lf.build(train_step, compile=args.compile),
+        lf.build(train_step, compile=args.compile, precision=args.precision),
         state,
         train_loader,
         max_epochs=args.epochs,

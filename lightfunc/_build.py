@@ -14,7 +14,7 @@ of 0-d tensors, and no input tensor was written in place. Later calls do no
 checking, so they cost one dict lookup and a function call over the compiled
 graph.
 
-Transforms of a step (precision; sharding and accumulation to come) wrap
+Transforms of a step (precision, accumulation; sharding to come) wrap
 the user function *before* it reaches `compile_fn`, so that all of them land
 in one graph; `build` applies them in one fixed order.
 """
@@ -27,6 +27,7 @@ from typing import Any, Generic, Literal, TypeVar
 
 import torch
 
+from ._accumulate import mean_metrics, micro_step, split_batch
 from ._compile import CompileOptions, as_compile_options, compile_fn
 from ._precision import Policy, apply_policy, check_state, describe, policy
 from ._rng import RngKey, seeded
@@ -48,6 +49,7 @@ class Step(Generic[S]):
         compile_options: how `fn` is compiled, or None for eager.
         precision: the `Policy` the step runs under, or None (as written).
         skip_nonfinite: whether updates with non-finite gradients are skipped.
+        accumulate_grad_batches: micro-batches per optimizer update (1: none).
     """
 
     def __init__(
@@ -59,12 +61,14 @@ class Step(Generic[S]):
         validate: bool,
         precision: Policy | None = None,
         skip_nonfinite: bool = False,
+        accumulate_grad_batches: int = 1,
     ) -> None:
         self.fn = fn
         self.kind = kind
         self.compile_options = compile_options
         self.precision = precision
         self.skip_nonfinite = skip_nonfinite
+        self.accumulate_grad_batches = accumulate_grad_batches
         # Transforms wrap the user's function before compilation, so that
         # they land in the same graph.
         self._fn = (
@@ -73,6 +77,14 @@ class Step(Generic[S]):
             else apply_policy(fn, precision, skip_nonfinite=skip_nonfinite, kind=kind)
         )
         self._run = self._fn if compile_options is None else compile_fn(self._fn, compile_options)
+        if accumulate_grad_batches > 1:
+            # Two graphs: the first n-1 micro-batches (no update) and the last.
+            self._micro, self._final = (
+                f if compile_options is None else compile_fn(f, compile_options)
+                for f in (micro_step(self._fn, final=False), micro_step(self._fn, final=True))
+            )
+            self._run = self._accumulated
+            self._weights: dict[tuple[float, ...], list[torch.Tensor]] = {}
         self._pending_validation = validate
         self.__name__ = getattr(fn, "__name__", "step")
         self.__doc__ = getattr(fn, "__doc__", None)
@@ -99,6 +111,20 @@ class Step(Generic[S]):
             return self._first_call(state, batch)
         return self._run(state, batch)
 
+    def _accumulated(self, state: Any, batch: Any) -> Any:
+        chunks, shares = split_batch(batch, self.accumulate_grad_batches)
+        weights = self._weights.get(tuple(shares))
+        if weights is None:
+            device = _device_of(state)
+            weights = [torch.tensor(s, dtype=torch.float32, device=device) for s in shares]
+            self._weights[tuple(shares)] = weights
+        acc, per_chunk = None, []
+        for chunk, weight in zip(chunks[:-1], weights[:-1], strict=True):
+            state, acc, metrics = self._micro(state, acc, chunk, weight)
+            per_chunk.append(metrics)
+        state, metrics = self._final(state, acc, chunks[-1], weights[-1])
+        return state, mean_metrics([*per_chunk, metrics], weights)
+
     def _first_call(self, state: Any, batch: Any) -> Any:
         if self.precision is not None:
             check_state(
@@ -108,7 +134,7 @@ class Step(Generic[S]):
         try:
             out = self._run(state, batch)
         except Exception as compile_error:
-            if self._run is self._fn:
+            if self.compile_options is None:
                 raise
             # A user bug raised inside a compiled region comes back wrapped in
             # dynamo's exception types; rerun eagerly so the user sees the
@@ -130,6 +156,8 @@ class Step(Generic[S]):
         how = "eager" if self.compile_options is None else f"compiled({self.compile_options.mode})"
         if self.precision is not None:
             how += f", precision={describe(self.precision)}"
+        if self.accumulate_grad_batches > 1:
+            how += f", accumulate_grad_batches={self.accumulate_grad_batches}"
         return f"Step({self.__name__}, kind={self.kind}, {how})"
 
 
@@ -140,6 +168,7 @@ def build(
     validate: bool = True,
     precision: str | int | Policy | None = None,
     skip_nonfinite: bool | None = None,
+    accumulate_grad_batches: int = 1,
 ) -> Step[Any]:
     """Build a train step: `train_step(state, batch) -> (new_state, metrics)`.
 
@@ -159,6 +188,10 @@ def build(
             whose gradients are not finite. Always on for float16 policies,
             which need it for loss scaling; optional for the others, whose
             state then needs `TrainState.create(..., skip_nonfinite=True)`.
+        accumulate_grad_batches: split each batch into this many micro-batches
+            along dim 0 and make one optimizer update from their weighted mean
+            gradient (see `lightfunc/_accumulate.py`). The step must update
+            through `state.apply_gradients`. Peak memory is one micro-batch's.
 
     Returns:
         A `Step`, called as `new_state, metrics = step(state, batch)`.
@@ -194,6 +227,18 @@ def build(
     skip = bool(skip_nonfinite) or (pol is not None and pol.needs_loss_scaling)
     if skip and pol is None:
         pol = policy("32-true")
+    if isinstance(accumulate_grad_batches, bool) or not (
+        isinstance(accumulate_grad_batches, int) and accumulate_grad_batches >= 1
+    ):
+        raise ValueError(
+            f"`accumulate_grad_batches` must be a positive int, got {accumulate_grad_batches!r}."
+        )
+    if skip and accumulate_grad_batches > 1:
+        raise ValueError(
+            f"accumulate_grad_batches={accumulate_grad_batches} cannot yet be combined with loss "
+            f"scaling or skip_nonfinite (precision={describe(pol) if pol else None}): skipping "
+            f"is decided per micro-batch, not per update. Use bf16-mixed, or no accumulation."
+        )
     return Step(
         train_step,
         kind="train",
@@ -201,6 +246,7 @@ def build(
         validate=validate,
         precision=pol,
         skip_nonfinite=skip,
+        accumulate_grad_batches=accumulate_grad_batches,
     )
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from ._accumulate import active_accumulation
 from ._func import buffers_of, params_of
 from ._precision import LossScale, Policy, policy
 from ._rng import RngKey
@@ -151,7 +152,16 @@ class TrainState:
         Args:
             grads: gradients with the structure of `params`.
             **changes: other fields to replace at the same time (e.g. `buffers=`).
+
+        Under `build(..., accumulate_grad_batches=n)` the update is deferred:
+        on the first n-1 micro-batches this returns the state with only
+        `changes` applied, and on the last it applies the mean gradient.
         """
+        accumulation = active_accumulation()
+        if accumulation is not None:
+            grads = accumulation.take(grads)
+            if grads is None:
+                return dataclasses.replace(self, **changes) if changes else self
         updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
         params = apply_updates(self.params, updates)
         return dataclasses.replace(

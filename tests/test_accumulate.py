@@ -1,0 +1,124 @@
+"""Gradient accumulation: n micro-batches, one update, equal to one step on the whole batch."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from helpers import make_data, make_model, make_steps
+
+import lightfunc as lf
+from lightfunc.testing import assert_trees_close
+
+# float32: the accumulated gradient is a weighted sum of n partial means instead
+# of one mean, a few roundings apart; Adam then divides by sqrt(v), which can
+# amplify a 1e-8 gradient difference to ~1e-7 in the parameters.
+ATOL = RTOL = 1e-6
+
+
+def whole_batch(n_rows: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = make_data(n=n_rows, batch_size=n_rows)[0]
+    return x, y
+
+
+def train(n: int, steps: int = 5, *, compile: bool = False, **build_kwargs: Any) -> Any:
+    model = make_model(batchnorm=False)
+    train_step, _ = make_steps(model)
+    step = lf.build(train_step, compile=compile, accumulate_grad_batches=n, **build_kwargs)
+    state = lf.TrainState.create(model, lf.optim.adamw(1e-2, weight_decay=1e-2), seed=None)
+    batch = whole_batch()
+    history = []
+    for _ in range(steps):
+        state, metrics = step(state, batch)
+        history.append(metrics)
+    return state, history
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])  # 30 rows: 4 gives uneven chunks of 8, 8, 7, 7
+def test_accumulated_step_equals_one_step_on_the_whole_batch(n):
+    reference, ref_metrics = train(1)
+    state, metrics = train(n)
+    assert int(state.step) == int(reference.step) == 5
+    assert_trees_close(state.params, reference.params, atol=ATOL, rtol=RTOL)
+    assert_trees_close(state.opt_state, reference.opt_state, atol=ATOL, rtol=RTOL)
+    # The loss metric is the micro-batch losses weighted by their rows: the whole-batch mean.
+    for m, r in zip(metrics, ref_metrics, strict=True):
+        torch.testing.assert_close(m["loss"], r["loss"], atol=ATOL, rtol=RTOL)
+
+
+def test_buffers_update_on_every_micro_batch():
+    model = make_model(batchnorm=True)
+    train_step, _ = make_steps(model)
+    step = lf.build(train_step, compile=False, accumulate_grad_batches=3)
+    state = lf.TrainState.create(model, lf.optim.sgd(0.1), seed=None)
+    state, _ = step(state, whole_batch())
+    assert int(state.buffers["1.num_batches_tracked"]) == 3 and int(state.step) == 1
+
+
+def test_micro_batches_leave_the_inputs_alone_and_keep_the_rng_stream():
+    """Dropout draws differ per micro-batch, and the key advances once per update."""
+    model = make_model(batchnorm=False, dropout=0.5)
+    train_step, _ = make_steps(model)
+    step = lf.build(train_step, compile=False, accumulate_grad_batches=2)
+    state = lf.TrainState.create(model, lf.optim.sgd(0.1), seed=3)
+    batch = whole_batch()
+    a, _ = step(state, batch)
+    b, _ = step(state, batch)
+    assert_trees_close(a.params, b.params, atol=0, rtol=0)  # reproducible
+    assert a.rng.counter == state.rng.counter + 1
+
+
+@pytest.mark.compiled
+def test_compiled_accumulation_matches_eager_and_stops_compiling():
+    eager, _ = train(4, steps=3)
+    before = lf.compile_counts()["graphs"]
+    compiled, _ = train(4, steps=3, compile=True)
+    # Chunks of 8 rows without and with an accumulator, of 7 rows with one,
+    # and the last chunk: four graphs, built in the first step, none after.
+    assert lf.compile_counts()["graphs"] - before == 4
+    assert_trees_close(compiled.params, eager.params, atol=ATOL, rtol=RTOL)
+
+
+def test_accumulation_under_bf16_mixed_keeps_fp32_master_weights():
+    state, metrics = train(2, steps=2, precision="bf16-mixed")
+    reference, _ = train(1, steps=2, precision="bf16-mixed")
+    assert state.params["0.weight"].dtype == torch.float32
+    # bf16 matmuls: 8 bits of mantissa, so compare loosely.
+    assert_trees_close(state.params, reference.params, atol=2e-2, rtol=2e-2)
+    assert metrics[-1]["loss"].dtype == torch.float32
+
+
+def test_accumulation_errors_say_what_to_change():
+    model = make_model(batchnorm=False)
+    train_step, _ = make_steps(model)
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="`accumulate_grad_batches` must be a positive int"):
+            lf.build(train_step, accumulate_grad_batches=bad)
+    with pytest.raises(ValueError, match="cannot yet be combined with loss scaling"):
+        lf.build(train_step, accumulate_grad_batches=2, precision="16-mixed")
+    state = lf.TrainState.create(model, lf.optim.sgd(0.1))
+    step = lf.build(train_step, compile=False, accumulate_grad_batches=4)
+    x, y = whole_batch()
+    with pytest.raises(ValueError, match="cannot split a batch of 3 rows into 4 micro-batches"):
+        step(state, (x[:3], y[:3]))
+    with pytest.raises(ValueError, match=r"sizes \[29, 30\]"):
+        step(state, (x, y[:29]))
+
+    def manual_update(state: lf.TrainState, batch: Any) -> Any:
+        _, opt_state = state.tx.update(state.params, state.opt_state, state.params)
+        return state.replace(opt_state=opt_state), {}
+
+    step = lf.build(manual_update, compile=False, accumulate_grad_batches=2)
+    with pytest.raises(TypeError, match="never called it"):
+        step(state, (x, y))
+
+
+def test_loop_counts_updates_not_micro_batches():
+    model = make_model(batchnorm=False)
+    train_step, _ = make_steps(model)
+    step = lf.build(train_step, compile=False, accumulate_grad_batches=2)
+    state = lf.TrainState.create(model, lf.optim.sgd(0.1))
+    data = make_data(n=64, batch_size=16)
+    last = list(lf.loop(step, state, data, accelerator="cpu"))[-1]
+    assert last.step == 4 and int(last.state.step) == 4
