@@ -46,3 +46,16 @@ def test_digits_torch_twin_runs(capsys):
 
     accuracy = digits_torch.main(["--epochs", "2"])
     assert 0.5 < accuracy <= 1.0
+
+
+def test_char_lm_example_runs_and_samples(capsys, tmp_path):
+    import char_lm
+
+    bits = char_lm.main(
+        ["--steps", "4", "--bytes", "20000", "--width", "32", "--layers", "1", "--seq", "32",
+         "--batch-size", "8", "--no-compile", "--sample-chars", "10", "--run-dir", str(tmp_path)]
+    )  # fmt: skip
+    assert 1.0 < bits < 8.5  # bits per byte: 8 is a uniform guess over 256 values
+    out = capsys.readouterr().out
+    assert "--- sample ---\ndef " in out
+    assert list((tmp_path / "best").glob("*.safetensors"))
