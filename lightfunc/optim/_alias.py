@@ -9,6 +9,7 @@ the order in which torch applies the same operations.
 from __future__ import annotations
 
 from ._base import GradientTransformation, ScalarOrSchedule
+from ._fused import check_fused, fused_adam
 from ._masking import MaskOrFn
 from ._transforms import (
     chain,
@@ -82,6 +83,7 @@ def adam(
     eps: float = 1e-8,
     *,
     weight_decay: float = 0.0,
+    fused: bool = False,
 ) -> GradientTransformation:
     """Adam, as torch.optim.Adam (weight decay is an L2 term added to the gradient).
 
@@ -91,6 +93,7 @@ def adam(
         b2: decay of the second moment (torch's ``betas[1]``), in [0, 1).
         eps: added to the denominator, >= 0.
         weight_decay: L2 penalty coefficient, >= 0; for decoupled decay use `adamw`.
+        fused: compute the whole step in one kernel (see `adamw`).
 
     Returns:
         A `GradientTransformation`.
@@ -103,6 +106,8 @@ def adam(
     if check_float("weight_decay", weight_decay, low=0.0) != 0:
         parts.append(add_decayed_weights(weight_decay))
     parts.append(scale_by_adam(b1, b2, eps, learning_rate=lr))
+    if check_fused(fused):
+        return fused_adam(chain(*parts), lr, b1, b2, eps, weight_decay, None, decoupled=False)
     return chain(*parts)
 
 
@@ -114,6 +119,7 @@ def adamw(
     weight_decay: float = 0.01,
     *,
     mask: MaskOrFn | None = None,
+    fused: bool = False,
 ) -> GradientTransformation:
     """AdamW, as torch.optim.AdamW: Adam with decoupled weight decay.
 
@@ -134,6 +140,12 @@ def adamw(
             a prefix of them), or a function params -> such a tree; default all.
             E.g. ``lambda p: {k: v.ndim > 1 for k, v in p.items()}`` skips
             biases and norm scales.
+        fused: compute the whole step with `lightfunc.kernels.adamw_update`:
+            one Triton kernel launch per dtype for the whole parameter tree on
+            a GPU, the unfused arithmetic elsewhere (bit-identical on CPU).
+            Same state as unfused, so checkpoints load either way; on a GPU
+            the step agrees with the unfused one to a few units in the last
+            place (the kernel rounds once, in fp32).
 
     Returns:
         A `GradientTransformation`.
@@ -146,6 +158,8 @@ def adamw(
     parts = [scale_by_adam(b1, b2, eps, learning_rate=lr)]
     if check_float("weight_decay", weight_decay, low=0.0) != 0:
         parts.append(add_decoupled_weight_decay(lr, weight_decay, mask))
+    if check_fused(fused):
+        return fused_adam(chain(*parts), lr, b1, b2, eps, weight_decay, mask, decoupled=True)
     return chain(*parts)
 
 
