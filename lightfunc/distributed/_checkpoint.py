@@ -1,0 +1,442 @@
+"""Sharded checkpoints: one safetensors file per rank plus a JSON index, resharded on load.
+
+    save_sharded(state, "runs/x/step=100")             # every rank calls it
+    state = load_sharded("runs/x/step=100", like=state)  # any world size, any sharding
+    export_full("runs/x/step=100", "model.safetensors")  # one file, for `lf.load` / inference
+
+A checkpoint is a directory: ``shard-RRRRR-of-WWWWW.safetensors``, one file
+per rank with the chunks of the tensors that rank holds, and ``index.json``,
+which lists every leaf with its global shape, dtype and chunks (file,
+offsets, sizes, CRC-32), or its value for ints, floats, strings and `RngKey`s
+(encoded as `lf.save` encodes them). No pickle is written or read; the format
+is described in `_shard_format`. A DTensor's chunk is its local tensor
+(`__create_chunk_list__`, the protocol torch's DCP uses), written only by the
+ranks at coordinate 0 of the mesh dimensions it is replicated over, so each
+element is stored once; plain tensors count as replicated and rank 0 writes them.
+
+Writing is atomic: every rank writes into ``.<name>.sharded.tmp`` next to the
+destination; after all have written (a collective), rank 0 checks that the
+chunks tile every tensor exactly, writes the index, fsyncs, and renames the
+directory into place. An error on any rank makes every rank raise (no rank is
+left waiting in a collective). All ranks must see the same filesystem.
+
+Loading reads, on each rank, only the chunks overlapping the part of each
+tensor that the template (`like`) holds there, so a checkpoint saved by 2
+ranks loads on 1, 3 or 8, sharded or not, bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+import optree
+import torch
+
+from .._atomic import _fsync_dir, atomic_write
+from .._checkpoint import (
+    CHECKPOINT_FORMAT,
+    FORMAT_VERSION,
+    _encode,
+    _flatten,
+    _kind,
+    _place,
+)
+from .._tensorfile import (
+    CheckpointError,
+    crc32,
+    to_writable,
+    unshare,
+    write_file,
+)
+from .._tree import PyTree
+from ._shard_format import INDEX, SHARD_FORMAT, Index, ShardReader, build_index, shard_name
+
+
+def save_sharded(
+    tree: PyTree,
+    directory: str | PathLike[str],
+    *,
+    metadata: Mapping[str, Any] | None = None,
+    verify_fsync: bool = True,
+) -> Path:
+    """Write `tree`, whose tensors may be DTensors, as a sharded checkpoint directory.
+
+    A collective: every rank of the DTensors' mesh (or of the default process
+    group, if the tree holds no DTensor) calls it with a tree of the same
+    structure. Each rank writes only what it holds; nothing is gathered.
+
+    Args:
+        tree: a pytree of tensors, DTensors (any `Shard(d)` / `Replicate()`
+            placements), ints, floats, bools, strings and `RngKey`s.
+        directory: the checkpoint directory to create, or a checkpoint
+            directory to replace (any other existing path is refused).
+        metadata: JSON-serialisable data kept in the index (``user_metadata``).
+        verify_fsync: fsync every file and directory before returning.
+
+    Returns:
+        The absolute path of the checkpoint directory.
+
+    Raises:
+        TypeError: a leaf cannot be saved (its path is named), e.g. a DTensor
+            with a `Partial` placement, or DTensors on different meshes.
+        CheckpointError: writing failed on some rank (the others name it).
+
+    Example:
+        >>> import tempfile, torch
+        >>> path = save_sharded({"w": torch.ones(3)}, tempfile.mkdtemp() + "/ckpt")
+        >>> load_sharded(path, like={"w": torch.zeros(3)})["w"]
+        tensor([1., 1., 1.])
+    """
+    final = Path(directory).absolute()
+    tmp = final.parent / f".{final.name}.sharded.tmp"
+    names, keys, leaves, spec = _flatten(tree, "`tree`")
+    kinds = [_kind(leaf, name, "`tree`") for name, leaf in zip(names, leaves, strict=True)]
+    group = _Group.of([leaf for leaf in leaves if _is_dtensor(leaf)])
+
+    def collect() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """This rank's chunks: validates every leaf before anything is written."""
+        tensors: dict[str, torch.Tensor] = {}
+        chunks: dict[str, Any] = {}
+        seen: set[int] = set()
+        for name, leaf, kind in zip(names, leaves, kinds, strict=True):
+            if kind != "tensor" or id(leaf) in seen:
+                continue
+            seen.add(id(leaf))
+            chunk = _local_chunk(leaf, name, group)
+            if chunk is not None and chunk[1].numel():
+                chunks[name] = {"offsets": chunk[0]}
+                tensors[name] = to_writable(chunk[1], name)
+        return unshare(tensors), chunks
+
+    def prepare() -> None:
+        if group.rank == 0:
+            _check_replaceable(final)
+            shutil.rmtree(tmp, ignore_errors=True)  # debris of a write that was killed
+            tmp.mkdir(parents=True)
+
+    def write_shard() -> None:
+        header = {
+            "format": SHARD_FORMAT,
+            "rank": str(group.rank),
+            "world_size": str(group.size),
+            "chunks": json.dumps(chunks),
+            "checksums": json.dumps({n: crc32(t) for n, t in tensors.items()}),
+        }
+        write_file(tensors, header, tmp / shard_name(group.rank, group.size), fsync=verify_fsync)
+
+    def commit() -> None:
+        if group.rank != 0:
+            return
+        index = build_index(tmp, group.size, names, keys, leaves, kinds, metadata, spec)
+        text = json.dumps(index, indent=1, allow_nan=False)
+
+        def write_index(path: Path) -> None:
+            path.write_text(text)
+
+        atomic_write(tmp / INDEX, write_index, fsync=verify_fsync)
+        if verify_fsync:
+            _fsync_dir(tmp)
+        _replace_directory(tmp, final)
+        if verify_fsync:
+            _fsync_dir(final.parent)
+
+    tensors, chunks = group.together(collect, f"save '{final}'")
+    group.together(prepare, f"prepare to write '{final}'")
+    try:
+        group.together(write_shard, f"write its shard of '{final}'")
+        group.together(commit, f"commit '{final}'")
+    except BaseException:
+        if group.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def load_sharded(directory: str | PathLike[str], *, like: PyTree, verify: bool = True) -> PyTree:
+    """Read a checkpoint written by `save_sharded` into the structure and layout of `like`.
+
+    Each DTensor in `like` comes back with `like`'s mesh, placements and
+    global shape, holding the saved values of its own part; plain tensors
+    come back whole. The saving run's world size and sharding do not matter.
+    A collective over the DTensors' mesh when `like` holds DTensors (a failure
+    on one rank makes all raise); otherwise each process reads on its own.
+
+    Args:
+        directory: a directory written by `save_sharded`.
+        like: a tree of the saved structure; its tensor values are not used.
+        verify: compare the CRC-32 of every chunk read with the saved one.
+
+    Returns:
+        A new tree with `like`'s structure and layout and the saved values.
+
+    Raises:
+        FileNotFoundError: no directory or no ``index.json`` at `directory`.
+        CheckpointError: a shard file is missing, truncated or corrupted (the
+            file is named), the index is malformed, or the checkpoint does
+            not match `like` (paths, shapes, dtypes, kinds are named).
+    """
+    directory = Path(directory)
+    index = Index.read(directory)
+    names, _, leaves, spec = _flatten(like, "`like`")
+    dtensors = [leaf for leaf in leaves if _is_dtensor(leaf)]
+    group = _Group.of(dtensors) if dtensors else _Group.single()
+
+    def read() -> list[Any]:
+        index.check(names, leaves)
+        out: list[Any] = []
+        loaded: dict[str, Any] = {}
+        with ShardReader(index, verify) as reader:
+            for name, leaf in zip(names, leaves, strict=True):
+                entry = index.entries[name]
+                if entry.kind != "tensor":
+                    out.append(entry.value)
+                    continue
+                stored = index.aliases.get(name, name)
+                if stored not in loaded:
+                    loaded[stored] = _restore_tensor(reader, stored, leaf)
+                out.append(loaded[stored])
+        return out
+
+    values = group.together(read, f"load '{directory}'")
+    return optree.tree_unflatten(spec, values)
+
+
+def export_full(
+    directory: str | PathLike[str],
+    path: str | PathLike[str],
+    *,
+    verify: bool = True,
+    verify_fsync: bool = True,
+) -> Path:
+    """Write the full state of a sharded checkpoint as one `lf.save` file, for inference.
+
+    Runs in one process (no process group needed). The file is a regular
+    lightfunc checkpoint: `lf.load(path, like=plain_state)` restores it into a
+    tree of plain tensors, and `lf.load_params(path, model)` reads the
+    parameters of a `TrainState` into an `nn.Module`. Holds the whole state in
+    memory while writing.
+
+    Args:
+        directory: a directory written by `save_sharded`.
+        path: the file to create or replace (atomically).
+        verify: check every chunk's CRC-32 while reading.
+        verify_fsync: fsync the file and its directory before returning.
+
+    Returns:
+        The absolute path written.
+
+    Raises:
+        FileNotFoundError, CheckpointError: as `load_sharded`.
+    """
+    from .. import __version__
+
+    index = Index.read(Path(directory))
+    tensors: dict[str, torch.Tensor] = {}
+    with ShardReader(index, verify) as reader:
+        for name, entry in index.entries.items():
+            if entry.kind == "tensor" and name not in index.aliases:
+                tensors[name] = reader.assemble(
+                    name, [0] * len(index.shapes[name]), index.shapes[name]
+                )
+    leaves = [
+        {"path": name, "keys": e.keys, "kind": e.kind}
+        | ({} if e.kind == "tensor" else {"value": _encode(e.kind, e.value)})
+        for name, e in index.entries.items()
+    ]
+    header = {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "lightfunc_version": __version__,
+        "torch_version": torch.__version__,
+        "leaves": json.dumps(leaves, allow_nan=False),
+        "aliases": json.dumps(index.aliases),
+        "checksums": json.dumps({n: crc32(t) for n, t in tensors.items()}),
+        "user_metadata": json.dumps(index.user),
+        "treespec": index.treespec,
+    }
+    return write_file(tensors, header, Path(path), fsync=verify_fsync)
+
+
+# -- ranks and collectives ------------------------------------------------------
+
+
+def _is_dtensor(x: Any) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(x, DTensor)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Group:
+    """The ranks a sharded save or load runs on, and how they agree on success."""
+
+    group: Any  # a ProcessGroup, or None for a single process
+    rank: int  # this process's rank in `group`
+    size: int
+    device: torch.device  # where the agreement tensor lives (cuda for NCCL)
+    coordinate: tuple[int, ...]  # this rank's coordinate on the DTensors' mesh, () without
+
+    @classmethod
+    def single(cls) -> _Group:
+        return cls(None, 0, 1, torch.device("cpu"), ())
+
+    @classmethod
+    def of(cls, dtensors: list[Any]) -> _Group:
+        """The mesh's ranks when there are DTensors, else the default group (if any)."""
+        import torch.distributed as dist
+
+        if not dtensors:
+            if not (dist.is_available() and dist.is_initialized()):
+                return cls.single()
+            group = dist.group.WORLD
+            nccl = dist.get_backend(group) == "nccl"
+            device = (
+                torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+            )
+            return cls(group, dist.get_rank(group), dist.get_world_size(group), device, ())
+        mesh = dtensors[0].device_mesh
+        for d in dtensors[1:]:
+            if d.device_mesh != mesh:
+                raise TypeError(
+                    f"The DTensors in the tree live on different device meshes ({mesh} and "
+                    f"{d.device_mesh}); a sharded checkpoint is written over one mesh. Save each "
+                    f"mesh's part separately."
+                )
+        if mesh.ndim == 1:
+            group = mesh.get_group()
+        elif mesh.size() == dist.get_world_size():
+            group = dist.group.WORLD
+        else:
+            raise TypeError(
+                f"DTensors on a {mesh.ndim}-D mesh of {mesh.size()} ranks out of "
+                f"{dist.get_world_size()}: a multi-dimensional mesh must span all ranks to be "
+                f"checkpointed."
+            )
+        device = torch.device(mesh.device_type)
+        if device.type == "cuda":
+            device = torch.device("cuda", torch.cuda.current_device())
+        coordinate = tuple(mesh.get_coordinate() or ())
+        return cls(group, dist.get_rank(group), dist.get_world_size(group), device, coordinate)
+
+    def together(self, fn: Any, what: str) -> Any:
+        """`fn()` on every rank, then agree: if it raised anywhere, raise everywhere.
+
+        The rank that failed raises its own exception; the others raise a
+        `CheckpointError` naming it, so no rank waits in a later collective.
+        """
+        result, error = None, None
+        try:
+            result = fn()
+        except Exception as e:
+            error = e
+        if self.group is None:
+            if error is not None:
+                raise error
+            return result
+        import torch.distributed as dist
+
+        flags = torch.zeros(self.size, dtype=torch.int32, device=self.device)
+        flags[self.rank] = int(error is not None)
+        dist.all_reduce(flags, group=self.group)
+        if error is not None:
+            raise error
+        failed = [r for r, f in enumerate(flags.tolist()) if f]
+        if failed:
+            raise CheckpointError(
+                f"Could not {what}: rank{'s' if len(failed) > 1 else ''} "
+                f"{', '.join(map(str, failed))} failed (see {'their' if len(failed) > 1 else 'its'} "
+                f"error); this rank stopped too."
+            )
+        return result
+
+
+def _local_chunk(
+    leaf: torch.Tensor, name: str, group: _Group
+) -> tuple[list[int], torch.Tensor] | None:
+    """(global offsets, local data) of the part of `leaf` this rank writes, or None."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    if not isinstance(leaf, DTensor):
+        return ([0] * leaf.ndim, leaf) if group.rank == 0 else None
+
+    for placement in leaf.placements:
+        if not isinstance(placement, (Shard, Replicate)):
+            raise TypeError(
+                f"Cannot save the DTensor at `{name}`: its placement {placement!r} is not Shard or "
+                f"Replicate. Reduce it first, e.g. `t.redistribute(placements=[Replicate()])`."
+            )
+    replicated_on = [i for i, p in enumerate(leaf.placements) if isinstance(p, Replicate)]
+    if any(group.coordinate[i] != 0 for i in replicated_on):
+        return None  # another rank holds the same chunk and writes it
+    (chunk,) = leaf.__create_chunk_list__()
+    local = leaf.to_local()
+    if tuple(local.shape) != tuple(chunk.sizes):
+        raise TypeError(
+            f"Cannot save the DTensor at `{name}`: its local tensor has shape "
+            f"{tuple(local.shape)}, but its placements give {tuple(chunk.sizes)}. Build it with "
+            f"`distribute_tensor` or `DTensor.from_local(..., shape=, stride=)`."
+        )
+    return list(chunk.offsets), local
+
+
+def _check_replaceable(final: Path) -> None:
+    """Refuse to overwrite anything but a sharded checkpoint (or an empty directory)."""
+    if not final.exists():
+        return
+    if not final.is_dir():
+        raise FileExistsError(
+            f"Cannot save a sharded checkpoint at '{final}': it is an existing file. A sharded "
+            f"checkpoint is a directory; give a new path (e.g. '{final.with_suffix('')}-sharded')."
+        )
+    others = [
+        p.name for p in final.iterdir() if p.name != INDEX and not p.name.startswith("shard-")
+    ]
+    if others:
+        raise FileExistsError(
+            f"Cannot save a sharded checkpoint at '{final}': it is a directory holding other "
+            f"files ({', '.join(sorted(others)[:5])}), and saving replaces the whole directory. "
+            f"Give the checkpoint its own directory, e.g. '{final / 'step=100'}'."
+        )
+
+
+def _replace_directory(tmp: Path, final: Path) -> None:
+    """Rename `tmp` to `final`; an existing `final` is moved aside first, then removed.
+
+    Two renames: a crash between them leaves the new checkpoint at `tmp` and
+    the old one at ``.<name>.sharded.old``, and nothing at `final`.
+    """
+    old = final.parent / f".{final.name}.sharded.old"
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _restore_tensor(reader: ShardReader, name: str, like: torch.Tensor) -> torch.Tensor:
+    """The saved tensor `name` in `like`'s layout: its local part for a DTensor, else whole."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(like, DTensor):
+        full = reader.assemble(name, [0] * like.ndim, list(like.shape))
+        return _place(full, like, None)
+
+    (chunk,) = like.__create_chunk_list__()
+    local_like = like.to_local()
+    local = reader.assemble(name, list(chunk.offsets), list(chunk.sizes)).to(local_like.device)
+    out = DTensor.from_local(
+        local,
+        like.device_mesh,
+        like.placements,
+        run_check=False,
+        shape=like.shape,
+        stride=like.stride(),
+    )
+    return out.requires_grad_(like.requires_grad)

@@ -1,0 +1,619 @@
+"""lightfunc.distributed: 2 processes (gloo, CPU) against one process on the concatenated batch.
+
+Process start-up and compilation dominate, so each group of checks runs in
+one `spawn` of 2 ranks (a module-scoped fixture), and each test asserts on
+its part of the results. Every spawn is bounded by a timeout: nothing hangs.
+"""
+
+from __future__ import annotations
+
+import functools
+import traceback
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from helpers import make_model, make_steps
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset
+
+import lightfunc as lf
+import lightfunc.distributed as lfd
+from lightfunc.distributed._spawn import spawn
+
+WORLD = 2
+STEPS = 12
+TOL = 1e-6
+
+
+# ---- what the ranks run -----------------------------------------------------------------
+
+
+def _data(
+    steps: int = STEPS, batch: int = 8, seed: int = 1
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Global batches; rank r trains on the r-th half of each."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(steps, batch, 8, generator=g)
+    y = torch.randint(0, 3, (steps, batch), generator=g)
+    return [(x[i], y[i]) for i in range(steps)]
+
+
+def _mine(batch: Any, mesh: lfd.Mesh) -> Any:
+    return tuple(t.chunk(mesh.world_size)[mesh.global_rank] for t in batch)
+
+
+def _optimizer() -> lf.optim.GradientTransformation:
+    # Clipping by the global norm checks that a sharded update reduces the norm over ranks.
+    return lf.optim.chain(lf.optim.clip_by_global_norm(0.5), lf.optim.adamw(1e-2, weight_decay=0.1))
+
+
+def _train(step: Any, state: Any, batches: list[Any]) -> tuple[Any, dict[str, torch.Tensor]]:
+    metrics: dict[str, torch.Tensor] = {}
+    for batch in batches:
+        state, metrics = step(state, batch)
+    return state, metrics
+
+
+def _reference(batchnorm: bool = False) -> tuple[lf.TrainState, dict[str, torch.Tensor]]:
+    """One process, eager, on the concatenated (global) batches."""
+    model = make_model(0, batchnorm=batchnorm)
+    train_step, _ = make_steps(model)
+    state = lf.TrainState.create(model, _optimizer(), seed=None)
+    return _train(lf.build(train_step, compile=False), state, _data())
+
+
+def _max_diff(a: Any, b: Any) -> float:
+    la, lb = lf.tree_leaves(a), lf.tree_leaves(b)
+    assert len(la) == len(lb)
+    return max(
+        float((x.double() - y.double()).abs().max()) if x.numel() else 0.0
+        for x, y in zip(la, lb, strict=True)
+    )
+
+
+def _dp_run(mesh: lfd.Mesh, compile: bool) -> dict[str, Any]:
+    model = make_model(0, batchnorm=False)
+    train_step, _ = make_steps(model)
+    state = lf.TrainState.create(model, _optimizer(), seed=None)
+    step = lf.build(lfd.data_parallel(train_step, mesh), compile=compile)
+    graphs = lf.compile_counts()["graphs"]
+    state, metrics = _train(step, state, [_mine(b, mesh) for b in _data()])
+    ref, ref_metrics = _reference()
+    return {
+        "params": _max_diff(state.params, ref.params),
+        "opt_state": _max_diff(state.opt_state, ref.opt_state),
+        "loss": abs(float(metrics["loss"]) - float(ref_metrics["loss"])),
+        "graphs": lf.compile_counts()["graphs"] - graphs,
+    }
+
+
+def _fsdp_run(mesh: lfd.Mesh, compile: bool) -> dict[str, Any]:
+    from torch.distributed.tensor import DTensor, Shard
+
+    model = make_model(0, batchnorm=False)
+    train_step, _ = make_steps(model)
+    state = lfd.shard_state(lf.TrainState.create(model, _optimizer(), seed=None), mesh)
+    step = lf.build(lfd.fully_sharded(train_step, mesh), compile=compile)
+    graphs = lf.compile_counts()["graphs"]
+    state, metrics = _train(step, state, [_mine(b, mesh) for b in _data()])
+    new_graphs = lf.compile_counts()["graphs"] - graphs
+    weight = state.params["3.weight"]  # (3, 16): 2 rows on rank 0, 1 on rank 1
+    layout = (
+        isinstance(weight, DTensor)
+        and weight.placements == (Shard(0),)
+        and tuple(weight.to_local().shape) == ((2, 16) if mesh.global_rank == 0 else (1, 16))
+        and all(isinstance(x, DTensor) for x in lf.tree_leaves(state.opt_state) if x.ndim > 0)
+    )
+    full = lfd.gather_state(state)
+    ref, ref_metrics = _reference()
+    return {
+        "params": _max_diff(full.params, ref.params),
+        "opt_state": _max_diff(full.opt_state, ref.opt_state),
+        "loss": abs(float(metrics["loss"]) - float(ref_metrics["loss"])),
+        "layout": layout,
+        "graphs": new_graphs,
+    }
+
+
+def _two_states_run(mesh: lfd.Mesh) -> dict[str, float]:
+    """A state of two TrainStates (one with a 0-d and an uneven 1-d parameter), DP and FSDP."""
+    model = make_model(0, batchnorm=False)
+    extra = {"temperature": torch.tensor(1.5), "offset": torch.zeros(3)}
+
+    def train_step(state: dict[str, lf.TrainState], batch: Any) -> Any:
+        x, y = batch
+
+        def loss_fn(params: Any) -> torch.Tensor:
+            logits, _ = lf.apply(model, params["net"], {}, x, train=True)
+            logits = logits * params["extra"]["temperature"] + params["extra"]["offset"]
+            return torch.nn.functional.cross_entropy(logits, y)
+
+        params = {"net": state["net"].params, "extra": state["extra"].params}
+        loss, grads = lf.value_and_grad(loss_fn)(params)
+        return {
+            "net": state["net"].apply_gradients(grads["net"]),
+            "extra": state["extra"].apply_gradients(grads["extra"]),
+        }, {"loss": loss}
+
+    def fresh() -> dict[str, lf.TrainState]:
+        return {
+            "net": lf.TrainState.create(model, _optimizer(), seed=None),
+            "extra": lf.TrainState.create(dict(extra), lf.optim.sgd(0.1, momentum=0.9), seed=None),
+        }
+
+    ref, _ = _train(lf.build(train_step, compile=False), fresh(), _data())
+    mine = [_mine(b, mesh) for b in _data()]
+    dp, _ = _train(lf.build(lfd.data_parallel(train_step, mesh), compile=False), fresh(), mine)
+    fsdp_step = lf.build(lfd.fully_sharded(train_step, mesh), compile=False)
+    fsdp, _ = _train(fsdp_step, lfd.shard_state(fresh(), mesh), mine)
+    fsdp = lfd.gather_state(fsdp)
+    return {
+        name: max(_max_diff(got[k].params, ref[k].params) for k in ref)
+        for name, got in (("dp", dp), ("fsdp", fsdp))
+    }
+
+
+def _collectives(mesh: lfd.Mesh) -> dict[str, Any]:
+    r = mesh.global_rank
+    tree = {"t": torch.tensor([1.0, 2.0]) * (r + 1), "n": r + 1, "i": torch.tensor(r)}
+    out: dict[str, Any] = {
+        "mean": mesh.all_reduce(tree),
+        "sum": mesh.all_reduce(tree, op="sum"),
+        "max": mesh.all_reduce(tree, op="max"),
+        "gather": mesh.all_gather({"t": torch.tensor([r, 10 * r]), "s": f"rank{r}"}),
+        "broadcast": mesh.broadcast({"t": torch.full((2,), float(r)), "s": f"rank{r}"}),
+        "input_untouched": bool(torch.equal(tree["t"], torch.tensor([1.0, 2.0]) * (r + 1))),
+    }
+    mesh.barrier()
+    try:
+        mesh.broadcast({"t": torch.zeros(r + 1)})
+    except ValueError as e:
+        out["broadcast_mismatch"] = str(e)
+    return out
+
+
+def _buffers_and_metrics(mesh: lfd.Mesh) -> dict[str, Any]:
+    """BatchNorm buffers stay equal over ranks; metrics are reduced by kind."""
+    model = make_model(0, batchnorm=True)
+    train_step, eval_step = make_steps(model)
+
+    def with_counts(state: Any, batch: Any) -> Any:
+        new, metrics = train_step(state, batch)
+        n = torch.tensor(batch[1].shape[0])
+        return new, {**metrics, "n": n, "rank0": torch.tensor(mesh.global_rank == 0)}
+
+    state = lf.TrainState.create(model, _optimizer(), seed=None)
+    step = lf.build(lfd.data_parallel(with_counts, mesh), compile=False)
+    state, metrics = _train(step, state, [_mine(b, mesh) for b in _data(steps=3)])
+    everyone = mesh.all_gather(state.buffers)
+    same = all(bool((v[0] == v[1]).all()) for v in everyone.values())
+    batch = _data(steps=1)[0]
+    dp_eval = lfd.data_parallel_eval(eval_step, mesh)(state, _mine(batch, mesh))
+    full_eval = eval_step(state, batch)
+    sharded = lfd.shard_state(state, mesh)
+    fsdp_eval = lfd.fully_sharded_eval(eval_step, mesh)(sharded, _mine(batch, mesh))
+    return {
+        "buffers_equal": same,
+        "n": int(metrics["n"]),
+        "rank0": bool(metrics["rank0"]),
+        "dp_eval": _max_diff(dp_eval, full_eval),
+        "fsdp_eval": _max_diff(fsdp_eval, full_eval),
+    }
+
+
+class _CountCollectives(TorchDispatchMode):
+    """Counts functional collectives issued (not their waits and wrappers).
+
+    torch's CommDebugMode cannot be used here: its module hooks break `torch.func.grad`.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        op = func.name().split("::")[-1]
+        if func.namespace == "_c10d_functional" and op != "wait_tensor" and not op.startswith("_"):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _accumulating(model: torch.nn.Module, micro_batches: int) -> Callable[..., Any]:
+    """A step that sums the gradients of several micro-batches, then updates once."""
+
+    def train_step(state: lf.TrainState, batch: Any) -> Any:
+        total = None
+        for x, y in zip(*(t.chunk(micro_batches) for t in batch), strict=True):
+
+            def loss_fn(params: Any, x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
+                logits, _ = lf.apply(model, params, state.buffers, x, train=True)
+                return torch.nn.functional.cross_entropy(logits, y)
+
+            loss, grads = lf.value_and_grad(loss_fn)(state.params)
+            total = grads if total is None else lf.tree_map(torch.add, total, grads)
+        grads = lf.tree_map(lambda g: g / micro_batches, total)
+        return state.apply_gradients(grads), {"loss": loss}
+
+    return train_step
+
+
+def _communication(mesh: lfd.Mesh) -> dict[str, Any]:
+    """Collectives per step, counted: one bucket of gradients and one of metrics; none without sync."""
+    model = make_model(0, batchnorm=False)
+    train_step, _ = make_steps(model)
+    state = lf.TrainState.create(model, _optimizer(), seed=None)
+    batch = _mine(_data(steps=1)[0], mesh)
+    counts = {}
+    for name, fn in (
+        ("sync", lfd.data_parallel(train_step, mesh)),
+        ("no_sync", lfd.data_parallel(train_step, mesh, sync_gradients=False)),
+        ("tiny_buckets", lfd.data_parallel(train_step, mesh, bucket_cap_mb=1e-4)),
+        ("accumulated", lfd.data_parallel(_accumulating(model, micro_batches=4), mesh)),
+    ):
+        with _CountCollectives() as comm:
+            fn(state, batch)
+        counts[name] = comm.count
+    return {**counts, "n_params": len(state.params)}
+
+
+def _errors(mesh: lfd.Mesh) -> dict[str, str]:
+    model = make_model(0, batchnorm=False)
+    train_step, _ = make_steps(model)
+    state = lf.TrainState.create(model, _optimizer(), seed=None)
+    batch = _mine(_data(steps=1)[0], mesh)
+    out = {}
+    for name, call in (
+        (
+            "dp_no_train_state",
+            lambda: lfd.data_parallel(lambda s, b: (s, {}), mesh)({"w": torch.ones(2)}, batch),
+        ),
+        ("fsdp_not_sharded", lambda: lfd.fully_sharded(train_step, mesh)(state, batch)),
+    ):
+        try:
+            call()
+        except Exception as e:
+            out[name] = f"{type(e).__name__}: {e}"
+    return out
+
+
+def _loop_with_loader(mesh: lfd.Mesh) -> dict[str, float]:
+    """`lf.loop` over a rank-sharded Loader equals one process over the same global batches."""
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(40, 8, generator=g), torch.randint(0, 3, (40,), generator=g)
+
+    def run(
+        prepare: Callable[[Any], Any],
+        transform: Callable[[Any], Any],
+        batch_size: int,
+        rank: int,
+        world: int,
+    ) -> Any:
+        model = make_model(0, batchnorm=False)
+        train_step, _ = make_steps(model)
+        state = prepare(lf.TrainState.create(model, _optimizer(), seed=None))
+        loader = lf.Loader((x, y), batch_size, seed=0, rank=rank, world_size=world)
+        step = lf.build(transform(train_step), compile=False)
+        *_, last = lf.loop(step, state, loader, max_epochs=2, accelerator="cpu")
+        return last.state.params
+
+    dp = run(lambda s: s, lambda f: lfd.data_parallel(f, mesh), 4, mesh.global_rank, WORLD)
+    shard = functools.partial(lfd.shard_state, mesh=mesh)
+    fsdp = run(shard, lambda f: lfd.fully_sharded(f, mesh), 4, mesh.global_rank, WORLD)
+    single = run(lambda s: s, lambda f: f, 8, 0, 1)
+    return {"dp": _max_diff(dp, single), "fsdp": _max_diff(lfd.gather_state(fsdp), single)}
+
+
+def _checks(mesh: lfd.Mesh, names: list[str]) -> dict[str, Any]:
+    """Run the named checks; each result is ("ok", value) or ("error", traceback); warnings listed."""
+    checks: dict[str, Callable[[], Any]] = {
+        "collectives": lambda: _collectives(mesh),
+        "dp_eager": lambda: _dp_run(mesh, compile=False),
+        "fsdp_eager": lambda: _fsdp_run(mesh, compile=False),
+        "dp_compiled": lambda: _dp_run(mesh, compile=True),
+        "fsdp_compiled": lambda: _fsdp_run(mesh, compile=True),
+        "buffers_and_metrics": lambda: _buffers_and_metrics(mesh),
+        "communication": lambda: _communication(mesh),
+        "errors": lambda: _errors(mesh),
+        "loop": lambda: _loop_with_loader(mesh),
+        "two_states": lambda: _two_states_run(mesh),
+    }
+    torch._inductor.config.compile_threads = 1  # 2 ranks share 2 cores: no compile worker pools
+    results: dict[str, Any] = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # As in pyproject.toml: torch 2.13's inductor calls its own deprecated torch.jit.script.
+        warnings.filterwarnings("ignore", "`torch.jit.script", DeprecationWarning)
+        for name in names:
+            try:
+                results[name] = ("ok", checks[name]())
+            except Exception:
+                results[name] = ("error", traceback.format_exc())
+    results["warnings"] = [f"{w.category.__name__}: {w.message}" for w in caught]
+    return results
+
+
+EAGER = [
+    "collectives",
+    "dp_eager",
+    "fsdp_eager",
+    "buffers_and_metrics",
+    "communication",
+    "errors",
+    "loop",
+    "two_states",
+]
+COMPILED = ["dp_compiled", "fsdp_compiled"]
+
+
+@pytest.fixture(scope="module")
+def ranks(request) -> list[dict[str, Any]]:
+    """The results of every check, from one spawn of 2 ranks (compiled checks only if selected)."""
+    selected = [i for i in request.session.items if i.module is request.module]
+    compiled = any(i.get_closest_marker("compiled") for i in selected)
+    return spawn(_checks, WORLD, args=(EAGER + COMPILED * compiled,), timeout=420)
+
+
+def _ok(results: list[dict[str, Any]], name: str) -> list[Any]:
+    values = []
+    for rank, result in enumerate(results):
+        status, value = result[name]
+        assert status == "ok", f"rank {rank}, check {name}:\n{value}"
+        values.append(value)
+    return values
+
+
+# ---- 2 processes ----------------------------------------------------------------------
+
+
+@pytest.mark.multiprocess
+def test_host_collectives_reduce_gather_and_broadcast_pytrees(ranks):
+    for out in _ok(ranks, "collectives"):
+        assert torch.equal(out["mean"]["t"], torch.tensor([1.5, 3.0]))
+        assert out["mean"]["n"] == 1.5 and out["mean"]["i"].item() == 0.5
+        assert out["sum"]["n"] == 3 and torch.equal(out["sum"]["t"], torch.tensor([3.0, 6.0]))
+        assert out["max"]["i"].item() == 1
+        assert torch.equal(out["gather"]["t"], torch.tensor([[0, 0], [1, 10]]))
+        assert out["gather"]["s"] == ["rank0", "rank1"]
+        assert (
+            torch.equal(out["broadcast"]["t"], torch.zeros(2)) and out["broadcast"]["s"] == "rank0"
+        )
+        assert out["input_untouched"]
+        # Every rank sees the mismatch and raises (none is left waiting in a collective).
+        assert "differs between ranks" in out["broadcast_mismatch"]
+        assert "`t: (1,) torch.float32` on rank 0" in out["broadcast_mismatch"]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("name", ["dp_eager", "fsdp_eager"])
+def test_two_ranks_match_one_process_on_the_concatenated_batch(ranks, name):
+    for out in _ok(ranks, name):
+        assert out["params"] <= TOL, out
+        assert out["opt_state"] <= TOL, out
+        assert out["loss"] <= TOL, out  # the loss metric is averaged over the ranks
+
+
+@pytest.mark.multiprocess
+@pytest.mark.compiled
+@pytest.mark.parametrize("name", ["dp_compiled", "fsdp_compiled"])
+def test_compiled_two_ranks_match_one_process_in_one_graph(ranks, name):
+    for out in _ok(ranks, name):
+        assert out["params"] <= TOL, out
+        assert out["opt_state"] <= TOL, out
+        assert out["loss"] <= TOL, out
+        assert out["graphs"] == 1, out  # collectives inside the graph, and no recompiles
+
+
+@pytest.mark.multiprocess
+def test_every_train_state_in_the_state_is_reduced_scalars_and_uneven_rows_included(ranks):
+    for out in _ok(ranks, "two_states"):
+        assert out["dp"] <= TOL and out["fsdp"] <= TOL, out
+
+
+@pytest.mark.multiprocess
+def test_fully_sharded_state_holds_row_chunks_of_params_and_optimizer_state(ranks):
+    assert all(out["layout"] for out in _ok(ranks, "fsdp_eager"))
+
+
+@pytest.mark.multiprocess
+def test_buffers_stay_equal_and_metrics_are_reduced_by_kind(ranks):
+    for out in _ok(ranks, "buffers_and_metrics"):
+        assert out["buffers_equal"]
+        assert out["n"] == 8  # integers summed: the global batch size
+        assert out["rank0"] is True  # booleans OR-ed
+        assert out["dp_eval"] <= TOL and out["fsdp_eval"] <= TOL
+
+
+@pytest.mark.multiprocess
+def test_gradients_go_in_one_bucket_and_only_the_optimizer_call_communicates(ranks):
+    for out in _ok(ranks, "communication"):
+        assert out["sync"] == 2  # one gradient bucket + one metrics bucket
+        assert out["no_sync"] == 0
+        assert out["tiny_buckets"] == out["n_params"] + 1  # a bucket per tensor at a tiny cap
+        # Only the optimizer call communicates: micro-batches before it do not.
+        assert out["accumulated"] == 2
+
+
+@pytest.mark.multiprocess
+def test_a_state_the_transforms_cannot_use_is_named_in_the_error(ranks):
+    for out in _ok(ranks, "errors"):
+        assert out["dp_no_train_state"].startswith("TypeError: `data_parallel`")
+        assert "holds none" in out["dp_no_train_state"]
+        assert out["fsdp_not_sharded"].startswith("TypeError: `fully_sharded` expects")
+        assert "`params.0.bias` is a plain Tensor" in out["fsdp_not_sharded"]
+
+
+@pytest.mark.multiprocess
+def test_loop_over_a_rank_sharded_loader_matches_one_process(ranks):
+    for out in _ok(ranks, "loop"):
+        assert out["dp"] <= TOL and out["fsdp"] <= TOL, out
+
+
+@pytest.mark.multiprocess
+def test_the_ranks_raise_no_warnings(ranks):
+    assert ranks[0]["warnings"] == [] and ranks[1]["warnings"] == []
+
+
+def _raise_on_rank_one(mesh: lfd.Mesh) -> None:
+    if mesh.global_rank == 1:
+        raise ValueError("boom on rank 1")
+    mesh.barrier()  # rank 0 would wait here forever without spawn's clean-up
+
+
+def _sleep(mesh: lfd.Mesh) -> None:
+    import time
+
+    time.sleep(60)
+
+
+@pytest.mark.multiprocess
+def test_spawn_reports_a_failing_rank_and_stops_the_others():
+    with pytest.raises(RuntimeError, match=r"rank 1 raised:(.|\n)*boom on rank 1"):
+        spawn(_raise_on_rank_one, WORLD, timeout=60)
+
+
+@pytest.mark.multiprocess
+def test_spawn_kills_every_rank_after_its_timeout():
+    # Killed while still starting up, or asleep: either way, within the timeout.
+    with pytest.raises(TimeoutError, match=r"did not finish within timeout=3"):
+        spawn(_sleep, WORLD, timeout=3)
+
+
+# ---- one process -------------------------------------------------------------------------
+
+
+def _two_rank_mesh(rank: int = 0) -> lfd.Mesh:
+    """A mesh that reports 2 ranks without a process group: for code that needs no collective."""
+    return lfd.Mesh(
+        world_size=2, global_rank=rank, local_rank=rank, node_rank=0, device=torch.device("cpu")
+    )
+
+
+def test_one_process_mesh_returns_inputs_and_steps_unchanged():
+    mesh = lfd.init_mesh(accelerator="cpu")
+    assert (mesh.world_size, mesh.global_rank, mesh.is_global_zero) == (1, 0, True)
+    tree = {"a": torch.ones(2), "n": 3}
+    assert mesh.all_reduce(tree, op="sum")["n"] == 3
+    assert torch.equal(mesh.all_gather(tree)["a"], torch.ones(1, 2))
+    assert mesh.broadcast(tree) is tree
+    mesh.barrier()
+    step = lambda s, b: (s, {})  # noqa: E731
+    assert lfd.data_parallel(step, mesh) is step
+    assert lfd.fully_sharded(step, mesh) is step
+    state = lf.TrainState.create(torch.nn.Linear(2, 2), lf.optim.sgd(0.1))
+    assert lfd.shard_state(state, mesh) is state
+    loader = DataLoader(TensorDataset(torch.arange(10)), batch_size=2, shuffle=True)
+    assert lfd.setup_dataloader(loader, mesh) is loader
+
+
+def test_rank_zero_prints_and_the_others_do_not(capsys):
+    lfd.Mesh.single().print("hello")
+    _two_rank_mesh(rank=1).print("quiet")
+    assert capsys.readouterr().out == "hello\n"
+
+
+@pytest.mark.parametrize(
+    ("drop_last", "expected"),
+    [(False, [[0, 2, 4, 6, 8, 10], [1, 3, 5, 7, 9, 0]]), (True, [[0, 2, 4, 6], [1, 3, 5, 7]])],
+)
+def test_setup_dataloader_gives_each_rank_its_share_of_the_order(drop_last, expected):
+    loader = DataLoader(TensorDataset(torch.arange(11)), batch_size=2, drop_last=drop_last)
+    shares = [
+        [int(i) for (batch,) in lfd.setup_dataloader(loader, _two_rank_mesh(rank)) for i in batch]
+        for rank in range(2)
+    ]
+    assert shares == expected  # DistributedSampler's: interleaved, padded by repeating the first
+
+
+def test_setup_dataloader_shuffles_by_seed_and_epoch_when_the_loader_shuffled():
+    loader = DataLoader(TensorDataset(torch.arange(64)), batch_size=4, shuffle=True)
+    orders = {}
+    for epoch in (0, 1):
+        for rank in range(2):
+            mine = lfd.setup_dataloader(loader, _two_rank_mesh(rank), seed=5)
+            mine.sampler.set_epoch(epoch)  # what lf.loop does every epoch
+            orders[epoch, rank] = [int(i) for (batch,) in mine for i in batch]
+    for epoch in (0, 1):
+        assert sorted(orders[epoch, 0] + orders[epoch, 1]) == list(range(64))
+    assert orders[0, 0] != orders[1, 0]
+    assert isinstance(loader.sampler, RandomSampler)  # the given loader is left as it was
+
+
+def test_setup_dataloader_keeps_the_loader_options():
+    loader = DataLoader(
+        TensorDataset(torch.arange(8)), batch_size=3, shuffle=False, collate_fn=list
+    )
+    mine = lfd.setup_dataloader(loader, _two_rank_mesh())
+    assert (mine.batch_size, mine.collate_fn, mine.sampler.shuffle) == (3, list, False)
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "match"),
+    [
+        (lambda d: [1, 2], TypeError, "re-makes plain torch.utils.data.DataLoaders, got list"),
+        (
+            lambda d: DataLoader(d, batch_sampler=[[0, 1], [2, 3]]),
+            TypeError,
+            "custom batch_sampler",
+        ),
+        (lambda d: DataLoader(d, sampler=[3, 2, 1]), TypeError, "custom sampler"),
+        (
+            lambda d: DataLoader(_Stream(), batch_size=2),
+            ValueError,
+            "cannot shard an IterableDataset",
+        ),
+    ],
+)
+def test_setup_dataloader_rejects_what_it_cannot_shard(make, error, match):
+    with pytest.raises(error, match=match):
+        lfd.setup_dataloader(make(TensorDataset(torch.arange(8))), _two_rank_mesh())
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        return iter(range(4))
+
+
+def test_bad_arguments_name_the_argument():
+    mesh = lfd.Mesh.single()
+    step = lambda s, b: (s, {})  # noqa: E731
+    with pytest.raises(
+        TypeError, match=r"`data_parallel`: `mesh` must be a lightfunc\.distributed\.Mesh"
+    ):
+        lfd.data_parallel(step, "cpu")
+    with pytest.raises(ValueError, match="`bucket_cap_mb` must be > 0, got 0"):
+        lfd.data_parallel(step, mesh, bucket_cap_mb=0)
+    with pytest.raises(TypeError, match="`bucket_cap_mb` must be a number"):
+        lfd.fully_sharded(step, mesh, bucket_cap_mb="25")
+    with pytest.raises(ValueError, match="`op` must be 'mean' or 'sum', got 'max'"):
+        lfd.reduce_gradients(lf.optim.sgd(0.1), mesh, op="max")
+    with pytest.raises(ValueError, match="`op` must be one of"):
+        mesh.all_reduce({"a": torch.ones(1)}, op="avg")
+    with pytest.raises(TypeError, match="reduces tensors and numbers, got str at `a`"):
+        mesh.all_reduce({"a": "x"})
+    with pytest.raises(ValueError, match="`src=2` is not a rank"):
+        mesh.broadcast({}, src=2)
+    with pytest.raises(ValueError, match="`accelerator` must be one of"):
+        lfd.init_mesh(accelerator="tpu")
+    with pytest.raises(TypeError, match="holds none"):
+        lfd.shard_state({"w": torch.ones(2)}, mesh)
+    with pytest.raises(ValueError, match="`nprocs` must be an int >= 1"):
+        spawn(step, 0)
+    with pytest.raises(ValueError, match="`timeout` must be positive"):
+        spawn(step, 1, timeout=0)
+
+
+def test_init_mesh_names_the_missing_launch_variables(monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name in ("LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ValueError, match="lacks LOCAL_RANK, MASTER_ADDR, MASTER_PORT"):
+        lfd.init_mesh(accelerator="cpu")
+
+
+def test_reduce_gradients_on_one_process_is_the_optimizer_itself():
+    tx = lf.optim.sgd(0.1)
+    assert lfd.reduce_gradients(tx, lfd.Mesh.single()) is tx
