@@ -23,6 +23,12 @@ from ._checkpoint import read_metadata as read_metadata
 from ._checkpoint import save as save
 from ._compile import CompileOptions as CompileOptions
 from ._compile import compile_counts as compile_counts
+from ._compose import ensemble as ensemble
+from ._compose import member_count as member_count
+from ._compose import per_example_grads as per_example_grads
+from ._compose import stack_states as stack_states
+from ._compose import unstack_states as unstack_states
+from ._compose import vmap_members as vmap_members
 from ._data import Loader as Loader
 from ._device import resolve_device as resolve_device
 from ._device import to_device as to_device
