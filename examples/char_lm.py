@@ -14,7 +14,13 @@ CPU with AVX512-BF16 / AMX; else fp32), checkpoints under `--run-dir`, and
 loss in bits per byte and samples text from a prompt.
 
 Measured (2 vCPU AMD EPYC with AVX512-BF16, torch 2.13 CPU, bf16-mixed,
-compiled, default settings): RESULT_LINE
+compiled, default settings, on a machine shared with other jobs): 600 steps
+in 430 s, validation 2.445 bits per byte (a uniform guess is 8; the
+training loss ended at 1.47 nats). The sample has Python's shape, not its
+sense:
+
+    def size in ot self._comprecode + so opys.stestd
+                          self.negr_mit_spattt():
 """
 
 from __future__ import annotations
