@@ -34,6 +34,7 @@ from ._rng import RngKey, seeded
 from ._tree import PyTree, describe_leaf, tree_flatten_with_paths, tree_structure
 
 S = TypeVar("S")
+Strategy = Literal["ddp", "fsdp"] | None
 Metrics = dict[str, torch.Tensor]
 TrainStepFn = Callable[[Any, Any], tuple[Any, Metrics]]
 EvalStepFn = Callable[[Any, Any], Any]
@@ -50,6 +51,7 @@ class Step(Generic[S]):
         precision: the `Policy` the step runs under, or None (as written).
         skip_nonfinite: whether updates with non-finite gradients are skipped.
         accumulate_grad_batches: micro-batches per optimizer update (1: none).
+        strategy: "ddp" or "fsdp" over `mesh`, or None (one process).
     """
 
     def __init__(
@@ -62,6 +64,8 @@ class Step(Generic[S]):
         precision: Policy | None = None,
         skip_nonfinite: bool = False,
         accumulate_grad_batches: int = 1,
+        strategy: Strategy = None,
+        mesh: Any = None,
     ) -> None:
         self.fn = fn
         self.kind = kind
@@ -69,19 +73,27 @@ class Step(Generic[S]):
         self.precision = precision
         self.skip_nonfinite = skip_nonfinite
         self.accumulate_grad_batches = accumulate_grad_batches
+        self.strategy = strategy
+        self.mesh = mesh
         # Transforms wrap the user's function before compilation, so that
         # they land in the same graph.
-        self._fn = (
+        fn_ = (
             fn
             if precision is None
             else apply_policy(fn, precision, skip_nonfinite=skip_nonfinite, kind=kind)
         )
+        self._fn = fn_
+        if strategy is not None:
+            # Outermost, so that the collectives land in the same graph.
+            self._fn = _shard(self._fn, strategy, mesh, kind)
         self._run = self._fn if compile_options is None else compile_fn(self._fn, compile_options)
         if accumulate_grad_batches > 1:
-            # Two graphs: the first n-1 micro-batches (no update) and the last.
+            # Two graphs: the first n-1 micro-batches (no update, and no gradient
+            # or buffer communication) and the last.
+            first = self._fn if strategy is None else _shard(fn_, strategy, mesh, kind, sync=False)
             self._micro, self._final = (
                 f if compile_options is None else compile_fn(f, compile_options)
-                for f in (micro_step(self._fn, final=False), micro_step(self._fn, final=True))
+                for f in (micro_step(first, final=False), micro_step(self._fn, final=True))
             )
             self._run = self._accumulated
             self._weights: dict[tuple[float, ...], list[torch.Tensor]] = {}
@@ -158,6 +170,8 @@ class Step(Generic[S]):
             how += f", precision={describe(self.precision)}"
         if self.accumulate_grad_batches > 1:
             how += f", accumulate_grad_batches={self.accumulate_grad_batches}"
+        if self.strategy is not None:
+            how += f", strategy={self.strategy!r} over {self.mesh.world_size} ranks"
         return f"Step({self.__name__}, kind={self.kind}, {how})"
 
 
@@ -169,6 +183,8 @@ def build(
     precision: str | int | Policy | None = None,
     skip_nonfinite: bool | None = None,
     accumulate_grad_batches: int = 1,
+    strategy: Strategy = None,
+    mesh: Any = None,
 ) -> Step[Any]:
     """Build a train step: `train_step(state, batch) -> (new_state, metrics)`.
 
@@ -192,6 +208,13 @@ def build(
             along dim 0 and make one optimizer update from their weighted mean
             gradient (see `lightfunc/_accumulate.py`). The step must update
             through `state.apply_gradients`. Peak memory is one micro-batch's.
+        strategy: "ddp" (data parallel: `lightfunc.distributed.data_parallel`)
+            or "fsdp" (fully sharded: `lightfunc.distributed.fully_sharded`;
+            shard the state with `lightfunc.distributed.shard_state`), over
+            `mesh`; None runs on one process. Launch the script with
+            `lightfunc run --nproc-per-node N`; on one process both are no-ops.
+        mesh: the `lightfunc.distributed.Mesh`; default `init_mesh()` (the
+            launched processes, or this one).
 
     Returns:
         A `Step`, called as `new_state, metrics = step(state, batch)`.
@@ -239,6 +262,11 @@ def build(
             f"scaling or skip_nonfinite (precision={describe(pol) if pol else None}): skipping "
             f"is decided per micro-batch, not per update. Use bf16-mixed, or no accumulation."
         )
+    if skip and strategy == "fsdp":
+        raise ValueError(
+            f"strategy='fsdp' cannot yet be combined with loss scaling or skip_nonfinite "
+            f"(precision={describe(pol) if pol else None}); use bf16-mixed, or strategy='ddp'."
+        )
     return Step(
         train_step,
         kind="train",
@@ -247,6 +275,8 @@ def build(
         precision=pol,
         skip_nonfinite=skip,
         accumulate_grad_batches=accumulate_grad_batches,
+        strategy=_check_strategy(strategy),
+        mesh=_default_mesh(strategy, mesh),
     )
 
 
@@ -256,12 +286,16 @@ def build_eval(
     compile: bool | str | CompileOptions = True,
     validate: bool = True,
     precision: str | int | Policy | None = None,
+    strategy: Strategy = None,
+    mesh: Any = None,
 ) -> Step[Any]:
     """Build an eval or predict step: `eval_step(state, batch) -> metrics or outputs`.
 
-    Same compile and precision options as `build`; the returned floating
-    tensors are cast to the policy's output dtype. The RNG key is neither
-    used nor advanced: eval steps should run the model with `train=False`.
+    Same compile, precision and strategy options as `build`; the returned
+    floating tensors are cast to the policy's output dtype, and under a
+    strategy the metrics are averaged over the ranks (each evaluating its
+    own batches). The RNG key is neither used nor advanced: eval steps should
+    run the model with `train=False`.
     """
     _check_callable(eval_step, "eval_step")
     return Step(
@@ -270,6 +304,8 @@ def build_eval(
         compile_options=as_compile_options(compile),
         validate=validate,
         precision=None if precision is None else policy(precision),
+        strategy=_check_strategy(strategy),
+        mesh=_default_mesh(strategy, mesh),
     )
 
 
@@ -282,6 +318,48 @@ def _check_callable(fn: Any, name: str) -> None:
         raise TypeError(
             f"`{name}` must be a function `(state, batch) -> ...`, got {type(fn).__name__}."
         )
+
+
+def _check_strategy(strategy: Any) -> Strategy:
+    if strategy not in (None, "ddp", "fsdp"):
+        raise ValueError(
+            f"`strategy` must be 'ddp' (data parallel), 'fsdp' (fully sharded) or None, "
+            f"got {strategy!r}."
+        )
+    return strategy
+
+
+def _default_mesh(strategy: Strategy, mesh: Any) -> Any:
+    if strategy is None:
+        if mesh is not None:
+            raise ValueError("`mesh` is only used with a `strategy` ('ddp' or 'fsdp').")
+        return None
+    from .distributed import Mesh, init_mesh  # lazy: torch.distributed only when sharding
+
+    if mesh is None:
+        return init_mesh()
+    if not isinstance(mesh, Mesh):
+        raise TypeError(
+            f"`mesh` must be a lightfunc.distributed.Mesh (from init_mesh()), got "
+            f"{type(mesh).__name__}."
+        )
+    return mesh
+
+
+def _shard(
+    fn: Callable[..., Any], strategy: str, mesh: Any, kind: str, *, sync: bool = True
+) -> Callable[..., Any]:
+    """`fn` under a sharding strategy; `sync=False` for a non-final micro-batch."""
+    from . import distributed as lfd
+
+    if kind == "eval":
+        wrap = lfd.data_parallel_eval if strategy == "ddp" else lfd.fully_sharded_eval
+        return wrap(fn, mesh)
+    # Both reduce gradients inside the optimizer call, which accumulation defers
+    # to the last micro-batch; the others hold back only the buffer averaging,
+    # and still reduce their metrics (a few scalars), so every rank's metrics agree.
+    wrap = lfd.data_parallel if strategy == "ddp" else lfd.fully_sharded
+    return wrap(fn, mesh, sync_buffers=sync)
 
 
 def _with_key(state: Any, key: RngKey | None) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -56,7 +57,8 @@ def resolve_device(
 
 def _device_index(devices: int | str | list[int]) -> int:
     if devices in ("auto", 1):
-        return 0
+        # One device per process: a launched process uses the one matching its local rank.
+        return int(os.environ.get("LOCAL_RANK", "0"))
     if isinstance(devices, list) and len(devices) == 1 and isinstance(devices[0], int):
         return devices[0]
     raise ValueError(

@@ -469,13 +469,18 @@ def apply_policy(
                 f"loss and checks the gradients; `{getattr(fn, '__name__', 'step')}` never "
                 f"called it."
             )
-        finite = torch.stack(scaling.finite).all()
+        # The new state's finiteness too: under data parallelism the update used
+        # gradients averaged over the ranks, which are non-finite on every rank
+        # if they are on any one, so every rank makes the same choice.
+        finite = torch.stack([*scaling.finite, _tensors_finite(new_state)]).all()
         new_scale = scale.update(finite)
         new_state = _set_loss_scale(_select(finite, new_state, state), new_scale)
         metrics = dict(metrics)
         if scale.dynamic:
             metrics["loss_scale"] = scale.scale
-        metrics["skipped_steps"] = new_scale.skipped
+        # A float, so that reducing metrics over ranks (floats are averaged,
+        # ints summed) keeps the count, which every rank shares.
+        metrics["skipped_steps"] = new_scale.skipped.to(torch.float32)
         return new_state, metrics
 
     precise.__name__ = getattr(fn, "__name__", "step")
@@ -510,6 +515,30 @@ def _select(finite: torch.Tensor, new: Any, old: Any) -> Any:
     if isinstance(new, tuple):  # a namedtuple
         return type(new)(*(_select(finite, a, b) for a, b in zip(new, old, strict=True)))
     return new
+
+
+def _tensors_finite(tree: Any) -> torch.Tensor:
+    """Whether every floating tensor in `tree` (walked like `_select`) is finite."""
+    found: list[torch.Tensor] = []
+    _collect_floating(tree, found)
+    if not found:
+        return torch.ones((), dtype=torch.bool)
+    return torch.stack([torch.isfinite(x).all() for x in found]).all()
+
+
+def _collect_floating(tree: Any, out: list[torch.Tensor]) -> None:
+    if isinstance(tree, torch.Tensor):
+        if tree.is_floating_point():
+            out.append(tree)
+    elif dataclasses.is_dataclass(tree) and not isinstance(tree, type):
+        for f in dataclasses.fields(tree):
+            _collect_floating(getattr(tree, f.name), out)
+    elif isinstance(tree, Mapping):
+        for v in tree.values():
+            _collect_floating(v, out)
+    elif isinstance(tree, (list, tuple)):
+        for v in tree:
+            _collect_floating(v, out)
 
 
 def _device_type(*trees: Any) -> str:

@@ -306,6 +306,47 @@ def _loop_with_loader(mesh: lfd.Mesh) -> dict[str, float]:
     return {"dp": _max_diff(dp, single), "fsdp": _max_diff(lfd.gather_state(fsdp), single)}
 
 
+def _build_strategy(mesh: lfd.Mesh) -> dict[str, Any]:
+    """`lf.build(strategy="ddp")`, with accumulation and with float16 loss scaling."""
+    model = make_model(0, batchnorm=False)
+    train_step, _ = make_steps(model)
+    fresh = lf.TrainState.create(model, _optimizer(), seed=None)
+    mine = [_mine(b, mesh) for b in _data()]
+    ddp = lf.build(train_step, compile=False, strategy="ddp", mesh=mesh)
+    accumulated = lf.build(
+        train_step, compile=False, strategy="ddp", mesh=mesh, accumulate_grad_batches=2
+    )
+    plain, _ = _train(ddp, fresh, mine)
+    acc, _ = _train(accumulated, fresh, mine)
+    ref, _ = _reference()
+    counts = {}
+    for name, step in (("ddp", ddp), ("accumulated", accumulated)):
+        step(fresh, mine[0])  # the first call validates; count a later one
+        with _CountCollectives() as comm:
+            step(fresh, mine[0])
+        counts[name] = comm.count
+
+    # 16-mixed: rank 1 alone overflows at step 2; both ranks must skip it.
+    half = lf.build(train_step, compile=False, strategy="ddp", mesh=mesh, precision="16-mixed")
+    state = lf.TrainState.create(model, _optimizer(), seed=None, precision="16-mixed")
+    skipped = []
+    for i, (x, y) in enumerate(mine[:4]):
+        if i == 1 and mesh.global_rank == 1:
+            x = x * float("inf")
+        state, metrics = half(state, (x, y))
+        skipped.append(int(metrics["skipped_steps"]))
+    return {
+        "ddp": _max_diff(plain.params, ref.params),
+        "accumulated": _max_diff(acc.params, ref.params),
+        "counts": counts,
+        "repr": repr(ddp),
+        "skipped": skipped,
+        "step": int(state.step),
+        "scale": float(state.loss_scale.scale),
+        "params": [x.tolist() for x in lf.tree_leaves(state.params)],
+    }
+
+
 def _checks(mesh: lfd.Mesh, names: list[str]) -> dict[str, Any]:
     """Run the named checks; each result is ("ok", value) or ("error", traceback); warnings listed."""
     checks: dict[str, Callable[[], Any]] = {
@@ -319,6 +360,7 @@ def _checks(mesh: lfd.Mesh, names: list[str]) -> dict[str, Any]:
         "errors": lambda: _errors(mesh),
         "loop": lambda: _loop_with_loader(mesh),
         "two_states": lambda: _two_states_run(mesh),
+        "build_strategy": lambda: _build_strategy(mesh),
     }
     torch._inductor.config.compile_threads = 1  # 2 ranks share 2 cores: no compile worker pools
     results: dict[str, Any] = {}
@@ -344,6 +386,7 @@ EAGER = [
     "errors",
     "loop",
     "two_states",
+    "build_strategy",
 ]
 COMPILED = ["dp_compiled", "fsdp_compiled"]
 
@@ -454,6 +497,25 @@ def test_loop_over_a_rank_sharded_loader_matches_one_process(ranks):
 @pytest.mark.multiprocess
 def test_the_ranks_raise_no_warnings(ranks):
     assert ranks[0]["warnings"] == [] and ranks[1]["warnings"] == []
+
+
+@pytest.mark.multiprocess
+def test_build_strategy_ddp_matches_one_process_and_accumulates_without_gradient_sync(ranks):
+    for result in _ok(ranks, "build_strategy"):
+        assert result["ddp"] <= TOL and result["accumulated"] <= TOL
+        assert "strategy='ddp' over 2 ranks" in result["repr"]
+        # One step: a gradient bucket and a metrics bucket. Accumulated over 2
+        # micro-batches: the first reduces only its metrics; the gradients go once.
+        assert result["counts"] == {"ddp": 2, "accumulated": 3}
+
+
+@pytest.mark.multiprocess
+def test_loss_scaling_under_ddp_skips_on_every_rank_when_one_overflows(ranks):
+    rank0, rank1 = _ok(ranks, "build_strategy")
+    assert rank0["skipped"] == rank1["skipped"] == [0, 1, 1, 1]
+    assert rank0["step"] == rank1["step"] == 3
+    assert rank0["scale"] == rank1["scale"] == 2.0**15
+    assert rank0["params"] == rank1["params"]  # the ranks did not diverge
 
 
 def _raise_on_rank_one(mesh: lfd.Mesh) -> None:
@@ -617,3 +679,24 @@ def test_init_mesh_names_the_missing_launch_variables(monkeypatch):
 def test_reduce_gradients_on_one_process_is_the_optimizer_itself():
     tx = lf.optim.sgd(0.1)
     assert lfd.reduce_gradients(tx, lfd.Mesh.single()) is tx
+
+
+def test_build_strategy_on_one_process_runs_the_plain_step_and_checks_its_arguments():
+    model = make_model(0, batchnorm=False)
+    train_step, _ = make_steps(model)
+    state = lf.TrainState.create(model, _optimizer(), seed=None)
+    batch = _data(steps=1)[0]
+    plain, _ = lf.build(train_step, compile=False)(state, batch)
+    for strategy in ("ddp", "fsdp"):
+        step = lf.build(train_step, compile=False, strategy=strategy)
+        assert step.mesh.world_size == 1
+        one, _ = step(state, batch)
+        assert _max_diff(one.params, plain.params) == 0.0
+    with pytest.raises(ValueError, match=r"`strategy` must be 'ddp'.*got 'dp'"):
+        lf.build(train_step, strategy="dp")
+    with pytest.raises(ValueError, match=r"`mesh` is only used with a `strategy`"):
+        lf.build(train_step, mesh=lfd.Mesh.single())
+    with pytest.raises(TypeError, match=r"`mesh` must be a lightfunc\.distributed\.Mesh"):
+        lf.build(train_step, strategy="ddp", mesh="cpu")
+    with pytest.raises(ValueError, match="strategy='fsdp' cannot yet be combined with loss"):
+        lf.build(train_step, strategy="fsdp", precision="16-mixed")
