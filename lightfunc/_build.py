@@ -353,8 +353,8 @@ def _shard(
     from . import distributed as lfd
 
     if kind == "eval":
-        wrap = lfd.data_parallel_eval if strategy == "ddp" else lfd.fully_sharded_eval
-        return wrap(fn, mesh)
+        wrap_eval = lfd.data_parallel_eval if strategy == "ddp" else lfd.fully_sharded_eval
+        return wrap_eval(fn, mesh)
     # Both reduce gradients inside the optimizer call, which accumulation defers
     # to the last micro-batch; the others hold back only the buffer averaging,
     # and still reduce their metrics (a few scalars), so every rank's metrics agree.
