@@ -125,12 +125,19 @@ class CheckpointManager:
     # -- writing --------------------------------------------------------------
 
     def save(self, ts: TrainerState, *, reason: str = "scheduled") -> Path:
-        """Save `ts` now (whatever the schedule), prune, update the index; returns the path."""
+        """Save `ts` now (whatever the schedule), prune, update the index; returns the path.
+
+        Under `torch.distributed` only global rank 0 writes; the other ranks
+        return the path rank 0 writes (a data-parallel state is the same on
+        every rank). Sharded states use `lightfunc.distributed.save_sharded`.
+        """
         score = self._score(ts)
         fields: dict[str, Any] = {"step": ts.step, "epoch": ts.epoch, "batch_idx": ts.batch_idx}
         if self.monitor is not None:
             fields[self.monitor] = float("nan") if score is None else score
         path = self.directory / (self.filename.format(**fields) + SUFFIX)
+        if not _writes_here():
+            return path  # rank 0 writes it; its decisions match, as the metrics are reduced
         resumable = ts.replace(metrics={}, eval_metrics=None, eval_at_step=-1)
         meta = {
             "step": ts.step,
@@ -306,3 +313,10 @@ class CheckpointManager:
             raise ValueError(
                 f"`filename={filename!r}` must be a plain file name (no '{os.sep}', not starting with '.')."
             )
+
+
+def _writes_here() -> bool:
+    """True outside `torch.distributed`, or on its global rank 0."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0

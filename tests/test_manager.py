@@ -132,3 +132,17 @@ def test_a_tie_keeps_the_earlier_checkpoint(tmp_path):
     for step, val in [(1, 0.5), (2, 0.3), (3, 0.3), (4, 0.4)]:
         manager.update(_ts(step, val_loss=val))
     assert [p.name for p in manager.checkpoints()] == ["step=2.safetensors"]
+
+
+def test_only_global_rank_zero_writes(tmp_path, monkeypatch):
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 1)
+    manager = lf.CheckpointManager(tmp_path / "ckpt", every_n_steps=1)
+    state = lf.TrainerState(state={"w": torch.ones(2)}, step=1)
+    path = manager.update(state)
+    assert path is not None and path.name.startswith("step=1")
+    assert not path.exists() and not (tmp_path / "ckpt" / "index.json").exists()
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    assert manager.update(state).exists()
