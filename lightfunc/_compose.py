@@ -22,23 +22,24 @@ state (tested to 1e-6 in fp32, with BatchNorm and AdamW; bit-identical on
 CPU). `randomness="same"` gives every member the same masks; `"error"`
 raises on any random op.
 
-States are walked by hand here, not with `tree_map`: these functions run
-inside compiled steps, and in torch 2.13 dynamo cannot flatten an optree node
-that holds an empty dict (the `buffers` of a model without any). The walk
-goes through dataclasses, dicts, lists, tuples and namedtuples; any other
-object (an `RngKey`, the optimizer) is static and shared by all members.
+States are walked by hand here (`_tree.tree_walk` / `tree_rebuild`), not
+with `tree_map`: these functions run inside compiled steps, and in torch 2.13
+dynamo cannot flatten an optree node that holds an empty dict (the `buffers`
+of a model without any). The walk goes through dataclasses, dicts, lists,
+tuples and namedtuples; any other object (an `RngKey`, the optimizer) is
+static and shared by all members.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, TypeVar
 
 import torch
 
 from ._func import _check_loss, _describe
-from ._tree import tree_paths, tree_structure
+from ._tree import tree_paths, tree_rebuild, tree_structure, tree_walk
 
 S = TypeVar("S")
 Randomness = Literal["error", "different", "same"]
@@ -80,13 +81,13 @@ def stack_states(states: Sequence[S]) -> S:
     if not states:
         raise ValueError("`states` is empty; pass at least one state to `stack_states`.")
     first = states[0]
-    first_paths, first_leaves = _flatten(first)
+    first_paths, first_leaves = tree_walk(first)
     for k, state in enumerate(states[1:], start=1):
         if _structure(state) != _structure(first):
             raise ValueError(
                 f"`states[{k}]` has a different structure from `states[0]`: " + _why(first, state)
             )
-        _, leaves = _flatten(state)
+        _, leaves = tree_walk(state)
         for path, a, b in zip(first_paths, first_leaves, leaves, strict=True):
             if (a.shape, a.dtype, a.device) != (b.shape, b.dtype, b.device):
                 raise ValueError(
@@ -94,8 +95,8 @@ def stack_states(states: Sequence[S]) -> S:
                     f"{_leaf(b)}, expected {_leaf(a)} (as in `states[0]`). Members must have "
                     f"the same shapes, dtypes and devices."
                 )
-    columns = zip(*(_flatten(s)[1] for s in states), strict=True)
-    return _rebuild(first, iter([torch.stack(column) for column in columns]))
+    columns = zip(*(tree_walk(s)[1] for s in states), strict=True)
+    return tree_rebuild(first, iter([torch.stack(column) for column in columns]))
 
 
 def unstack_states(stacked: S) -> list[S]:
@@ -116,8 +117,8 @@ def unstack_states(stacked: S) -> list[S]:
         (2, (2, 4))
     """
     size = member_count(stacked)
-    _, leaves = _flatten(stacked)
-    return [_rebuild(stacked, iter([x[k] for x in leaves])) for k in range(size)]
+    _, leaves = tree_walk(stacked)
+    return [tree_rebuild(stacked, iter([x[k] for x in leaves])) for k in range(size)]
 
 
 def member_count(stacked: Any) -> int:
@@ -126,7 +127,7 @@ def member_count(stacked: Any) -> int:
     Raises:
         ValueError: as for `unstack_states`.
     """
-    paths, leaves = _flatten(stacked)
+    paths, leaves = tree_walk(stacked)
     if not leaves:
         raise ValueError("`stacked` holds no tensors; expected a state made by `stack_states`.")
     sizes: dict[int, str] = {}
@@ -182,10 +183,10 @@ def vmap_members(
     _check_randomness(randomness)
 
     def mapped(stacked: Any, *args: Any) -> Any:
-        _, leaves = _flatten(stacked)
+        _, leaves = tree_walk(stacked)
 
         def one(leaves: list[torch.Tensor], *args: Any) -> Any:
-            return fn(_rebuild(stacked, iter(leaves)), *args)
+            return fn(tree_rebuild(stacked, iter(leaves)), *args)
 
         in_dims = (0, *(member_axis for _ in args))
         return torch.func.vmap(one, in_dims=in_dims, randomness=randomness)(leaves, *args)
@@ -250,11 +251,11 @@ def ensemble(
         )
 
     def ensemble_step(stacked: Any, batch: Any) -> tuple[Any, dict[str, torch.Tensor]]:
-        _, leaves = _flatten(stacked)
+        _, leaves = tree_walk(stacked)
 
         def one(leaves: list[torch.Tensor], batch: Any) -> tuple[list[torch.Tensor], Any]:
-            new_state, metrics = train_step(_rebuild(stacked, iter(leaves)), batch)
-            _, new_leaves = _flatten(new_state)
+            new_state, metrics = train_step(tree_rebuild(stacked, iter(leaves)), batch)
+            _, new_leaves = tree_walk(new_state)
             if len(new_leaves) != len(leaves):
                 raise ValueError(
                     f"`train_step` returned a state with {len(new_leaves)} tensors from one with "
@@ -276,7 +277,7 @@ def ensemble(
         if member_metrics:
             for name, value in metrics.items():
                 reduced.update({f"{name}/{k}": value[k] for k in range(value.shape[0])})
-        return _rebuild(stacked, iter(new_leaves)), reduced
+        return tree_rebuild(stacked, iter(new_leaves)), reduced
 
     ensemble_step.__name__ = f"ensemble({getattr(train_step, '__name__', 'train_step')})"
     return ensemble_step
@@ -345,60 +346,6 @@ def per_example_grads(
 
     per_example.__name__ = f"per_example_grads({getattr(loss_fn, '__name__', 'loss_fn')})"
     return per_example
-
-
-# --- walking states by hand (see the module docstring for why not tree_map) ---
-
-
-def _flatten(tree: Any) -> tuple[list[str], list[torch.Tensor]]:
-    """Paths and tensors of `tree`, depth first: dataclass fields, dict items, sequence items."""
-    paths: list[str] = []
-    leaves: list[torch.Tensor] = []
-
-    def visit(node: Any, path: str) -> None:
-        if isinstance(node, torch.Tensor):
-            paths.append(path or "<root>")
-            leaves.append(node)
-        elif dataclasses.is_dataclass(node) and not isinstance(node, type):
-            for f in dataclasses.fields(node):
-                visit(getattr(node, f.name), f"{path}.{f.name}" if path else f.name)
-        elif isinstance(node, dict):
-            for key, value in node.items():
-                visit(value, f"{path}.{key}" if path else str(key))
-        elif isinstance(node, (list, tuple)):
-            for i, value in enumerate(node):
-                visit(value, f"{path}[{i}]")
-
-    visit(tree, "")
-    return paths, leaves
-
-
-def _rebuild(template: Any, leaves: Iterator[torch.Tensor]) -> Any:
-    """`template` with its tensors replaced, in `_flatten`'s order, by `leaves`."""
-    if isinstance(template, torch.Tensor):
-        return next(leaves)
-    if dataclasses.is_dataclass(template) and not isinstance(template, type):
-        names = [f.name for f in dataclasses.fields(template)]
-        old = [getattr(template, n) for n in names]
-        new = [_rebuild(v, leaves) for v in old]
-        if all(a is b for a, b in zip(old, new, strict=True)):
-            return template
-        return dataclasses.replace(template, **dict(zip(names, new, strict=True)))
-    if isinstance(template, dict):
-        entries = {key: _rebuild(value, leaves) for key, value in template.items()}
-        if type(template) is dict:
-            return entries
-        copy = template.copy()  # an OrderedDict, a defaultdict, ...: keep its type
-        copy.update(entries)
-        return copy
-    if isinstance(template, (list, tuple)):
-        items = [_rebuild(v, leaves) for v in template]
-        if all(a is b for a, b in zip(template, items, strict=True)):
-            return template
-        if isinstance(template, tuple) and hasattr(template, "_fields"):  # a namedtuple
-            return type(template)(*items)
-        return type(template)(items)
-    return template
 
 
 def _structure(state: Any) -> Any:

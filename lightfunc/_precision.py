@@ -63,7 +63,7 @@ from typing import Any
 
 import torch
 
-from ._tree import PyTree, register_dataclass, tree_leaves, tree_map
+from ._tree import PyTree, register_dataclass, tree_leaves, tree_map, tree_rebuild, tree_walk
 
 
 @dataclasses.dataclass(frozen=True)
@@ -492,77 +492,26 @@ def apply_policy(
     return precise
 
 
-# The two helpers below walk states by hand rather than with `tree_map`: they
-# run inside compiled steps, and dynamo cannot flatten a registered dataclass
-# whose static fields hold objects such as the optimizer (torch 2.13).
-
-
 def _select(finite: torch.Tensor, new: Any, old: Any) -> Any:
-    """`apply_if_finite` for whole states: dataclasses, dicts, lists and tuples of tensors."""
-    if isinstance(new, torch.Tensor) and isinstance(old, torch.Tensor):
-        return torch.where(finite, new, old)
-    if dataclasses.is_dataclass(new) and not isinstance(new, type):
-        changes = {
-            f.name: _select(finite, getattr(new, f.name), getattr(old, f.name))
-            for f in dataclasses.fields(new)
-            if f.init
-        }
-        return dataclasses.replace(new, **changes)
-    if isinstance(new, Mapping):
-        return {k: _select(finite, v, old[k]) for k, v in new.items()}
-    if isinstance(new, (list, tuple)) and not hasattr(new, "_fields"):
-        return type(new)(_select(finite, a, b) for a, b in zip(new, old, strict=True))
-    if isinstance(new, tuple):  # a namedtuple
-        return type(new)(*(_select(finite, a, b) for a, b in zip(new, old, strict=True)))
-    return new
+    """`apply_if_finite` for whole states, walked by hand (it runs inside compiled steps)."""
+    _, new_leaves = tree_walk(new)
+    _, old_leaves = tree_walk(old)
+    picked = [torch.where(finite, a, b) for a, b in zip(new_leaves, old_leaves, strict=True)]
+    return tree_rebuild(new, iter(picked))
 
 
 def _tensors_finite(tree: Any) -> torch.Tensor:
-    """Whether every floating tensor in `tree` (walked like `_select`) is finite."""
-    found: list[torch.Tensor] = []
-    _collect_floating(tree, found)
+    """Whether every floating tensor in `tree` is finite (a 0-d bool tensor)."""
+    found = [x for x in tree_walk(tree)[1] if x.is_floating_point()]
     if not found:
         return torch.ones((), dtype=torch.bool)
     return torch.stack([torch.isfinite(x).all() for x in found]).all()
 
 
-def _collect_floating(tree: Any, out: list[torch.Tensor]) -> None:
-    if isinstance(tree, torch.Tensor):
-        if tree.is_floating_point():
-            out.append(tree)
-    elif dataclasses.is_dataclass(tree) and not isinstance(tree, type):
-        for f in dataclasses.fields(tree):
-            _collect_floating(getattr(tree, f.name), out)
-    elif isinstance(tree, Mapping):
-        for v in tree.values():
-            _collect_floating(v, out)
-    elif isinstance(tree, (list, tuple)):
-        for v in tree:
-            _collect_floating(v, out)
-
-
 def _device_type(*trees: Any) -> str:
     """The device type of the first tensor found in `trees` ("cpu" if none)."""
     for tree in trees:
-        found = _first_tensor(tree)
-        if found is not None:
-            return found.device.type
+        _, leaves = tree_walk(tree)
+        if leaves:
+            return leaves[0].device.type
     return "cpu"
-
-
-def _first_tensor(tree: Any) -> torch.Tensor | None:
-    if isinstance(tree, torch.Tensor):
-        return tree
-    if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
-        children = [getattr(tree, f.name) for f in dataclasses.fields(tree)]
-    elif isinstance(tree, Mapping):
-        children = list(tree.values())
-    elif isinstance(tree, (list, tuple)):
-        children = list(tree)
-    else:
-        return None
-    for child in children:
-        found = _first_tensor(child)
-        if found is not None:
-            return found
-    return None

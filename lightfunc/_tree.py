@@ -9,7 +9,7 @@ them never has to pass one.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 import optree
@@ -154,3 +154,62 @@ def describe_leaf(x: Any) -> str:
     if isinstance(x, torch.Tensor):
         return f"Tensor(shape={tuple(x.shape)}, dtype={str(x.dtype).removeprefix('torch.')}, device={x.device})"
     return f"{type(x).__name__}({x!r})"
+
+
+def tree_walk(tree: Any) -> tuple[list[str], list[torch.Tensor]]:
+    """Paths and tensors of `tree`, depth first: dataclass fields, dict items, sequence items.
+
+    `tree_walk` and `tree_rebuild` are `tree_flatten_with_paths` / `tree_unflatten`
+    written as plain Python over dataclasses, dicts, lists and tuples, for code
+    that runs inside `torch.compile`: dynamo (torch 2.13) cannot flatten a
+    registered dataclass whose static fields hold objects such as an
+    optimizer, nor an optree node holding an empty dict. Only tensors are
+    leaves; everything else is kept as it is.
+    """
+    paths: list[str] = []
+    leaves: list[torch.Tensor] = []
+
+    def visit(node: Any, path: str) -> None:
+        if isinstance(node, torch.Tensor):
+            paths.append(path or "<root>")
+            leaves.append(node)
+        elif dataclasses.is_dataclass(node) and not isinstance(node, type):
+            for f in dataclasses.fields(node):
+                visit(getattr(node, f.name), f"{path}.{f.name}" if path else f.name)
+        elif isinstance(node, dict):
+            for key, value in node.items():
+                visit(value, f"{path}.{key}" if path else str(key))
+        elif isinstance(node, (list, tuple)):
+            for i, value in enumerate(node):
+                visit(value, f"{path}[{i}]")
+
+    visit(tree, "")
+    return paths, leaves
+
+
+def tree_rebuild(template: Any, leaves: Iterator[torch.Tensor]) -> Any:
+    """`template` with its tensors replaced, in `tree_walk`'s order, by `leaves`."""
+    if isinstance(template, torch.Tensor):
+        return next(leaves)
+    if dataclasses.is_dataclass(template) and not isinstance(template, type):
+        names = [f.name for f in dataclasses.fields(template)]
+        old = [getattr(template, n) for n in names]
+        new = [tree_rebuild(v, leaves) for v in old]
+        if all(a is b for a, b in zip(old, new, strict=True)):
+            return template
+        return dataclasses.replace(template, **dict(zip(names, new, strict=True)))
+    if isinstance(template, dict):
+        entries = {key: tree_rebuild(value, leaves) for key, value in template.items()}
+        if type(template) is dict:
+            return entries
+        copy = template.copy()  # an OrderedDict, a defaultdict, ...: keep its type
+        copy.update(entries)
+        return copy
+    if isinstance(template, (list, tuple)):
+        items = [tree_rebuild(v, leaves) for v in template]
+        if all(a is b for a, b in zip(template, items, strict=True)):
+            return template
+        if isinstance(template, tuple) and hasattr(template, "_fields"):  # a namedtuple
+            return type(template)(*items)
+        return type(template)(items)
+    return template
