@@ -76,21 +76,24 @@ class Step(Generic[S]):
         self.strategy = strategy
         self.mesh = mesh
         # Transforms wrap the user's function before compilation, so that
-        # they land in the same graph.
-        fn_ = (
+        # they land in the same graph; sharding is outermost, so that its
+        # collectives do too.
+        precise = (
             fn
             if precision is None
             else apply_policy(fn, precision, skip_nonfinite=skip_nonfinite, kind=kind)
         )
-        self._fn = fn_
-        if strategy is not None:
-            # Outermost, so that the collectives land in the same graph.
-            self._fn = _shard(self._fn, strategy, mesh, kind)
-        self._run = self._fn if compile_options is None else compile_fn(self._fn, compile_options)
-        if accumulate_grad_batches > 1:
-            # Two graphs: the first n-1 micro-batches (no update, and no gradient
-            # or buffer communication) and the last.
-            first = self._fn if strategy is None else _shard(fn_, strategy, mesh, kind, sync=False)
+        self._fn = precise if strategy is None else _shard(precise, strategy, mesh, kind)
+        if accumulate_grad_batches == 1:
+            self._run = (
+                self._fn if compile_options is None else compile_fn(self._fn, compile_options)
+            )
+        else:
+            # Two graphs: the first n-1 micro-batches (no update, so no gradient
+            # communication; no buffer averaging) and the last.
+            first = (
+                self._fn if strategy is None else _shard(precise, strategy, mesh, kind, sync=False)
+            )
             self._micro, self._final = (
                 f if compile_options is None else compile_fn(f, compile_options)
                 for f in (micro_step(first, final=False), micro_step(self._fn, final=True))
