@@ -29,7 +29,8 @@ import torch
 
 from ._accumulate import mean_metrics, micro_step, split_batch
 from ._compile import CompileOptions, as_compile_options, compile_fn
-from ._precision import Policy, apply_policy, check_state, describe, policy
+from ._precision import Policy, policy
+from ._precision_step import apply_policy, check_state, describe
 from ._rng import RngKey, seeded
 from ._tree import PyTree, describe_leaf, tree_flatten_with_paths, tree_structure
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.func import functional_call
 
-from ._precision import active_scaling
+from ._precision_step import active_scaling
 from ._tree import PyTree
 
 Params = dict[str, torch.Tensor]

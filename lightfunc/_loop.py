@@ -26,7 +26,8 @@ import torch
 from ._build import Step, build, build_eval
 from ._compile import CompileOptions
 from ._device import resolve_device, to_device
-from ._precision import Policy, describe, policy
+from ._precision import Policy, policy
+from ._precision_step import describe
 from ._state import TrainState
 from ._tree import register_dataclass, replace_fields, tree_leaves
 
