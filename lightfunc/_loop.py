@@ -139,6 +139,9 @@ def loop(
             "bf16-mixed", "16-mixed", "bf16-true", ...): a plain `step` (and
             `eval_step`) is built with it, and a `TrainState` is converted
             with `state.with_precision(...)`. A built step carries its own.
+            A step built with `strategy="fsdp"` has the state sharded here
+            (`lightfunc.distributed.shard_state`), and a plain `eval_step`
+            is built with the train step's precision and strategy.
         checkpoint: a `CheckpointManager` that sees every state (and saves on
             its schedule). With one, SIGTERM (preemption) makes the loop save
             the last completed step and stop cleanly; with
@@ -430,12 +433,16 @@ def as_train_step(
 
 
 def state_for(train: Step[Any], state: Any) -> Any:
-    """`state` converted for `train`'s precision, when it is a `TrainState` (others as they are)."""
+    """`state` stored as `train` needs it: cast for its precision (a `TrainState`), sharded for "fsdp"."""
     if isinstance(state, TrainerState):
         return state.replace(state=state_for(train, state.state))
-    if train.precision is None or not isinstance(state, TrainState):
-        return state
-    return state.with_precision(train.precision, skip_nonfinite=train.skip_nonfinite)
+    if train.precision is not None and isinstance(state, TrainState):
+        state = state.with_precision(train.precision, skip_nonfinite=train.skip_nonfinite)
+    if train.strategy == "fsdp":
+        from .distributed import shard_state  # lazy: DTensor only when sharding
+
+        state = shard_state(state, train.mesh)  # already-sharded tensors are kept as they are
+    return state
 
 
 def _as_eval_step(fn: Step[Any] | Callable[..., Any], like: Step[Any] | None = None) -> Step[Any]:
@@ -447,7 +454,11 @@ def _as_eval_step(fn: Step[Any] | Callable[..., Any], like: Step[Any] | None = N
     compile_: bool | CompileOptions = True
     if like is not None:
         compile_ = like.compile_options if like.compile_options is not None else False
-    return build_eval(fn, compile=compile_, precision=None if like is None else like.precision)
+    if like is None:
+        return build_eval(fn, compile=compile_)
+    return build_eval(
+        fn, compile=compile_, precision=like.precision, strategy=like.strategy, mesh=like.mesh
+    )
 
 
 def _limits(

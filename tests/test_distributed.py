@@ -347,6 +347,33 @@ def _build_strategy(mesh: lfd.Mesh) -> dict[str, Any]:
     }
 
 
+def _loop_with_fsdp_strategy(mesh: lfd.Mesh) -> dict[str, Any]:
+    """`loop` shards a plain state for `strategy="fsdp"` and builds the eval step to match."""
+    from torch.distributed.tensor import DTensor
+
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(40, 8, generator=g), torch.randint(0, 3, (40,), generator=g)
+
+    def run(rank: int, world: int, batch_size: int, **strategy: Any) -> Any:
+        model = make_model(0, batchnorm=False)
+        train_step, eval_step = make_steps(model)
+        state = lf.TrainState.create(model, _optimizer(), seed=None)
+        loader = lf.Loader((x, y), batch_size, seed=0, rank=rank, world_size=world)
+        step = lf.build(train_step, compile=False, **strategy)
+        *_, last = lf.loop(
+            step, state, loader, max_epochs=2, eval_step=eval_step, eval_data=[(x, y)]
+        )
+        return last
+
+    sharded = run(mesh.global_rank, WORLD, 4, strategy="fsdp", mesh=mesh)
+    single = run(0, 1, 8)
+    return {
+        "sharded": isinstance(sharded.state.params["0.weight"], DTensor),
+        "params": _max_diff(lfd.gather_state(sharded.state).params, single.state.params),
+        "eval": abs(float(sharded.eval_metrics["loss"]) - float(single.eval_metrics["loss"])),
+    }
+
+
 def _checks(mesh: lfd.Mesh, names: list[str]) -> dict[str, Any]:
     """Run the named checks; each result is ("ok", value) or ("error", traceback); warnings listed."""
     checks: dict[str, Callable[[], Any]] = {
@@ -361,6 +388,7 @@ def _checks(mesh: lfd.Mesh, names: list[str]) -> dict[str, Any]:
         "loop": lambda: _loop_with_loader(mesh),
         "two_states": lambda: _two_states_run(mesh),
         "build_strategy": lambda: _build_strategy(mesh),
+        "loop_fsdp_strategy": lambda: _loop_with_fsdp_strategy(mesh),
     }
     torch._inductor.config.compile_threads = 1  # 2 ranks share 2 cores: no compile worker pools
     results: dict[str, Any] = {}
@@ -387,6 +415,7 @@ EAGER = [
     "loop",
     "two_states",
     "build_strategy",
+    "loop_fsdp_strategy",
 ]
 COMPILED = ["dp_compiled", "fsdp_compiled"]
 
@@ -507,6 +536,13 @@ def test_build_strategy_ddp_matches_one_process_and_accumulates_without_gradient
         # One step: a gradient bucket and a metrics bucket. Accumulated over 2
         # micro-batches: the first reduces only its metrics; the gradients go once.
         assert result["counts"] == {"ddp": 2, "accumulated": 3}
+
+
+@pytest.mark.multiprocess
+def test_loop_shards_a_plain_state_for_fsdp_and_evaluates_it(ranks):
+    for result in _ok(ranks, "loop_fsdp_strategy"):
+        assert result["sharded"]
+        assert result["params"] <= TOL and result["eval"] <= TOL
 
 
 @pytest.mark.multiprocess
