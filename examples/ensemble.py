@@ -32,33 +32,9 @@ import time
 
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
+from digits import load_data, make_model  # the demo's data split and MLP
 
 import lightfunc as lf
-
-
-def load_data(seed: int) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
-    """Digits as (x in [0, 1], label) tensors: 1,437 train and 360 test examples."""
-    x, y = load_digits(return_X_y=True)
-    x_train, x_test, y_train, y_test = train_test_split(
-        x / 16.0, y, test_size=0.2, random_state=seed, stratify=y
-    )
-    as_x = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
-    as_y = lambda a: torch.tensor(a, dtype=torch.int64)  # noqa: E731
-    return (as_x(x_train), as_y(y_train)), (as_x(x_test), as_y(y_test))
-
-
-def make_model(hidden: int = 256, dropout: float = 0.2) -> torch.nn.Module:
-    return torch.nn.Sequential(
-        torch.nn.Linear(64, hidden),
-        torch.nn.ReLU(),
-        torch.nn.Dropout(dropout),
-        torch.nn.Linear(hidden, hidden),
-        torch.nn.ReLU(),
-        torch.nn.Dropout(dropout),
-        torch.nn.Linear(hidden, 10),
-    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -76,7 +52,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         args.members, args.epochs, args.hidden, args.lr, args.compile = 2, 2, 32, 1e-2, False
 
     lf.seed_everything(args.seed)
-    (x_train, y_train), (x_test, y_test) = load_data(args.seed)
+    train_set, test_set = load_data(args.seed)
+    (x_train, y_train), (x_test, y_test) = train_set.tensors, test_set.tensors
     # Each member sees the data in its own order: row i of this dataset holds
     # example order[i, k] for member k, and the Loader shuffles the rows each
     # epoch. Batches are (batch, members, ...): `member_axis=1` below.
