@@ -35,6 +35,7 @@ import torch
 
 from ._atomic import atomic_write
 from ._checkpoint import CheckpointError, load, save, verify
+from ._device import global_rank
 from ._loop import TrainerState, check_positive_ints
 
 if TYPE_CHECKING:
@@ -136,7 +137,7 @@ class CheckpointManager:
         if self.monitor is not None:
             fields[self.monitor] = float("nan") if score is None else score
         path = self.directory / (self.filename.format(**fields) + SUFFIX)
-        if not _writes_here():
+        if global_rank() != 0:
             return path  # rank 0 writes it; its decisions match, as the metrics are reduced
         resumable = ts.replace(metrics={}, eval_metrics=None, eval_at_step=-1)
         meta = {
@@ -313,10 +314,3 @@ class CheckpointManager:
             raise ValueError(
                 f"`filename={filename!r}` must be a plain file name (no '{os.sep}', not starting with '.')."
             )
-
-
-def _writes_here() -> bool:
-    """True outside `torch.distributed`, or on its global rank 0."""
-    import torch.distributed as dist
-
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0

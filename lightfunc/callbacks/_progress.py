@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import torch
 
+from .._device import global_rank
 from ._base import Callback
 
 if TYPE_CHECKING:
@@ -181,9 +182,7 @@ def _check_present(names: list[str], ts: TrainerState, kind: str) -> None:
 
 def _is_rank_zero() -> bool:
     """True outside `torch.distributed`, or on its rank 0: the rank that prints and writes."""
-    import torch.distributed as dist
-
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    return global_rank() == 0
 
 
 def _is_positive_int(value: Any) -> bool:

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .._atomic import atomic_write
+from .._device import global_rank
 from ..callbacks._base import Callback
 
 if TYPE_CHECKING:
@@ -109,7 +110,7 @@ class Logger(Callback):
     @property
     def rank(self) -> int:
         """The rank given, else the `torch.distributed` rank (0 without a process group)."""
-        return self._rank if self._rank is not None else _distributed_rank()
+        return self._rank if self._rank is not None else global_rank()
 
     @property
     def hparams(self) -> dict[str, Any]:
@@ -280,11 +281,3 @@ def _check_name(name: Any) -> str:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _distributed_rank() -> int:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank()
-    return 0
