@@ -199,10 +199,7 @@ def _select(finite: torch.Tensor, new: Any, old: Any) -> Any:
 
 def _tensors_finite(tree: Any) -> torch.Tensor:
     """Whether every floating tensor in `tree` is finite (a 0-d bool tensor)."""
-    found = [x for x in tree_walk(tree)[1] if x.is_floating_point()]
-    if not found:
-        return torch.ones((), dtype=torch.bool)
-    return torch.stack([torch.isfinite(x).all() for x in found]).all()
+    return all_finite([x for x in tree_walk(tree)[1] if x.is_floating_point()])
 
 
 def _device_type(*trees: Any) -> str:
