@@ -162,31 +162,16 @@ def test_two_nodes_on_one_machine() -> None:
     script = str(SCRIPTS / "two_nodes.py")
     common = ["--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", port]
     command = [sys.executable, "-m", "lightfunc", "run", "--nproc-per-node", "1", *common]
-
-    def start(rank: int) -> subprocess.Popen[str]:
-        return subprocess.Popen(
+    nodes = [
+        subprocess.Popen(
             [*command, "--node-rank", str(rank), script],
             cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-
-    # Node 1 starts once node 0's rendezvous store listens. Started together,
-    # node 1 retries connecting to a port in the ephemeral range with nothing
-    # behind it, and a TCP client can then connect to itself (its source port
-    # equal to the target): it hung once in a full test run that way.
-    nodes = [start(0)]
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", int(port)), timeout=1).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline or nodes[0].poll() is not None:
-                break
-            time.sleep(0.2)
-    nodes.append(start(1))
+        for rank in (0, 1)
+    ]
     try:
         outputs = [node.communicate(timeout=120) for node in nodes]
     finally:

@@ -150,14 +150,16 @@ def _child(
     # N processes share the machine's cores (torchrun sets OMP_NUM_THREADS=1 likewise).
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     mesh: Mesh | None = None
+    succeeded = False
     try:
         mesh = init_mesh(accelerator=accelerator, timeout=datetime.timedelta(seconds=timeout))
         # Pickled here, by value: the queue's own pickler would share tensors through
         # file descriptors that die with this process.
         results.put((rank, True, pickle.dumps(fn(mesh, *args))))
+        succeeded = True
     except BaseException:
         results.put((rank, False, traceback.format_exc()))
         raise SystemExit(1) from None
     finally:
         if mesh is not None:
-            mesh.close()
+            mesh.close(wait_for_others=succeeded)
