@@ -164,7 +164,7 @@ def lightfunc_train_step(workload: Workload, model: torch.nn.Module) -> Callable
             out, _ = lf.apply(model, params, state.buffers, x, train=True)
             return loss_fn(out, y)
 
-        loss, grads = lf.value_and_grad(loss_of)(state.params)
+        loss, grads = lf.value_and_grad(loss_of, loss_scale=state.loss_scale)(state.params)
         return state.apply_gradients(grads), {"loss": loss}
 
     return train_step
@@ -232,7 +232,7 @@ class LightfuncLoop(LightfuncStep):
 
     def __init__(self, workload: Workload) -> None:
         super().__init__(workload)
-        self.trainer_state = lf.TrainerState(state=self.state)
+        self.trainer_state = lf.LoopState(state=self.state)
 
     def run(self, n: int) -> float:
         start = time.perf_counter()
@@ -261,8 +261,8 @@ class _StepTimer(lf.callbacks.Callback):
     def __init__(self, first: int) -> None:
         self.first, self.start, self.end = first, 0.0, 0.0
 
-    def on_step_end(self, ts: lf.TrainerState) -> None:
-        if ts.step == self.first + 1:
+    def on_step_end(self, ls: lf.LoopState) -> None:
+        if ls.step == self.first + 1:
             self.start = time.perf_counter()
         self.end = time.perf_counter()
 
@@ -275,10 +275,10 @@ class LightfuncFit(LightfuncStep):
 
     def __init__(self, workload: Workload) -> None:
         super().__init__(workload)
-        self.trainer_state = lf.TrainerState(state=self.state)
+        self.trainer_state = lf.LoopState(state=self.state)
         self.root = tempfile.mkdtemp(prefix="lightfunc-bench-fit-")
 
-    def _fit(self, steps: int, timer: _StepTimer | None = None) -> lf.TrainerState:
+    def _fit(self, steps: int, timer: _StepTimer | None = None) -> lf.LoopState:
         kwargs = dict(self.fit_kwargs)
         if not kwargs.get("barebones"):
             kwargs.update(default_root_dir=self.root, callbacks=[timer] if timer else [])

@@ -83,7 +83,7 @@ class PolicyRunner:
 
 def explicit_cast_step(workload: Workload, model: torch.nn.Module) -> Callable[..., Any]:
     """bf16-mixed without autocast: the step casts its float32 master weights itself."""
-    pol = lf.policy("bf16-mixed")
+    pol = lf.parse_precision("bf16-mixed")
     loss_fn = workload.loss_fn
 
     def train_step(state: lf.TrainState, batch: Any) -> tuple[lf.TrainState, dict[str, Any]]:
@@ -93,7 +93,7 @@ def explicit_cast_step(workload: Workload, model: torch.nn.Module) -> Callable[.
             out, _ = lf.apply(model, pol.cast_to_compute(params), state.buffers, x, train=True)
             return loss_fn(pol.cast_to_output(out), y)
 
-        loss, grads = lf.value_and_grad(loss_of)(state.params)
+        loss, grads = lf.value_and_grad(loss_of, loss_scale=state.loss_scale)(state.params)
         return state.apply_gradients(grads), {"loss": loss}
 
     return train_step

@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> float:
             logits, _ = lf.apply(model, params, state.buffers, x, train=True)
             return F.cross_entropy(logits.reshape(-1, 256).float(), y.reshape(-1))
 
-        loss, grads = lf.value_and_grad(loss_fn)(state.params)
+        loss, grads = lf.value_and_grad(loss_fn, loss_scale=state.loss_scale)(state.params)
         return state.apply_gradients(grads), {
             "loss": loss,
             "grad_norm": lf.optim.global_norm(grads),

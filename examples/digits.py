@@ -103,7 +103,9 @@ def main(argv: list[str] | None = None) -> float:
             logits, buffers = lf.apply(model, params, state.buffers, x, train=True)
             return F.cross_entropy(logits, y), (logits, buffers)
 
-        (loss, (logits, buffers)), grads = lf.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (loss, (logits, buffers)), grads = lf.value_and_grad(
+            loss_fn, has_aux=True, loss_scale=state.loss_scale
+        )(state.params)
         metrics = {
             "loss": loss,
             "acc": (logits.argmax(-1) == y).float().mean(),

@@ -2,14 +2,21 @@
 
 Write `train_step(state, batch) -> (state, metrics)` as a pure function;
 lightfunc compiles it, runs it in a generator loop that yields immutable
-trainer states, and keeps the run reproducible.
+loop states, and keeps the run reproducible.
 
     import lightfunc as lf
     state = lf.TrainState.create(model, lf.optim.adamw(1e-3))
     step = lf.build(train_step)
-    for ts in lf.loop(step, state, loader, max_epochs=3):
+    for ls in lf.loop(step, state, loader, max_epochs=3):
         ...
+
+This module only re-exports; nothing inside the package imports it (the
+version lives in `lightfunc._version`). Renamed names still resolve here for
+one release, with a `DeprecationWarning` naming the new one.
 """
+
+import warnings
+from typing import Any
 
 from . import callbacks as callbacks
 from . import loggers as loggers
@@ -29,6 +36,11 @@ from ._compose import per_example_grads as per_example_grads
 from ._compose import stack_states as stack_states
 from ._compose import unstack_states as unstack_states
 from ._compose import vmap_members as vmap_members
+from ._contract import EvalStep as EvalStep
+from ._contract import LoopState as LoopState
+from ._contract import Metrics as Metrics
+from ._contract import Strategy as Strategy
+from ._contract import TrainStep as TrainStep
 from ._data import Loader as Loader
 from ._device import resolve_device as resolve_device
 from ._device import to_device as to_device
@@ -37,25 +49,50 @@ from ._func import apply as apply
 from ._func import buffers_of as buffers_of
 from ._func import params_of as params_of
 from ._func import value_and_grad as value_and_grad
-from ._loop import TrainerState as TrainerState
 from ._loop import evaluate as evaluate
 from ._loop import loop as loop
 from ._loop import predict as predict
 from ._manager import CheckpointManager as CheckpointManager
-from ._params_file import export_params as export_params
 from ._params_file import load_params as load_params
+from ._params_file import save_params as save_params
 from ._precision import LossScale as LossScale
 from ._precision import Policy as Policy
-from ._precision import apply_if_finite as apply_if_finite
 from ._precision import cast_tree as cast_tree
-from ._precision import policy as policy
+from ._precision import parse_precision as parse_precision
+from ._precision import select_if_finite as select_if_finite
 from ._rng import RngKey as RngKey
 from ._seed import seed_everything as seed_everything
 from ._seed import seed_worker as seed_worker
 from ._state import TrainState as TrainState
+from ._strategy import SingleProcess as SingleProcess
 from ._tree import register_dataclass as register_dataclass
 from ._tree import tree_leaves as tree_leaves
 from ._tree import tree_map as tree_map
-from .callbacks import ProgressBar as ProgressBar
+from ._version import __version__ as __version__
 
-__version__ = "0.1.0.dev0"
+# Old name -> (new spelling, shown in the warning; its value).
+_DEPRECATED = {
+    "TrainerState": ("lightfunc.LoopState", LoopState),
+    "ProgressBar": ("lightfunc.callbacks.ProgressBar", callbacks.ProgressBar),
+    "export_params": ("lightfunc.save_params", save_params),
+    "policy": ("lightfunc.parse_precision", parse_precision),
+    # lightfunc.optim.apply_if_finite is now the optimizer wrapper of that name.
+    "apply_if_finite": ("lightfunc.select_if_finite", select_if_finite),
+}
+
+
+def __getattr__(name: str) -> Any:
+    """The renamed public names, for one release: warn, then return the new object.
+
+    Raises:
+        AttributeError: `name` is neither a public name nor a deprecated one.
+    """
+    if name not in _DEPRECATED:
+        raise AttributeError(f"module 'lightfunc' has no attribute {name!r}")
+    new, value = _DEPRECATED[name]
+    warnings.warn(
+        f"`lightfunc.{name}` is deprecated and will be removed in the next release; use `{new}`.",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return value

@@ -5,17 +5,23 @@
 
 The step function is unchanged. The built step splits every tensor in the
 batch into n chunks along dimension 0 and runs the step once per chunk.
-While it runs, `TrainState.apply_gradients` does not update: on the first
-n-1 chunks it hands its gradients to the transform, which adds them into an
-accumulator, and returns the state with only the other changes applied
-(BatchNorm buffers, say); on the last chunk it applies the weighted mean of
-all n gradients, once. For a mean-reduced loss that is the gradient of the
-whole batch, so the update equals one step on the concatenated batch.
+Around each chunk, every `TrainState`'s optimizer is wrapped in
+`lightfunc.optim.accumulate_gradients`, whose state (the running weighted
+sum of the gradients and this chunk's weight) rides in `opt_state` for the
+duration of the call: on the first n-1 chunks `apply_gradients` adds the
+gradients and defers (the parameters and the step count stay; BatchNorm
+buffers and other changes are kept), on the last it applies the sum, once.
+For a mean-reduced loss, with each chunk weighted by its share of the
+rows, that sum is the gradient of the whole batch, so the update equals
+one step on the concatenated batch.
 
-The chunks are run as two compiled functions, one for the first n-1 chunks
-(no optimizer, no gradient communication) and one for the last, so the
-memory of a step is that of one micro-batch, and a data-parallel step
-reduces its gradients once per update, not once per micro-batch.
+The chunks run as two compiled functions, one for the first n-1 chunks and
+one for the last, so a step's memory is that of one micro-batch. The
+accumulation wrapper sits outside every other optimizer wrapper, so a
+data-parallel gradient reduction and `apply_if_finite`'s finiteness check
+see the accumulated gradient, once per update. Metrics of the chunks are
+combined by their reductions (`lightfunc._metrics`): floating ones
+weighted by each chunk's share.
 """
 
 from __future__ import annotations
@@ -25,67 +31,55 @@ from typing import Any
 
 import torch
 
-from ._tree import PyTree, tree_flatten, tree_map, tree_unflatten
-
-
-class _Accumulation:
-    """What `TrainState.apply_gradients` does inside an accumulated step."""
-
-    def __init__(self, acc: PyTree | None, weight: torch.Tensor, final: bool) -> None:
-        self.acc = acc
-        self.weight = weight
-        self.final = final
-        self.grads: PyTree | None = None
-
-    def take(self, grads: PyTree) -> PyTree | None:
-        """Record this micro-batch's `grads`; the gradients to apply now, or None to defer."""
-        if self.grads is not None:
-            raise RuntimeError(
-                "`apply_gradients` was called twice in one step under accumulate_grad_batches; "
-                "the transform supports one optimizer update per step."
-            )
-        weighted = tree_map(lambda g: g * self.weight.to(g.dtype), grads)
-        total = weighted if self.acc is None else tree_map(torch.add, self.acc, weighted)
-        self.grads = total
-        return total if self.final else None
-
-
-_ACTIVE: list[_Accumulation] = []
-
-
-def active_accumulation() -> _Accumulation | None:
-    """The accumulation a step is running under, if any (consulted by `apply_gradients`)."""
-    return _ACTIVE[-1] if _ACTIVE else None
+from ._state import TrainState, map_train_states, train_states
+from ._tree import PyTree, tree_flatten, tree_unflatten
+from .optim._wrappers import AccumulationState, accumulate_gradients
 
 
 def micro_step(fn: Callable[[Any, Any], Any], *, final: bool) -> Callable[..., Any]:
     """`fn` as one micro-batch of an accumulated step.
 
-    `(state, acc, batch, weight) -> (state, acc, metrics)` for the first
-    chunks, `-> (state, metrics)` for the last; `acc` is None on the first
-    chunk, and `weight` (a 0-d tensor) is the chunk's share of the batch.
+    `(state, accs, batch, weight) -> (state, accs, metrics)` for the first
+    chunks, `-> (state, metrics)` for the last; `accs` holds one running
+    gradient sum per `TrainState` in the state (None on the first chunk),
+    and `weight` (a 0-d tensor) is the chunk's share of the batch.
     """
+    name = getattr(fn, "__name__", "step")
 
-    def micro(state: Any, acc: PyTree | None, batch: Any, weight: torch.Tensor) -> Any:
-        accumulation = _Accumulation(acc, weight, final)
-        _ACTIVE.append(accumulation)
-        try:
-            new_state, metrics = fn(state, batch)
-        finally:
-            _ACTIVE.pop()
-        if accumulation.grads is None:
+    def micro(state: Any, accs: tuple[PyTree, ...] | None, batch: Any, weight: torch.Tensor) -> Any:
+        originals = train_states(state)
+        if not originals:
             raise TypeError(
-                f"accumulate_grad_batches needs the step to update through "
-                f"TrainState.apply_gradients, which it defers until the last micro-batch; "
-                f"`{getattr(fn, '__name__', 'step')}` never called it."
+                f"accumulate_grad_batches adds up the gradients that reach the optimizer of each "
+                f"lightfunc.TrainState in the state, but `{name}`'s state "
+                f"({type(state).__name__}) holds none. Keep the params and optimizer in a TrainState."
             )
+
+        def wrap(i: int, ts: TrainState) -> TrainState:
+            acc = None if accs is None else accs[i]
+            opt_state = AccumulationState(ts.opt_state, acc, weight, final=final)
+            return ts.replace(tx=accumulate_gradients(ts.tx), opt_state=opt_state)
+
+        new_state, metrics = fn(map_train_states(wrap, state), batch)
+        new_accs: list[PyTree] = []
+
+        def unwrap(i: int, ts: TrainState) -> TrainState:
+            wrapped = ts.opt_state
+            if not (isinstance(wrapped, AccumulationState) and wrapped.consumed):
+                raise TypeError(
+                    f"accumulate_grad_batches needs the step to update through "
+                    f"TrainState.apply_gradients, which it defers until the last micro-batch; "
+                    f"`{name}` never called it (for the TrainState at position {i})."
+                )
+            new_accs.append(wrapped.acc)
+            return ts.replace(tx=originals[i].tx, opt_state=wrapped.inner)
+
+        new_state = map_train_states(unwrap, new_state)
         if final:
             return new_state, metrics
-        return new_state, accumulation.grads, metrics
+        return new_state, tuple(new_accs), metrics
 
-    micro.__name__ = getattr(fn, "__name__", "step")
-    # One cache per compiled function (see `apply_policy`).
-    micro.__code__ = micro.__code__.replace()
+    micro.__name__ = name
     return micro
 
 
@@ -121,13 +115,3 @@ def split_batch(batch: Any, n: int) -> tuple[list[Any], list[float]]:
     q, r = divmod(size, n)
     sizes = [q + 1 if i < r else q for i in range(n)]  # as tensor_split cuts them
     return chunks, [s / size for s in sizes]
-
-
-def mean_metrics(per_chunk: list[dict[str, torch.Tensor]], weights: list[torch.Tensor]) -> Any:
-    """Floating metrics weighted by each chunk's share; other metrics from the last chunk."""
-    out = dict(per_chunk[-1])
-    for key, value in out.items():
-        if isinstance(value, torch.Tensor) and value.is_floating_point():
-            parts = [m[key] * w.to(value.dtype) for m, w in zip(per_chunk, weights, strict=True)]
-            out[key] = torch.stack(parts).sum()
-    return out

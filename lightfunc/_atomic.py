@@ -52,7 +52,7 @@ def atomic_write(path: Path, write: Callable[[Path], None], *, fsync: bool = Tru
         tmp.unlink(missing_ok=True)
         raise
     if fsync:
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     return path
 
 
@@ -79,7 +79,8 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Flush the directory `path` (its entries: a rename into it) to disk; a no-op on Windows."""
     if os.name == "nt":  # directories cannot be opened (or fsynced) on Windows
         return
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))

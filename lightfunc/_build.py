@@ -1,22 +1,30 @@
 """`build`: turn a pure step function into a fast, checked one.
 
     step = lightfunc.build(train_step)            # compiled
+    state = step.prepare(state)                   # stored as the step needs it (loop / fit do this)
     state, metrics = step(state, batch)
 
 A built train step, on every call:
 1. seeds torch's generators from the state's `RngKey` (restoring them after),
-2. calls the compiled (or eager) user function on the state without its key,
-3. returns the new state with the key advanced, and the metrics.
+2. splits the batch into micro-batches when accumulating gradients,
+3. runs the transformed, compiled user function on each (the state without
+   its key), and combines their metrics,
+4. returns the new state with the key advanced, and the metrics.
+
+The transforms a step runs under are one ordered list, built in
+`Step._pipeline`: precision, strategy, accumulation, compile, each entry
+wrapping the ones before it, each placed by a comment saying why it sits
+there. Transforms that act on the optimizer update (skipping non-finite
+updates, reducing gradients over ranks, accumulating) are optimizer
+wrappers (`lightfunc.optim._wrappers`, `lightfunc.distributed`) whose state
+lives in `opt_state`; `Step.prepare` installs the ones that last the whole
+run. Nothing is kept in module-level state.
 
 The first call also validates: the step returned `(state, metrics)`, the new
 state has the structure, shapes and dtypes of the old one, metrics are a dict
 of 0-d tensors, and no input tensor was written in place. Later calls do no
-checking, so they cost one dict lookup and a function call over the compiled
+checking, so they cost a dict lookup and a function call over the compiled
 graph.
-
-Transforms of a step (precision, accumulation; sharding to come) wrap
-the user function *before* it reaches `compile_fn`, so that all of them land
-in one graph; `build` applies them in one fixed order.
 """
 
 from __future__ import annotations
@@ -27,18 +35,30 @@ from typing import Any, Generic, Literal, TypeVar
 
 import torch
 
-from ._accumulate import mean_metrics, micro_step, split_batch
+from ._accumulate import micro_step, split_batch
 from ._compile import CompileOptions, as_compile_options, compile_fn
-from ._precision import Policy, policy
-from ._precision_step import apply_policy, check_state, describe
+from ._contract import Metrics, Strategy
+from ._metrics import Reduction, check_reductions, combine
+from ._precision import Policy, parse_precision
+from ._precision_step import (
+    apply_policy,
+    check_loss_scaled,
+    check_state,
+    describe,
+    prepare_for_policy,
+)
 from ._rng import RngKey, seeded
+from ._strategy import as_strategy
 from ._tree import PyTree, describe_leaf, tree_flatten_with_paths, tree_structure
+from ._validate import check_positive_int
 
 S = TypeVar("S")
-Strategy = Literal["ddp", "fsdp"] | None
-Metrics = dict[str, torch.Tensor]
 TrainStepFn = Callable[[Any, Any], tuple[Any, Metrics]]
 EvalStepFn = Callable[[Any, Any], Any]
+Transform = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+# Metrics the precision transform reports: state, not per-batch quantities.
+_SCALE_REDUCTIONS: dict[str, Reduction] = {"loss_scale": "last", "skipped_steps": "last"}
 
 
 class Step(Generic[S]):
@@ -48,11 +68,13 @@ class Step(Generic[S]):
         fn: the user's function, unchanged.
         kind: "train" (returns `(state, metrics)`, advances the RNG key) or
             "eval" (returns anything; no RNG advance).
-        compile_options: how `fn` is compiled, or None for eager.
+        compile_options: how the step is compiled, or None for eager.
         precision: the `Policy` the step runs under, or None (as written).
         skip_nonfinite: whether updates with non-finite gradients are skipped.
         accumulate_grad_batches: micro-batches per optimizer update (1: none).
-        strategy: "ddp" or "fsdp" over `mesh`, or None (one process).
+        strategy: the `Strategy` (`SingleProcess()`, `lightfunc.distributed.DDP(mesh)`, ...).
+        metric_reductions: how metrics combine over batches, micro-batches
+            and ranks, by name (the rest by dtype; see `lightfunc._metrics`).
     """
 
     def __init__(
@@ -62,11 +84,11 @@ class Step(Generic[S]):
         kind: Literal["train", "eval"],
         compile_options: CompileOptions | None,
         validate: bool,
+        strategy: Strategy,
         precision: Policy | None = None,
         skip_nonfinite: bool = False,
         accumulate_grad_batches: int = 1,
-        strategy: Strategy = None,
-        mesh: Any = None,
+        metric_reductions: Mapping[str, Reduction] | None = None,
     ) -> None:
         self.fn = fn
         self.kind = kind
@@ -75,40 +97,97 @@ class Step(Generic[S]):
         self.skip_nonfinite = skip_nonfinite
         self.accumulate_grad_batches = accumulate_grad_batches
         self.strategy = strategy
-        self.mesh = mesh
-        # Transforms wrap the user's function before compilation, so that
-        # they land in the same graph; sharding is outermost, so that its
-        # collectives do too.
-        precise = (
-            fn
-            if precision is None
-            else apply_policy(fn, precision, skip_nonfinite=skip_nonfinite, kind=kind)
-        )
-        self._fn = precise if strategy is None else _shard(precise, strategy, mesh, kind)
-        if accumulate_grad_batches == 1:
-            self._run = (
-                self._fn if compile_options is None else compile_fn(self._fn, compile_options)
-            )
-        else:
-            # Two graphs: the first n-1 micro-batches (no update, so no gradient
-            # communication; no buffer averaging) and the last.
-            first = (
-                self._fn if strategy is None else _shard(precise, strategy, mesh, kind, sync=False)
-            )
-            self._micro, self._final = (
-                f if compile_options is None else compile_fn(f, compile_options)
-                for f in (micro_step(first, final=False), micro_step(self._fn, final=True))
-            )
-            self._run = self._accumulated
-            self._weights: dict[tuple[float, ...], list[torch.Tensor]] = {}
-        self._pending_validation = validate
+        reductions = dict(metric_reductions or {})
+        if kind == "train" and skip_nonfinite:
+            reductions = {**_SCALE_REDUCTIONS, **reductions}
+        self.metric_reductions: dict[str, Reduction] = reductions
         self.__name__ = getattr(fn, "__name__", "step")
         self.__doc__ = getattr(fn, "__doc__", None)
+        if accumulate_grad_batches == 1:
+            self._eager = self._pipeline(final=True, compiled=False)
+            self._run = self._pipeline(final=True, compiled=compile_options is not None)
+        else:
+            self._micro = self._pipeline(final=False, compiled=compile_options is not None)
+            self._final = self._pipeline(final=True, compiled=compile_options is not None)
+            self._eager = self._accumulated_with(
+                self._pipeline(final=False, compiled=False),
+                self._pipeline(final=True, compiled=False),
+            )
+            self._run = self._accumulated_with(self._micro, self._final)
+            self._weights: dict[tuple[float, ...], list[torch.Tensor]] = {}
+        self._pending_validation = validate
+
+    def _pipeline(self, *, final: bool, compiled: bool) -> Callable[..., Any]:
+        """The user's function under every transform, in their one fixed order.
+
+        `final` is False for the micro-batches of an accumulated update that
+        do not complete it. Each entry wraps everything listed before it.
+        """
+        accumulating = self.accumulate_grad_batches > 1
+        pol, reductions = self.precision, self.metric_reductions
+        wrap_strategy: Transform
+        if self.kind == "train":
+
+            def wrap_strategy(f: Callable[..., Any]) -> Callable[..., Any]:
+                return self.strategy.wrap_train(f, sync=final, metric_reductions=reductions)
+        else:
+
+            def wrap_strategy(f: Callable[..., Any]) -> Callable[..., Any]:
+                return self.strategy.wrap_eval(f, metric_reductions=reductions)
+
+        pipeline: list[tuple[str, Transform | None]] = [
+            # Innermost: autocast must cover exactly the user's forward and
+            # backward, and metrics leave it in the output dtype before
+            # anything combines them.
+            (
+                "precision",
+                None
+                if pol is None
+                else lambda f: apply_policy(
+                    f, pol, skip_nonfinite=self.skip_nonfinite, kind=self.kind
+                ),
+            ),
+            # Around precision, so that buffer averaging and metric reduction
+            # see stored dtypes; inside compile, so that its collectives land
+            # in the step's graph. A deferring micro-batch (final=False)
+            # averages no buffers: only the updating one does.
+            ("strategy", wrap_strategy),
+            # Around the strategy: the accumulation wrapper goes outside the
+            # optimizer wrappers the strategy relies on, so gradients are
+            # reduced once per update, on their sum.
+            ("accumulate", (lambda f: micro_step(f, final=final)) if accumulating else None),
+            # Outermost of what runs per micro-batch: one graph each for the
+            # deferring and the updating micro-batches.
+            (
+                "compile",
+                (lambda f: compile_fn(f, self.compile_options))  # type: ignore[arg-type]
+                if compiled
+                else None,
+            ),
+        ]
+        fn = self.fn
+        for _, transform in pipeline:
+            if transform is not None:
+                fn = transform(fn)
+        return fn
 
     @property
     def compiled(self) -> bool:
         """Whether the step runs through `torch.compile`."""
         return self.compile_options is not None
+
+    def prepare(self, state: Any) -> Any:
+        """`state` stored as this step needs it; what `loop` and `fit` call before the first step.
+
+        Casts every `TrainState` for the step's precision and installs the
+        optimizer wrappers that last the whole run (`apply_if_finite` for
+        loss scaling or `skip_nonfinite`), then lets the strategy place the
+        state (`FSDP` shards it; `DDP` wraps the optimizers to average
+        gradients). Idempotent: a prepared state comes back as it is.
+        """
+        if self.precision is not None:
+            state = prepare_for_policy(state, self.precision, self.skip_nonfinite)
+        return self.strategy.prepare(state)
 
     def __call__(self, state: S, batch: Any) -> Any:
         key = getattr(state, "rng", None)
@@ -127,25 +206,34 @@ class Step(Generic[S]):
             return self._first_call(state, batch)
         return self._run(state, batch)
 
-    def _accumulated(self, state: Any, batch: Any) -> Any:
-        chunks, shares = split_batch(batch, self.accumulate_grad_batches)
-        weights = self._weights.get(tuple(shares))
-        if weights is None:
-            device = _device_of(state)
-            weights = [torch.tensor(s, dtype=torch.float32, device=device) for s in shares]
-            self._weights[tuple(shares)] = weights
-        acc, per_chunk = None, []
-        for chunk, weight in zip(chunks[:-1], weights[:-1], strict=True):
-            state, acc, metrics = self._micro(state, acc, chunk, weight)
-            per_chunk.append(metrics)
-        state, metrics = self._final(state, acc, chunks[-1], weights[-1])
-        return state, mean_metrics([*per_chunk, metrics], weights)
+    def _accumulated_with(
+        self, micro: Callable[..., Any], final: Callable[..., Any]
+    ) -> Callable[[Any, Any], Any]:
+        """The accumulation driver: split the batch, run the micro-batches, combine metrics."""
+
+        def accumulated(state: Any, batch: Any) -> Any:
+            chunks, shares = split_batch(batch, self.accumulate_grad_batches)
+            weights = self._weights.get(tuple(shares))
+            if weights is None:
+                device = _device_of(state)
+                weights = [torch.tensor(s, dtype=torch.float32, device=device) for s in shares]
+                self._weights[tuple(shares)] = weights
+            accs, per_chunk = None, []
+            for chunk, weight in zip(chunks[:-1], weights[:-1], strict=True):
+                state, accs, metrics = micro(state, accs, chunk, weight)
+                per_chunk.append(metrics)
+            state, metrics = final(state, accs, chunks[-1], weights[-1])
+            return state, combine([*per_chunk, metrics], weights, self.metric_reductions)
+
+        return accumulated
 
     def _first_call(self, state: Any, batch: Any) -> Any:
         if self.precision is not None:
             check_state(
                 state, self.precision, self.kind == "train" and self.skip_nonfinite, self.__name__
             )
+            if self.kind == "train" and self.precision.needs_loss_scaling:
+                check_loss_scaled(self._eager, state, batch, self.__name__)
         versions = _versions({"state": state, "batch": batch})
         try:
             out = self._run(state, batch)
@@ -155,7 +243,7 @@ class Step(Generic[S]):
             # A user bug raised inside a compiled region comes back wrapped in
             # dynamo's exception types; rerun eagerly so the user sees the
             # original, readable error. If eager succeeds, the failure is torch.compile's.
-            self._fn(state, batch)
+            self._eager(state, batch)
             raise RuntimeError(
                 f"torch.compile failed on `{self.__name__}`, which runs fine eagerly: "
                 f"{type(compile_error).__name__}: {compile_error}\n"
@@ -174,8 +262,8 @@ class Step(Generic[S]):
             how += f", precision={describe(self.precision)}"
         if self.accumulate_grad_batches > 1:
             how += f", accumulate_grad_batches={self.accumulate_grad_batches}"
-        if self.strategy is not None:
-            how += f", strategy={self.strategy!r} over {self.mesh.world_size} ranks"
+        if self.strategy.world_size > 1 or self.strategy.name != "single":
+            how += f", strategy={self.strategy!r}"
         return f"Step({self.__name__}, kind={self.kind}, {how})"
 
 
@@ -187,8 +275,9 @@ def build(
     precision: str | int | Policy | None = None,
     skip_nonfinite: bool | None = None,
     accumulate_grad_batches: int = 1,
-    strategy: Strategy = None,
+    strategy: Strategy | str | None = None,
     mesh: Any = None,
+    metric_reductions: Mapping[str, Reduction] | None = None,
 ) -> Step[Any]:
     """Build a train step: `train_step(state, batch) -> (new_state, metrics)`.
 
@@ -202,23 +291,28 @@ def build(
         validate: check the first call's output and inputs (see module doc).
         precision: run the step under a precision policy: a Lightning string
             ("bf16-mixed", "16-mixed", "bf16-true", "16-true", "32-true",
-            "64-true") or a `Policy`. The state must be stored for it:
-            `TrainState.create(..., precision=...)`. See "Precision" in the README.
+            "64-true") or a `Policy`. `step.prepare(state)` (called by `loop`
+            and `fit`) stores the state for it. A float16 step scales its
+            loss: `lightfunc.value_and_grad(..., loss_scale=state.loss_scale)`.
         skip_nonfinite: skip (and count in the `skipped_steps` metric) updates
             whose gradients are not finite. Always on for float16 policies,
-            which need it for loss scaling; optional for the others, whose
-            state then needs `TrainState.create(..., skip_nonfinite=True)`.
+            which need it for loss scaling; optional for the others.
         accumulate_grad_batches: split each batch into this many micro-batches
-            along dim 0 and make one optimizer update from their weighted mean
-            gradient (see `lightfunc/_accumulate.py`). The step must update
+            along dim 0 and make one optimizer update from their weighted sum
+            of gradients (see `lightfunc/_accumulate.py`). The step must update
             through `state.apply_gradients`. Peak memory is one micro-batch's.
-        strategy: "ddp" (data parallel: `lightfunc.distributed.data_parallel`)
-            or "fsdp" (fully sharded: `lightfunc.distributed.fully_sharded`;
-            shard the state with `lightfunc.distributed.shard_state`), over
-            `mesh`; None runs on one process. Launch the script with
-            `lightfunc run --nproc-per-node N`; on one process both are no-ops.
-        mesh: the `lightfunc.distributed.Mesh`; default `init_mesh()` (the
-            launched processes, or this one).
+        strategy: how the step runs over processes: None (one process),
+            `lightfunc.distributed.DDP(mesh)` (data parallel),
+            `lightfunc.distributed.FSDP(mesh)` (fully sharded), or the
+            shorthands "ddp" / "fsdp" over `mesh`. Launch the script with
+            `lightfunc run --nproc-per-node N`; on one process both run the
+            step as written.
+        mesh: with a shorthand strategy, the `lightfunc.distributed.Mesh`
+            (default `init_mesh()`: the launched processes, or this one).
+        metric_reductions: how metrics combine over micro-batches and ranks
+            (and in `evaluate`), by name: "mean" (weighted by examples),
+            "sum", "max", "min", "any" or "last". Unnamed metrics: floats
+            "mean", ints "sum", bools "any".
 
     Returns:
         A `Step`, called as `new_state, metrics = step(state, batch)`.
@@ -245,7 +339,7 @@ def build(
         1
     """
     _check_callable(train_step, "train_step")
-    pol = None if precision is None else policy(precision)
+    pol = None if precision is None else parse_precision(precision)
     if skip_nonfinite is False and pol is not None and pol.needs_loss_scaling:
         raise ValueError(
             f"precision={describe(pol)} trains through float16, whose loss scaling skips the "
@@ -253,24 +347,8 @@ def build(
         )
     skip = bool(skip_nonfinite) or (pol is not None and pol.needs_loss_scaling)
     if skip and pol is None:
-        pol = policy("32-true")
-    if isinstance(accumulate_grad_batches, bool) or not (
-        isinstance(accumulate_grad_batches, int) and accumulate_grad_batches >= 1
-    ):
-        raise ValueError(
-            f"`accumulate_grad_batches` must be a positive int, got {accumulate_grad_batches!r}."
-        )
-    if skip and accumulate_grad_batches > 1:
-        raise ValueError(
-            f"accumulate_grad_batches={accumulate_grad_batches} cannot yet be combined with loss "
-            f"scaling or skip_nonfinite (precision={describe(pol) if pol else None}): skipping "
-            f"is decided per micro-batch, not per update. Use bf16-mixed, or no accumulation."
-        )
-    if skip and strategy == "fsdp":
-        raise ValueError(
-            f"strategy='fsdp' cannot yet be combined with loss scaling or skip_nonfinite "
-            f"(precision={describe(pol) if pol else None}); use bf16-mixed, or strategy='ddp'."
-        )
+        pol = parse_precision("32-true")
+    check_positive_int("accumulate_grad_batches", accumulate_grad_batches, optional=False)
     return Step(
         train_step,
         kind="train",
@@ -279,8 +357,8 @@ def build(
         precision=pol,
         skip_nonfinite=skip,
         accumulate_grad_batches=accumulate_grad_batches,
-        strategy=_check_strategy(strategy),
-        mesh=_default_mesh(strategy, mesh),
+        strategy=as_strategy(strategy, mesh),
+        metric_reductions=check_reductions(metric_reductions),
     )
 
 
@@ -290,16 +368,17 @@ def build_eval(
     compile: bool | str | CompileOptions = True,
     validate: bool = True,
     precision: str | int | Policy | None = None,
-    strategy: Strategy = None,
+    strategy: Strategy | str | None = None,
     mesh: Any = None,
+    metric_reductions: Mapping[str, Reduction] | None = None,
 ) -> Step[Any]:
     """Build an eval or predict step: `eval_step(state, batch) -> metrics or outputs`.
 
-    Same compile, precision and strategy options as `build`; the returned
-    floating tensors are cast to the policy's output dtype, and under a
-    strategy the metrics are averaged over the ranks (each evaluating its
-    own batches). The RNG key is neither used nor advanced: eval steps should
-    run the model with `train=False`.
+    Same compile, precision, strategy and `metric_reductions` options as
+    `build`; the returned floating tensors are cast to the policy's output
+    dtype, and under a strategy the metrics are combined over the ranks
+    (each evaluating its own batches). The RNG key is neither used nor
+    advanced: eval steps should run the model with `train=False`.
     """
     _check_callable(eval_step, "eval_step")
     return Step(
@@ -307,9 +386,9 @@ def build_eval(
         kind="eval",
         compile_options=as_compile_options(compile),
         validate=validate,
-        precision=None if precision is None else policy(precision),
-        strategy=_check_strategy(strategy),
-        mesh=_default_mesh(strategy, mesh),
+        precision=None if precision is None else parse_precision(precision),
+        strategy=as_strategy(strategy, mesh),
+        metric_reductions=check_reductions(metric_reductions),
     )
 
 
@@ -322,48 +401,6 @@ def _check_callable(fn: Any, name: str) -> None:
         raise TypeError(
             f"`{name}` must be a function `(state, batch) -> ...`, got {type(fn).__name__}."
         )
-
-
-def _check_strategy(strategy: Any) -> Strategy:
-    if strategy not in (None, "ddp", "fsdp"):
-        raise ValueError(
-            f"`strategy` must be 'ddp' (data parallel), 'fsdp' (fully sharded) or None, "
-            f"got {strategy!r}."
-        )
-    return strategy
-
-
-def _default_mesh(strategy: Strategy, mesh: Any) -> Any:
-    if strategy is None:
-        if mesh is not None:
-            raise ValueError("`mesh` is only used with a `strategy` ('ddp' or 'fsdp').")
-        return None
-    from .distributed import Mesh, init_mesh  # lazy: torch.distributed only when sharding
-
-    if mesh is None:
-        return init_mesh()
-    if not isinstance(mesh, Mesh):
-        raise TypeError(
-            f"`mesh` must be a lightfunc.distributed.Mesh (from init_mesh()), got "
-            f"{type(mesh).__name__}."
-        )
-    return mesh
-
-
-def _shard(
-    fn: Callable[..., Any], strategy: str, mesh: Any, kind: str, *, sync: bool = True
-) -> Callable[..., Any]:
-    """`fn` under a sharding strategy; `sync=False` for a non-final micro-batch."""
-    from . import distributed as lfd
-
-    if kind == "eval":
-        wrap_eval = lfd.data_parallel_eval if strategy == "ddp" else lfd.fully_sharded_eval
-        return wrap_eval(fn, mesh)
-    # Both reduce gradients inside the optimizer call, which accumulation defers
-    # to the last micro-batch; the others hold back only the buffer averaging,
-    # and still reduce their metrics (a few scalars), so every rank's metrics agree.
-    wrap = lfd.data_parallel if strategy == "ddp" else lfd.fully_sharded
-    return wrap(fn, mesh, sync_buffers=sync)
 
 
 def _with_key(state: Any, key: RngKey | None) -> Any:

@@ -16,6 +16,7 @@ Defaults, and why:
 from __future__ import annotations
 
 import dataclasses
+import types
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -67,7 +68,16 @@ def as_compile_options(compile: bool | str | CompileOptions) -> CompileOptions |
 
 
 def compile_fn(fn: Callable[..., Any], options: CompileOptions) -> Callable[..., Any]:
-    """`torch.compile(fn)` with `options`."""
+    """`torch.compile(fn)` with `options`, on a copy of `fn` with its own code object.
+
+    torch.compile caches graphs per code object. The transforms of a step
+    are closures made by the same few factories, so two built steps (a train
+    and an eval step, a deferring and an updating micro-batch) would share
+    one code object, one cache and one recompile limit, and recompile each
+    other out of it. Compiling a copy with a fresh code object gives each
+    its own; `fn` itself is left as it is.
+    """
+    fn = _with_own_code(fn)
     inductor_options: dict[str, Any] = {}
     if options.deterministic and options.backend == "inductor":
         inductor_options["fallback_random"] = True
@@ -82,6 +92,18 @@ def compile_fn(fn: Callable[..., Any], options: CompileOptions) -> Callable[...,
         else:
             kwargs["mode"] = options.mode
     return torch.compile(fn, **kwargs)
+
+
+def _with_own_code(fn: Callable[..., Any]) -> Callable[..., Any]:
+    if not isinstance(fn, types.FunctionType):  # a method or callable object: nothing to copy
+        return fn
+    copy = types.FunctionType(
+        fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__
+    )
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    copy.__qualname__ = fn.__qualname__
+    copy.__doc__ = fn.__doc__
+    return copy
 
 
 def compile_counts() -> dict[str, int]:

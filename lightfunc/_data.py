@@ -9,7 +9,7 @@ carries no state that a checkpoint must save: `lightfunc.loop` resumes it by
 calling `loader.iter_from(ts.epoch, ts.batch_idx)`, which computes the
 remaining batches' indices directly and never reads the batches already
 trained on. The seed is configuration (build the resumed run's loader with the
-same one); the epoch and the position within it live in the `TrainerState`,
+same one); the epoch and the position within it live in the `LoopState`,
 and so in its checkpoints. That is why `Loader` has no `state_dict`.
 
 A tensor, or a tuple of tensors sharing their leading dimension, is batched
@@ -214,9 +214,9 @@ class Loader:
         """The batches of epoch `epoch` from batch `position` on, without reading the ones before.
 
         Args:
-            epoch: the epoch, counted from 0 (`TrainerState.epoch`).
+            epoch: the epoch, counted from 0 (`LoopState.epoch`).
             position: batches of that epoch already consumed, in
-                `[0, len(self)]` (`TrainerState.batch_idx`).
+                `[0, len(self)]` (`LoopState.batch_idx`).
 
         Returns:
             An iterator over the batches `position, position + 1, ...` of the

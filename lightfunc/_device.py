@@ -55,15 +55,6 @@ def resolve_device(
     return torch.device("cpu")
 
 
-def global_rank() -> int:
-    """This process's rank under `torch.distributed` (0 outside it): rank 0 prints and writes."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank()
-    return 0
-
-
 def _device_index(devices: int | str | list[int]) -> int:
     if devices in ("auto", 1):
         # One device per process: a launched process uses the one matching its local rank.

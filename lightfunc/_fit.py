@@ -19,8 +19,16 @@ from typing import Any, Literal
 import torch
 
 from ._build import Step
-from ._loop import TrainerState, as_train_step, loop, state_for
-from .callbacks import Callback, ModelCheckpoint, ModelSummary, ProgressBar
+from ._callback import Callback, callback_states
+from ._contract import LoopState, Strategy
+from ._loop import as_train_step, loop, prepare_loop_state
+from ._manager import CheckpointManager
+from ._strategy import SingleProcess
+from .callbacks import ModelCheckpoint, ModelSummary, ProgressBar
+from .loggers import default_logger
+
+# `lightfunc.build`'s options that `fit` (like `loop`) takes for a plain step.
+_BUILD_OPTIONS = ("precision", "accumulate_grad_batches", "skip_nonfinite", "strategy", "compile")
 
 
 def fit(
@@ -38,12 +46,13 @@ def fit(
     barebones: bool = False,
     ckpt_path: Literal["last"] | str | os.PathLike[str] | None = None,
     **loop_kwargs: Any,
-) -> TrainerState:
-    """Train to the end and return the final `TrainerState`.
+) -> LoopState:
+    """Train to the end and return the final `LoopState`.
 
     Takes `lightfunc.loop`'s arguments (`max_epochs`, `max_steps`,
-    `eval_step`, `eval_data`, `fast_dev_run`, `accelerator`, `precision`, ...), plus
-    `Trainer`'s switches, by the same names:
+    `eval_step`, `eval_data`, `fast_dev_run`, `accelerator`, and, for a plain
+    `step`, build options such as `precision`), plus `Trainer`'s switches, by
+    the same names:
 
     Args:
         default_root_dir: where logs (`logs/`) and checkpoints (`checkpoints/`) go.
@@ -53,21 +62,23 @@ def fit(
         enable_progress_bar: show a progress bar (tqdm on a terminal, plain lines otherwise).
         enable_model_summary: print parameter counts at the start; pass the
             `nn.Module` to get per-module rows.
-        enable_checkpointing: save `checkpoints/last.safetensors` at the end
-            of every epoch (and on SIGTERM). Add a `ModelCheckpoint` callback
-            for anything more.
+        enable_checkpointing: save a checkpoint under `checkpoints/` at the
+            end of every epoch and on SIGTERM (`last.safetensors`; a sharded
+            strategy's is a directory, pointed at by `index.json`). Add a
+            `ModelCheckpoint` callback for anything more.
         log_every_n_steps: how often the logger and the bar read metrics from the device.
         barebones: turn all of the above off (for overhead measurements).
         ckpt_path: "last" to resume from `checkpoints/` under
             `default_root_dir` (a fresh start when there is none), or the path
-            of a checkpoint to resume from.
+            of a checkpoint to resume from (read by the step's strategy).
 
     Returns:
-        The last `TrainerState`.
+        The last `LoopState`.
 
     Raises:
         ValueError: if `barebones` is combined with a feature it turns off,
-            or the run has no steps to take.
+            a build option is given with a built step, or the run has no
+            steps to take.
     """
     fast_dev_run = bool(loop_kwargs.get("fast_dev_run"))
     root = Path(default_root_dir)
@@ -89,12 +100,14 @@ def fit(
         if not fast_dev_run:  # fast_dev_run writes no files
             active += _writers(root, logger, enable_checkpointing, log_every_n_steps)
     active += callbacks
-    # Precision converts the state before a checkpoint is restored into it.
-    train = as_train_step(step, loop_kwargs.pop("precision", None))
-    start = _resume(state_for(train, state), root, ckpt_path, active)
-    last: TrainerState | None = None
-    for ts in loop(train, start, train_data, callbacks=active, **loop_kwargs):
-        last = ts
+    # Built here, not in `loop`: the state is prepared by the step (cast for its
+    # precision, sharded by its strategy) before a checkpoint is restored into it.
+    options = {name: loop_kwargs.pop(name) for name in _BUILD_OPTIONS if name in loop_kwargs}
+    train = as_train_step(step, **options)
+    start = _resume(prepare_loop_state(train, state), root, ckpt_path, active)
+    last: LoopState | None = None
+    for ls in loop(train, start, train_data, callbacks=active, **loop_kwargs):
+        last = ls
     if last is None:
         raise ValueError(
             "`fit` ran no steps: the state is already past `max_steps` / `max_epochs`."
@@ -105,8 +118,6 @@ def fit(
 def _writers(
     root: Path, logger: Callback | bool, checkpointing: bool, every: int
 ) -> list[Callback]:
-    from .loggers import default_logger
-
     out: list[Callback] = []
     if logger is True:
         out.append(default_logger(root / "logs", log_every_n_steps=every))
@@ -121,19 +132,21 @@ def _writers(
     return out
 
 
-def _resume(state: Any, root: Path, ckpt_path: Any, callbacks: list[Callback]) -> Any:
+def _resume(start: LoopState, root: Path, ckpt_path: Any, callbacks: list[Callback]) -> LoopState:
+    """`start`, or the checkpoint `ckpt_path` names loaded into its structure (by its strategy)."""
     if ckpt_path is None:
-        return state
-    from ._checkpoint import load
-    from ._manager import CheckpointManager
-
+        return start
+    strategy: Strategy = start.strategy if start.strategy is not None else SingleProcess()
     if ckpt_path == "last":
-        manager = next((cb.manager for cb in callbacks if isinstance(cb, ModelCheckpoint)), None)
+        manager = next((cb for cb in callbacks if isinstance(cb, CheckpointManager)), None)
         manager = manager or CheckpointManager(root / "checkpoints")
-        restored = manager.restore(state, callbacks=callbacks)
-        return state if restored is None else restored
-    states = {cb.state_key: s for cb in callbacks if (s := cb.state_dict()) is not None}
-    return load(ckpt_path, like=TrainerState(state=state, callbacks=states))
+        restored = manager.restore(start, callbacks=callbacks, strategy=strategy)
+        return start if restored is None else restored
+    template = start.replace(
+        metrics={}, eval_metrics=None, eval_at_step=-1, callbacks=callback_states(callbacks)
+    )
+    loaded: LoopState = strategy.load(Path(ckpt_path), like=template)
+    return loaded
 
 
 def _expected_steps(train_data: Iterable[Any], kwargs: dict[str, Any]) -> int | None:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.func import functional_call
 
-from ._precision_step import active_scaling
+from ._precision import LossScale
 from ._tree import PyTree
 
 Params = dict[str, torch.Tensor]
@@ -86,6 +86,7 @@ def value_and_grad(
     *,
     argnums: int | Sequence[int] = 0,
     has_aux: bool = False,
+    loss_scale: LossScale | None = None,
 ) -> Callable[..., tuple[Any, PyTree]]:
     """`fn`'s value and its gradient with respect to argument(s) `argnums`.
 
@@ -95,11 +96,13 @@ def value_and_grad(
     `torch.func.grad_and_value`, so it composes with `vmap` and
     `torch.compile(fullgraph=True)`.
 
-    Inside a step built with `lightfunc.build(..., precision="16-mixed")`
-    (or `skip_nonfinite=True`), it also applies the loss scale: the loss is
-    multiplied by the state's scale before differentiating, the gradients
-    are divided by it, and their finiteness is recorded for the step to be
-    skipped when they overflow. The value returned is the unscaled loss.
+    With `loss_scale` (a float16 step: pass `loss_scale=state.loss_scale`),
+    the loss is multiplied by the scale before differentiating, so that
+    small gradients do not underflow in float16, and the gradients are
+    divided by it afterwards; the value returned is the unscaled loss. The
+    state's optimizer (`lightfunc.optim.apply_if_finite`) then skips the
+    update if the gradients overflowed and adjusts the scale. `None` (or a
+    state without a scale) differentiates the loss as it is.
 
     Raises:
         TypeError / ValueError: on the first call, if `fn` returns something
@@ -126,17 +129,33 @@ def value_and_grad(
         return out
 
     argnums = argnums if isinstance(argnums, int) else tuple(argnums)
-    grad_fn = torch.func.grad_and_value(checked, argnums=argnums, has_aux=has_aux)
+    if loss_scale is not None and not isinstance(loss_scale, LossScale):
+        raise TypeError(
+            f"`loss_scale` must be a lightfunc.LossScale (pass `state.loss_scale`) or None, "
+            f"got {type(loss_scale).__name__}."
+        )
+    if loss_scale is None:
+        grad_fn = torch.func.grad_and_value(checked, argnums=argnums, has_aux=has_aux)
 
-    def wrapped(*args: Any, **kwargs: Any) -> tuple[Any, PyTree]:
-        scaling = active_scaling()
-        if scaling is not None:
-            # Inside a step built with `precision=`: scale the loss, check the gradients.
-            return scaling.value_and_grad(checked, argnums, has_aux, args, kwargs)
-        grads, value = grad_fn(*args, **kwargs)
-        return value, grads
+        def wrapped(*args: Any, **kwargs: Any) -> tuple[Any, PyTree]:
+            grads, value = grad_fn(*args, **kwargs)
+            return value, grads
 
-    return wrapped
+        return wrapped
+
+    scale = loss_scale
+
+    def scaled(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+        out: Any = checked(*args, **kwargs)
+        return scale.scale_loss(out[0] if has_aux else out), out
+
+    scaled_grad_fn = torch.func.grad_and_value(scaled, argnums=argnums, has_aux=True)
+
+    def wrapped_scaled(*args: Any, **kwargs: Any) -> tuple[Any, PyTree]:
+        grads, (_, value) = scaled_grad_fn(*args, **kwargs)
+        return value, scale.unscale(grads)
+
+    return wrapped_scaled
 
 
 def _check_loss(value: Any, has_aux: bool) -> None:

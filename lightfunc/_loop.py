@@ -1,14 +1,22 @@
 """The generator loop, and the eval / predict loops beside it.
 
-    for ts in lightfunc.loop(step, state, train_loader, max_epochs=10,
+    for ls in lightfunc.loop(step, state, train_loader, max_epochs=10,
                              eval_step=eval_step, eval_data=val_loader):
-        if ts.step % 100 == 0:
-            print(ts.step, float(ts.metrics["loss"]))   # the only sync is yours
+        if ls.step % 100 == 0:
+            print(ls.step, float(ls.metrics["loss"]))   # the only sync is yours
 
-`loop` yields one immutable `TrainerState` per train step. It never reads a
+`loop` yields one immutable `LoopState` per train step. It never reads a
 tensor back from the device: metrics stay where the step left them until the
 caller looks. Breaking out and calling `loop` again with the last
-`TrainerState` continues the run where it stopped.
+`LoopState` continues the run where it stopped.
+
+The loop sits below everything that observes it: it knows the `Callback`
+protocol (`lightfunc._callback`) and nothing about checkpoints, loggers or
+progress bars. It asks the built step to prepare the state (`Step.prepare`:
+precision, optimizer wrappers, sharding) and never branches on a strategy.
+Build options (`precision`, `strategy`, ...) are set in one place, the build:
+`loop` passes them to `lightfunc.build` for a plain function and refuses them
+for a step that is already built.
 """
 
 from __future__ import annotations
@@ -19,71 +27,19 @@ import math
 import signal
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from ._build import Step, build, build_eval
+from ._callback import Callback, InterruptReason, callback_states, check_callbacks
 from ._compile import CompileOptions
+from ._contract import LoopState, Metrics, Strategy
 from ._device import resolve_device, to_device
-from ._precision import Policy, policy
-from ._precision_step import describe
-from ._state import TrainState
-from ._tree import register_dataclass, replace_fields, tree_leaves
-
-if TYPE_CHECKING:
-    from ._manager import CheckpointManager
-    from .callbacks import Callback
-
-Metrics = dict[str, torch.Tensor]
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainerState:
-    """A snapshot of a run, yielded after every train step.
-
-    Attributes:
-        state: the user's state (a `TrainState` or any pytree), on the run's device.
-        step: train steps the loop has run, over all epochs (host int).
-        epoch: the current epoch, counted from 0 (host int).
-        batch_idx: batches consumed in the current epoch (host int); equals
-            the epoch's length right after its last batch.
-        metrics: the last train step's metrics, device tensors, not synced.
-        eval_metrics: the last evaluation's mean metrics (device tensors), or None.
-        eval_at_step: the `step` at which `eval_metrics` were computed, or -1.
-        epoch_end: True on the state yielded after the last batch of an epoch.
-        callbacks: each stateful callback's `state_dict()`, by `state_key`
-            (saved in checkpoints, handed back to the callbacks on resume).
-    """
-
-    state: Any
-    step: int = 0
-    epoch: int = 0
-    batch_idx: int = 0
-    metrics: Metrics = dataclasses.field(default_factory=dict)
-    eval_metrics: Metrics | None = None
-    eval_at_step: int = -1
-    epoch_end: bool = False
-    callbacks: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-    @property
-    def evaluated(self) -> bool:
-        """True on the state yielded right after an evaluation ran."""
-        return self.eval_at_step == self.step
-
-    def replace(self, **changes: Any) -> TrainerState:
-        """A copy with the given fields replaced (like `dataclasses.replace`, faster: it runs every step)."""
-        unknown = changes.keys() - _TRAINER_FIELDS
-        if unknown:
-            raise TypeError(
-                f"TrainerState has no field(s) {sorted(unknown)}; fields are {sorted(_TRAINER_FIELDS)}."
-            )
-        return replace_fields(self, **changes)
-
-
-# Counters are children (int leaves), so a checkpoint of a TrainerState holds them.
-register_dataclass(TrainerState)
-_TRAINER_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainerState))
+from ._metrics import MetricTotals, batch_size
+from ._precision import Policy
+from ._tree import tree_leaves
+from ._validate import check_positive_ints, is_int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,23 +66,29 @@ def loop(
     fast_dev_run: bool | int = False,
     accelerator: str = "auto",
     devices: int | str | list[int] = "auto",
-    checkpoint: CheckpointManager | None = None,
+    checkpoint: Callback | None = None,
     callbacks: Sequence[Callback] = (),
     precision: str | int | Policy | None = None,
-) -> Iterator[TrainerState]:
-    """Run `step` over `train_data`, yielding a `TrainerState` after every step.
+    accumulate_grad_batches: int | None = None,
+    skip_nonfinite: bool | None = None,
+    strategy: str | Strategy | None = None,
+    compile: bool | str | CompileOptions | None = None,
+) -> Iterator[LoopState]:
+    """Run `step` over `train_data`, yielding a `LoopState` after every step.
 
     Args:
         step: a train step, built (`lightfunc.build`) or plain (then built
-            here with the default, compiled).
+            here, compiled unless `compile=False`).
         state: the initial state (e.g. `TrainState.create(...)`), or a
-            `TrainerState` yielded earlier to continue that run.
+            `LoopState` yielded earlier to continue that run.
         train_data: an iterable of batches, re-iterated every epoch (a
             DataLoader, a list, ...). Batches are moved to the run's device.
         max_steps: stop after this many steps in total.
         max_epochs: stop after this many epochs. With neither limit given, one epoch.
         eval_step: `eval_step(state, batch) -> dict of 0-d tensors`, run over
             `eval_data` at the end of every epoch and every `eval_every` steps.
+            A plain function is built like the train step (its compile
+            options, precision and strategy).
         eval_data: batches for `eval_step`.
         eval_every: also evaluate every this many steps.
         limit_train_batches: batches per epoch: an int count or a float fraction.
@@ -135,36 +97,35 @@ def loop(
             batches, once, to check the code end to end.
         accelerator: "auto", "cpu", "gpu"/"cuda" or "mps".
         devices: "auto", 1 or [index].
-        precision: run under a precision policy (Lightning's strings:
-            "bf16-mixed", "16-mixed", "bf16-true", ...): a plain `step` (and
-            `eval_step`) is built with it, and a `TrainState` is converted
-            with `state.with_precision(...)`. A built step carries its own.
-            A step built with `strategy="fsdp"` has the state sharded here
-            (`lightfunc.distributed.shard_state`), and a plain `eval_step`
-            is built with the train step's precision and strategy.
-        checkpoint: a `CheckpointManager` that sees every state (and saves on
-            its schedule). With one, SIGTERM (preemption) makes the loop save
-            the last completed step and stop cleanly; with
-            `save_on_exception=True`, a step that raises first gets the last
-            completed step saved.
+        checkpoint: a `CheckpointManager`: shorthand for appending it to
+            `callbacks`. It saves on its schedule, on SIGTERM (the loop then
+            stops cleanly after the step) and, with `save_on_exception=True`,
+            before an exception from the step propagates.
         callbacks: `lightfunc.callbacks.Callback`s that observe every state
             and may stop the run (see `lightfunc.callbacks`). Their hooks run
             in this generator; `on_end` runs when the loop finishes or is
-            stopped, not when you break out of it.
+            stopped, not when you break out of it. When any of them handles
+            interrupts (`on_interrupt`), SIGTERM asks the loop to stop after
+            the current step.
+        precision, accumulate_grad_batches, skip_nonfinite, strategy, compile:
+            `lightfunc.build`'s options, for a plain `step` only (a built
+            step carries its own; giving one raises). The state is prepared
+            by the step (`Step.prepare`: cast for its precision, sharded by
+            its strategy, ...).
 
     Yields:
-        `TrainerState` after each train step, with evaluation results attached
-        on the steps where evaluation ran (`ts.evaluated`).
+        `LoopState` after each train step, with evaluation results attached
+        on the steps where evaluation ran (`ls.evaluated`).
 
     Raises:
         ValueError / TypeError: on inconsistent arguments, before any step runs.
 
-    Resuming from a `TrainerState` continues its counters and the current
+    Resuming from a `LoopState` continues its counters and the current
     epoch. With a `lightfunc.Loader` (anything with `iter_from(epoch,
-    position)`), the loop asks for epoch `ts.epoch` from batch `ts.batch_idx`:
+    position)`), the loop asks for epoch `ls.epoch` from batch `ls.batch_idx`:
     the same batches as an uninterrupted run, mid-epoch included, and the
     ones already consumed are never read. Any other iterable is iterated from
-    its start and its first `ts.batch_idx` batches are read and dropped: the
+    its start and its first `ls.batch_idx` batches are read and dropped: the
     same batches come next only if it yields the same order each time it is
     iterated (no shuffling, or a sampler seeded by `set_epoch`).
     """
@@ -173,64 +134,68 @@ def loop(
     )
     if (eval_step is None) != (eval_data is None):
         raise ValueError("`eval_step` and `eval_data` go together: give both or neither.")
-    train = as_train_step(step, precision)
+    train = as_train_step(
+        step,
+        precision=precision,
+        accumulate_grad_batches=accumulate_grad_batches,
+        skip_nonfinite=skip_nonfinite,
+        strategy=strategy,
+        compile=compile,
+    )
     evaluate_ = None if eval_step is None else _as_eval_step(eval_step, like=train)
     device = resolve_device(accelerator, devices)
+    ls = prepare_loop_state(train, state)
+    ls = ls.replace(state=to_device(ls.state, device))
+    run_callbacks = check_callbacks([*callbacks, *_as_callbacks(checkpoint)])
+    eval_batches = eval_data if eval_data is not None else ()
+    return _run(train, evaluate_, ls, train_data, eval_batches, limits, device, run_callbacks)
 
-    ts = state if isinstance(state, TrainerState) else TrainerState(state=state)
-    ts = ts.replace(state=to_device(state_for(train, ts.state), device))
-    if checkpoint is not None and not hasattr(checkpoint, "update"):
+
+def prepare_loop_state(train: Step[Any], state: Any) -> LoopState:
+    """`state` (a user state or a `LoopState`) as a `LoopState` whose state `train` prepared.
+
+    The user state goes through `train.prepare` (cast for the step's
+    precision, optimizer wrappers installed, sharded by its strategy), and
+    the record carries the step's strategy, so checkpoints of it are saved
+    the strategy's way.
+    """
+    ls = state if isinstance(state, LoopState) else LoopState(state=state)
+    return ls.replace(state=train.prepare(ls.state), strategy=train.strategy)
+
+
+def _as_callbacks(checkpoint: Any) -> list[Callback]:
+    """`loop(checkpoint=manager)` is `loop(callbacks=[..., manager])`."""
+    if checkpoint is None:
+        return []
+    if not isinstance(checkpoint, Callback):
         raise TypeError(
             f"`checkpoint` must be a lightfunc.CheckpointManager, got {type(checkpoint).__name__}."
         )
-    from .callbacks import ModelCheckpoint  # lightfunc.callbacks imports this module
-    from .callbacks._base import check_unique_keys
-
-    callbacks = list(callbacks)
-    check_unique_keys(callbacks)
-    # SIGTERM and save-on-exception go to the explicit manager, else to a ModelCheckpoint's.
-    emergency = checkpoint or next(
-        (cb.manager for cb in callbacks if isinstance(cb, ModelCheckpoint)), None
-    )
-    eval_batches = eval_data if eval_data is not None else ()
-    return _run(
-        train,
-        evaluate_,
-        ts,
-        train_data,
-        eval_batches,
-        limits,
-        device,
-        checkpoint,
-        emergency,
-        callbacks,
-    )
+    return [checkpoint]
 
 
 def _run(
     train: Step[Any],
     eval_step: Step[Any] | None,
-    ts: TrainerState,
+    ls: LoopState,
     train_data: Iterable[Any],
     eval_data: Iterable[Any],
     limits: _Limits,
     device: torch.device,
-    checkpoint: CheckpointManager | None,
-    emergency: CheckpointManager | None,
     callbacks: list[Callback],
-) -> Iterator[TrainerState]:
+) -> Iterator[LoopState]:
     n_train = _num_batches(train_data, limits.train_batches, "limit_train_batches")
     for cb in callbacks:
-        if cb.state_key in ts.callbacks:
-            cb.load_state_dict(ts.callbacks[cb.state_key])
-        cb.on_start(ts)
-    last = ts
-    with _StopRequest(enabled=emergency is not None) as stop:
-        while not _done(ts, limits):
-            _set_epoch(train_data, ts.epoch)
-            it = _epoch_batches(train_data, ts, n_train)
+        if cb.state_key in ls.callbacks:
+            cb.load_state_dict(ls.callbacks[cb.state_key])
+        cb.on_start(ls)
+    last = ls
+    with _StopRequest(enabled=any(cb.handles_interrupts for cb in callbacks)) as stop:
+        while not _done(ls, limits):
+            _set_epoch(train_data, ls.epoch)
+            it = _epoch_batches(train_data, ls, n_train)
             upcoming = next(it, _END)
-            if upcoming is _END and ts.batch_idx == 0:
+            if upcoming is _END and ls.batch_idx == 0:
                 raise ValueError(
                     "`train_data` yielded no batches for an epoch. Check the DataLoader's length "
                     "(batch_size larger than the dataset with drop_last=True?) and `limit_train_batches`."
@@ -238,93 +203,96 @@ def _run(
             while upcoming is not _END:
                 batch = to_device(upcoming, device, non_blocking=True)
                 try:
-                    state, metrics = train(ts.state, batch)
+                    state, metrics = train(ls.state, batch)
                 except Exception:
-                    if emergency is not None and emergency.save_on_exception and ts.step > 0:
-                        emergency.save(ts, reason="exception")
+                    if ls.step > 0:  # the last completed step, for callbacks that save it
+                        _interrupt(callbacks, ls, "exception")
                     raise
                 # Fetch the next batch while the device works, and to know whether
                 # this step ends the epoch (evaluation then belongs to this step).
                 upcoming = next(it, _END)
                 end_of_epoch = upcoming is _END
-                ts = ts.replace(
+                ls = ls.replace(
                     state=state,
-                    step=ts.step + 1,
-                    batch_idx=ts.batch_idx + 1,
+                    step=ls.step + 1,
+                    batch_idx=ls.batch_idx + 1,
                     metrics=metrics,
                     epoch_end=end_of_epoch,
                 )
-                end_of_run = _done(ts, limits) or (
-                    end_of_epoch and _done(ts.replace(epoch=ts.epoch + 1), limits)
+                end_of_run = _done(ls, limits) or (
+                    end_of_epoch and _done(ls.replace(epoch=ls.epoch + 1), limits)
                 )
-                if eval_step is not None and (
-                    end_of_epoch
-                    or end_of_run
-                    or (limits.eval_every and ts.step % limits.eval_every == 0)
-                ):
-                    ts = ts.replace(
+                if eval_step is not None and _evaluates(ls, limits, end_of_epoch or end_of_run):
+                    ls = ls.replace(
                         eval_metrics=evaluate(
-                            eval_step, ts.state, eval_data, limit_batches=limits.eval_batches
+                            eval_step, ls.state, eval_data, limit_batches=limits.eval_batches
                         ),
-                        eval_at_step=ts.step,
+                        eval_at_step=ls.step,
                     )
                 stop_asked = False
                 if callbacks:
-                    ts, stop_asked = _run_callbacks(callbacks, ts)
-                if checkpoint is not None:
-                    checkpoint.update(ts)
-                yield ts
-                last = ts
-                if stop.requested and emergency is not None:
-                    emergency.save(ts, reason="sigterm")
+                    ls, stop_asked = _run_callbacks(callbacks, ls)
+                yield ls
+                last = ls
+                if stop.requested:
+                    _interrupt(callbacks, ls, "sigterm")
                 if stop.requested or stop_asked or (end_of_run and not end_of_epoch):
-                    _end(callbacks, ts)
+                    _end(callbacks, ls)
                     return
-            ts = ts.replace(epoch=ts.epoch + 1, batch_idx=0, epoch_end=False)
+            ls = ls.replace(epoch=ls.epoch + 1, batch_idx=0, epoch_end=False)
         _end(callbacks, last)
 
 
-def _run_callbacks(callbacks: list[Callback], ts: TrainerState) -> tuple[TrainerState, bool]:
+def _evaluates(ls: LoopState, limits: _Limits, boundary: bool) -> bool:
+    """Whether evaluation runs after this step: at an epoch's or the run's end, or every n steps."""
+    return boundary or bool(limits.eval_every and ls.step % limits.eval_every == 0)
+
+
+def _run_callbacks(callbacks: list[Callback], ls: LoopState) -> tuple[LoopState, bool]:
     """Extra metrics from all, `on_step` on all (any may ask to stop), states collected, `on_step_end` on all."""
     extra: dict[str, Any] = {}
     for cb in callbacks:
-        extra.update(cb.extra_metrics(ts) or {})
+        extra.update(cb.extra_metrics(ls) or {})
     if extra:
-        ts = ts.replace(metrics={**ts.metrics, **extra})
+        ls = ls.replace(metrics={**ls.metrics, **extra})
     stop = False
     for cb in callbacks:
-        stop = bool(cb.on_step(ts)) or stop
-    states = {cb.state_key: s for cb in callbacks if (s := cb.state_dict()) is not None}
+        stop = bool(cb.on_step(ls)) or stop
+    states = callback_states(callbacks)
     if states:
-        ts = ts.replace(callbacks=states)
+        ls = ls.replace(callbacks=states)
     for cb in callbacks:
-        cb.on_step_end(ts)
-    return ts, stop
+        cb.on_step_end(ls)
+    return ls, stop
 
 
-def _end(callbacks: list[Callback], ts: TrainerState) -> None:
+def _interrupt(callbacks: list[Callback], ls: LoopState, reason: InterruptReason) -> None:
     for cb in callbacks:
-        cb.on_end(ts)
+        cb.on_interrupt(ls, reason)
 
 
-def _epoch_batches(
-    train_data: Iterable[Any], ts: TrainerState, n_train: int | None
-) -> Iterator[Any]:
-    """The batches of `ts.epoch` from position `ts.batch_idx` on."""
+def _end(callbacks: list[Callback], ls: LoopState) -> None:
+    for cb in callbacks:
+        cb.on_end(ls)
+
+
+def _epoch_batches(train_data: Iterable[Any], ls: LoopState, n_train: int | None) -> Iterator[Any]:
+    """The batches of `ls.epoch` from position `ls.batch_idx` on."""
     iter_from = getattr(train_data, "iter_from", None)
     if callable(iter_from):  # a lightfunc.Loader: start at batch_idx, reading no skipped batch
-        it: Iterator[Any] = iter_from(ts.epoch, ts.batch_idx)
-        return it if n_train is None else itertools.islice(it, max(0, n_train - ts.batch_idx))
+        it: Iterator[Any] = iter_from(ls.epoch, ls.batch_idx)
+        return it if n_train is None else itertools.islice(it, max(0, n_train - ls.batch_idx))
     # A plain iterable: resume mid-epoch by reading and dropping batch_idx batches.
     batches = train_data if n_train is None else itertools.islice(train_data, n_train)
-    return itertools.islice(batches, ts.batch_idx, None)
+    return itertools.islice(batches, ls.batch_idx, None)
 
 
 class _StopRequest:
-    """While active (main thread, with a checkpoint manager), SIGTERM asks the loop to stop.
+    """While active (main thread, a callback that handles interrupts), SIGTERM asks the loop to stop.
 
-    The loop then saves the last completed step and returns, so a preempted
-    job exits cleanly with a checkpoint instead of dying mid-step.
+    The loop then calls `on_interrupt(ls, "sigterm")` on every callback with
+    the last completed step (a checkpoint manager saves it) and returns, so a
+    preempted job exits cleanly instead of dying mid-step.
     """
 
     def __init__(self, enabled: bool) -> None:
@@ -355,32 +323,38 @@ def evaluate(
     limit_batches: int | float | None = None,
     device: torch.device | None = None,
 ) -> Metrics:
-    """Run `eval_step` over `data` and average its metrics, weighted by batch size.
+    """Run `eval_step` over `data` and combine its metrics over the batches.
+
+    Each metric is combined by its reduction (`lightfunc._metrics`): floating
+    metrics are means over all examples (batch values weighted by the batch's
+    leading dimension, so a smaller last batch counts for what it holds),
+    integer metrics are summed, bool metrics OR-ed; a step built with
+    `metric_reductions={"worst": "max"}` gets those instead.
 
     Args:
         eval_step: `eval_step(state, batch) -> dict of 0-d tensors`, built with
             `lightfunc.build_eval` or plain (then built here, compiled).
-        state: the state to evaluate (a `TrainState` or a `TrainerState`).
+        state: the state to evaluate (a `TrainState` or a `LoopState`).
         data: an iterable of batches.
         limit_batches: an int count or a float fraction of `data`'s batches.
         device: where to run; defaults to the device of the state's tensors.
 
     Returns:
-        dict name -> 0-d tensor on the device: each metric's mean over all
-        examples (batch means weighted by the batch's leading dimension, so a
-        smaller last batch counts for what it holds). Not synced.
+        dict name -> 0-d tensor on the device, each metric combined over all
+        batches. Not synced.
 
     Raises:
+        TypeError: if `eval_step` returns something other than a dict.
         ValueError: if `data` yields no batches.
     """
     step = _as_eval_step(eval_step)
-    if isinstance(state, TrainerState):
+    if isinstance(state, LoopState):
         state = state.state
     device = device if device is not None else _device_of(state)
     n = _num_batches(data, limit_batches, "limit_batches")
     batches = data if n is None else itertools.islice(data, n)
-    totals: Metrics = {}
-    count = 0
+    totals = MetricTotals(step.metric_reductions)
+    seen = 0
     for batch in batches:
         batch = to_device(batch, device, non_blocking=True)
         metrics = step(state, batch)
@@ -389,15 +363,13 @@ def evaluate(
                 f"`eval_step` must return a dict of 0-d tensors, got {type(metrics).__name__}. "
                 f"For arbitrary outputs use lightfunc.predict."
             )
-        size = _batch_size(batch)
-        for name, value in metrics.items():
-            totals[name] = totals[name] + value * size if name in totals else value * size
-        count += size
-    if count == 0:
+        totals.add(metrics, batch_size(batch))
+        seen += 1
+    if seen == 0:
         raise ValueError(
             "`data` yielded no batches to evaluate; check its length and `limit_batches`."
         )
-    return {name: total / count for name, total in totals.items()}
+    return totals.result()
 
 
 def predict(
@@ -409,40 +381,41 @@ def predict(
 ) -> list[Any]:
     """Run `predict_step(state, batch) -> outputs` over `data`; return the outputs in order (on device)."""
     step = _as_eval_step(predict_step)
-    if isinstance(state, TrainerState):
+    if isinstance(state, LoopState):
         state = state.state
     device = device if device is not None else _device_of(state)
     return [step(state, to_device(batch, device, non_blocking=True)) for batch in data]
 
 
-def as_train_step(
-    step: Step[Any] | Callable[..., Any], precision: str | int | Policy | None = None
-) -> Step[Any]:
-    """`step` as a built train step under `precision` (built here if it is a plain function)."""
+def as_train_step(step: Step[Any] | Callable[..., Any], **build_options: Any) -> Step[Any]:
+    """`step` as a built train step; a plain function is built with `build_options`.
+
+    Args:
+        step: a `Step` built with `lightfunc.build`, or a plain train function.
+        **build_options: `lightfunc.build` keywords (`precision`, `strategy`,
+            `compile`, ...); None means "not given".
+
+    Returns:
+        The built step.
+
+    Raises:
+        TypeError: `step` is a built eval step.
+        ValueError: a build option is given with a step that is already
+            built (the option would be ignored or contradict the build).
+    """
+    given = {name: value for name, value in build_options.items() if value is not None}
     if not isinstance(step, Step):
-        return build(step, precision=precision)
+        return build(step, **given)
     if step.kind != "train":
         raise TypeError(f"`step` must be a train step (built with lightfunc.build), got {step!r}.")
-    if precision is not None and policy(precision) != (step.precision or policy("32-true")):
+    if given:
+        options = ", ".join(f"{name}={value!r}" for name, value in given.items())
         raise ValueError(
-            f"`step` was built with precision={describe(step.precision or policy('32-true'))}, "
-            f"but `precision={precision!r}` was given. Pass the plain function to have it built "
-            f"with `precision`, or build it with lightfunc.build(fn, precision={precision!r})."
+            f"`step` is already built ({step!r}), so `{options}` cannot apply to it: build "
+            f"options are set in one place, the build. Pass {options} to lightfunc.build, or "
+            f"pass the plain function to have it built with them."
         )
     return step
-
-
-def state_for(train: Step[Any], state: Any) -> Any:
-    """`state` stored as `train` needs it: cast for its precision (a `TrainState`), sharded for "fsdp"."""
-    if isinstance(state, TrainerState):
-        return state.replace(state=state_for(train, state.state))
-    if train.precision is not None and isinstance(state, TrainState):
-        state = state.with_precision(train.precision, skip_nonfinite=train.skip_nonfinite)
-    if train.strategy == "fsdp":
-        from .distributed import shard_state  # lazy: DTensor only when sharding
-
-        state = shard_state(state, train.mesh)  # already-sharded tensors are kept as they are
-    return state
 
 
 def _as_eval_step(fn: Step[Any] | Callable[..., Any], like: Step[Any] | None = None) -> Step[Any]:
@@ -451,14 +424,12 @@ def _as_eval_step(fn: Step[Any] | Callable[..., Any], like: Step[Any] | None = N
         if fn.kind != "eval":
             raise TypeError(f"`eval_step` must be built with lightfunc.build_eval, got {fn!r}.")
         return fn
-    compile_: bool | CompileOptions = True
-    if like is not None:
-        compile_ = like.compile_options if like.compile_options is not None else False
     if like is None:
-        return build_eval(fn, compile=compile_)
-    return build_eval(
-        fn, compile=compile_, precision=like.precision, strategy=like.strategy, mesh=like.mesh
+        return build_eval(fn, compile=True)
+    compile_: bool | CompileOptions = (
+        like.compile_options if like.compile_options is not None else False
     )
+    return build_eval(fn, compile=compile_, precision=like.precision, strategy=like.strategy)
 
 
 def _limits(
@@ -474,7 +445,7 @@ def _limits(
     _check_limit("limit_eval_batches", limit_eval_batches)
     if fast_dev_run:
         n = 1 if fast_dev_run is True else fast_dev_run
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        if not (is_int(n) and n >= 1):
             raise ValueError(
                 f"`fast_dev_run` must be a bool or a positive int, got {fast_dev_run!r}."
             )
@@ -484,19 +455,10 @@ def _limits(
     return _Limits(max_steps, max_epochs, limit_train_batches, limit_eval_batches, eval_every)
 
 
-def check_positive_ints(**values: Any) -> None:
-    """Raise ValueError naming the first argument that is neither None nor a positive int."""
-    for name, value in values.items():
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, int) or value < 1
-        ):
-            raise ValueError(f"`{name}` must be a positive int or None, got {value!r}.")
-
-
 def _check_limit(name: str, value: int | float | None) -> None:
     if value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if not (is_int(value) or isinstance(value, float)):
         raise TypeError(f"`{name}` must be an int (batches) or a float (fraction), got {value!r}.")
     if isinstance(value, int) and value < 1:
         raise ValueError(f"`{name}` as a count must be >= 1, got {value}.")
@@ -520,10 +482,10 @@ def _num_batches(data: Iterable[Any], limit: int | float | None, name: str) -> i
     return max(1, math.floor(total * limit))
 
 
-def _done(ts: TrainerState, limits: _Limits) -> bool:
-    if limits.max_steps is not None and ts.step >= limits.max_steps:
+def _done(ls: LoopState, limits: _Limits) -> bool:
+    if limits.max_steps is not None and ls.step >= limits.max_steps:
         return True
-    return limits.max_epochs is not None and ts.epoch >= limits.max_epochs
+    return limits.max_epochs is not None and ls.epoch >= limits.max_epochs
 
 
 def _set_epoch(data: Any, epoch: int) -> None:
@@ -533,13 +495,6 @@ def _set_epoch(data: Any, epoch: int) -> None:
         if callable(set_epoch):
             set_epoch(epoch)
             return
-
-
-def _batch_size(batch: Any) -> int:
-    for leaf in tree_leaves(batch):
-        if isinstance(leaf, torch.Tensor) and leaf.ndim > 0:
-            return int(leaf.shape[0])
-    return 1
 
 
 def _device_of(state: Any) -> torch.device:

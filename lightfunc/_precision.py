@@ -22,36 +22,14 @@ gradients by it afterwards; a step whose gradients overflow is skipped and the
 scale halved, and after `growth_interval` good steps in a row it is doubled.
 The scale is a tensor in the state, so a compiled step never recompiles for it.
 
-A mixed-precision train step keeps the scale beside the `TrainState`, here in
-a dict state `{"train": TrainState, "scale": LossScale}`:
-
-    policy = lf.policy("16-mixed")
-    state = {
-        "train": lf.TrainState.create(policy.cast_to_param(lf.params_of(model)), tx),
-        "scale": lf.LossScale.create(),
-    }
-
-    def train_step(state, batch):
-        ts, scale = state["train"], state["scale"]
-        x, y = batch
-
-        def loss_fn(params):
-            # Master weights stay in param_dtype; the forward sees compute-dtype copies.
-            logits, _ = lf.apply(model, policy.cast_to_compute(params), {},
-                                 policy.cast_to_compute(x), train=True)
-            loss = F.cross_entropy(policy.cast_to_output(logits), y)
-            return scale.scale_loss(loss), loss
-
-        (_, loss), grads = lf.value_and_grad(loss_fn, has_aux=True)(ts.params)
-        grads = policy.cast_to_param(scale.unscale(grads))
-        finite = scale.all_finite(grads)
-        # A non-finite step leaves params, optimizer state and step count as they were.
-        new_ts = lf.apply_if_finite(finite, ts.apply_gradients(grads), ts)
-        metrics = {"loss": loss, "loss_scale": scale.scale, "skipped": ~finite}
-        return {"train": new_ts, "scale": scale.update(finite)}, metrics
-
-Under a policy without loss scaling ("bf16-mixed", "32-true", ...) the same
-step works with the scale left out (or kept: a finite scale of 1.0 is exact).
+`lightfunc.build(step, precision="16-mixed")` does all of it: the state's
+optimizer is wrapped in `lightfunc.optim.apply_if_finite`, which holds the
+scale, skips updates whose gradients overflowed and counts them, and the
+step scales its loss with `lightfunc.value_and_grad(loss_fn,
+loss_scale=state.loss_scale)`. A hand-written step that keeps its own scale
+uses the same pieces: `scale.scale_loss`, `scale.unscale`,
+`scale.all_finite`, `scale.update` and `select_if_finite` (a whole tree,
+new or old, chosen leaf by leaf without a host sync).
 """
 
 from __future__ import annotations
@@ -113,7 +91,7 @@ PRECISIONS: dict[str, Policy] = {
 _ALIASES = {"64": "64-true", "32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed"}
 
 
-def policy(spec: str | int | Policy) -> Policy:
+def parse_precision(spec: str | int | Policy) -> Policy:
     """Parse a precision setting, spelled as in Lightning's `Trainer(precision=...)`.
 
     Args:
@@ -129,7 +107,7 @@ def policy(spec: str | int | Policy) -> Policy:
 
     Example:
         >>> import lightfunc as lf
-        >>> lf.policy("bf16-mixed").compute_dtype
+        >>> lf.parse_precision("bf16-mixed").compute_dtype
         torch.bfloat16
     """
     if isinstance(spec, Policy):
@@ -283,7 +261,7 @@ register_dataclass(
 )
 
 
-def apply_if_finite(finite: torch.Tensor, new_tree: PyTree, old_tree: PyTree) -> PyTree:
+def select_if_finite(finite: torch.Tensor, new_tree: PyTree, old_tree: PyTree) -> PyTree:
     """`new_tree` where `finite` holds, else `old_tree`, selected leaf by leaf without branching.
 
     Used to skip an update whose gradients overflowed: passing the whole

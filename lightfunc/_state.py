@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
+import optree
 import torch
 
-from ._accumulate import active_accumulation
 from ._func import buffers_of, params_of
-from ._precision import LossScale, Policy, policy
+from ._precision import LossScale, Policy, parse_precision
 from ._rng import RngKey
-from ._tree import PyTree, register_dataclass, tree_leaves
+from ._tree import NAMESPACE, PyTree, register_dataclass, tree_leaves
 from .optim._base import GradientTransformation, OptState, apply_updates
+from .optim._wrappers import ApplyIfFiniteState, apply_if_finite, find_state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,8 +33,9 @@ class TrainState:
         step: number of optimizer updates applied; 0-d int64 tensor on the params' device.
         rng: the run's random stream position (see `RngKey`); holds no tensors.
         tx: the optimizer (static: part of the tree structure, not a leaf).
-        loss_scale: the dynamic loss scale of a float16 run (or the skip counter
-            of `skip_nonfinite`), else None. See `lightfunc.LossScale`.
+            Update transforms wrap it (`lightfunc.optim.apply_if_finite`
+            for float16 or `skip_nonfinite`, gradient reduction for `DDP`);
+            what they remember lives in `opt_state`.
     """
 
     params: dict[str, torch.Tensor]
@@ -41,7 +44,6 @@ class TrainState:
     step: torch.Tensor
     rng: RngKey | None
     tx: GradientTransformation
-    loss_scale: LossScale | None = None
 
     @classmethod
     def create(
@@ -53,6 +55,7 @@ class TrainState:
         buffers: dict[str, torch.Tensor] | None = None,
         precision: str | int | Policy | None = None,
         skip_nonfinite: bool = False,
+        loss_scale: LossScale | None = None,
     ) -> TrainState:
         """A fresh state from a module (or a dict of parameters) and an optimizer.
 
@@ -66,11 +69,16 @@ class TrainState:
             precision: a precision string ("bf16-mixed", "16-true", ... see
                 `lightfunc.policy`): parameters, floating buffers and the
                 optimizer state are stored in its parameter dtype, and
-                float16 policies get a dynamic `LossScale`. Build the step
-                with the same `precision=`.
-            skip_nonfinite: also carry a fixed `LossScale` of 1.0 under a
-                policy without loss scaling, to skip and count steps whose
-                gradients are not finite (`build(..., skip_nonfinite=True)`).
+                float16 policies wrap the optimizer in
+                `lightfunc.optim.apply_if_finite` with a dynamic `LossScale`.
+                Build the step with the same `precision=`.
+            skip_nonfinite: wrap the optimizer in `apply_if_finite` with a
+                fixed scale of 1.0 under a policy without loss scaling, to
+                skip and count updates whose gradients are not finite
+                (`build(..., skip_nonfinite=True)`).
+            loss_scale: the initial scale to install with them instead of
+                the default (`LossScale.create()`: 2**16, grown every 2000
+                good steps; `LossScale.fixed()` when no scaling is needed).
 
         Returns:
             A `TrainState` at step 0.
@@ -97,7 +105,7 @@ class TrainState:
             )
         device = next(iter(params.values())).device if params else torch.device("cpu")
         if precision is not None:
-            pol = policy(precision)
+            pol = parse_precision(precision)
             params, bufs = pol.cast_to_param(params), pol.cast_to_param(bufs)
         state = cls(
             params=params,
@@ -107,19 +115,27 @@ class TrainState:
             rng=None if seed is None else RngKey(int(seed)),
             tx=tx,
         )
-        if precision is None and not skip_nonfinite:
+        if precision is None and not skip_nonfinite and loss_scale is None:
             return state
-        return state.with_precision("32-true" if precision is None else precision, skip_nonfinite)
+        return state.with_precision(
+            "32-true" if precision is None else precision, skip_nonfinite, loss_scale=loss_scale
+        )
 
     def with_precision(
-        self, precision: str | int | Policy, skip_nonfinite: bool = False
+        self,
+        precision: str | int | Policy,
+        skip_nonfinite: bool = False,
+        *,
+        loss_scale: LossScale | None = None,
     ) -> TrainState:
         """This state stored for `precision`: what `create(..., precision=...)` gives.
 
         Floating parameters, buffers and optimizer state are cast to the
-        policy's parameter dtype; a float16 policy (or `skip_nonfinite`) adds
-        a `LossScale` unless the state already has one. A state already in
-        that form is returned as it is.
+        policy's parameter dtype; a float16 policy (or `skip_nonfinite`)
+        wraps the optimizer in `lightfunc.optim.apply_if_finite`, with a
+        dynamic `LossScale` for float16 and a fixed one otherwise, unless
+        it is wrapped already (`loss_scale` replaces that default scale). A
+        state already in that form is returned as it is.
 
         Example:
             >>> import torch, lightfunc as lf
@@ -128,23 +144,51 @@ class TrainState:
             >>> half.params["weight"].dtype, float(half.loss_scale.scale)
             (torch.float16, 65536.0)
         """
-        pol = policy(precision)
+        pol = parse_precision(precision)
         changes: dict[str, Any] = {}
-        for field in ("params", "buffers", "opt_state"):
-            tree = getattr(self, field)
+        wrapped = isinstance(self.opt_state, ApplyIfFiniteState)
+        # The loss scale stays float32 whatever the policy: cast only what the optimizer holds.
+        moments = self.opt_state.inner if wrapped else self.opt_state
+        for field, tree in (
+            ("params", self.params),
+            ("buffers", self.buffers),
+            ("opt_state", moments),
+        ):
             if any(
                 isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != pol.param_dtype
                 for x in tree_leaves(tree)
             ):
                 changes[field] = pol.cast_to_param(tree)
-        if self.loss_scale is None and (pol.needs_loss_scaling or skip_nonfinite):
+        if wrapped and "opt_state" in changes:
+            changes["opt_state"] = dataclasses.replace(self.opt_state, inner=changes["opt_state"])
+        wants_scale = pol.needs_loss_scaling or skip_nonfinite or loss_scale is not None
+        if self.loss_scale is None and wants_scale:
             device = self.step.device
-            changes["loss_scale"] = (
-                LossScale.create(device=device)
-                if pol.needs_loss_scaling
-                else LossScale.fixed(device=device)
+            if loss_scale is not None:
+                scale = loss_scale
+            elif pol.needs_loss_scaling:
+                scale = LossScale.create(device=device)
+            else:
+                scale = LossScale.fixed(device=device)
+            tx = apply_if_finite(self.tx, scale)
+            inner = changes.get("opt_state", self.opt_state)
+            changes["tx"] = tx
+            changes["opt_state"] = ApplyIfFiniteState(
+                inner=inner,
+                loss_scale=scale,
+                last_finite=torch.ones((), dtype=torch.bool, device=device),
             )
         return dataclasses.replace(self, **changes) if changes else self
+
+    @property
+    def loss_scale(self) -> LossScale | None:
+        """The `LossScale` of this state's `apply_if_finite` optimizer wrapper, if it has one.
+
+        Pass it to `lightfunc.value_and_grad(..., loss_scale=state.loss_scale)`
+        in a float16 step; its `skipped` counts the updates skipped so far.
+        """
+        found = find_state(self.opt_state, ApplyIfFiniteState)
+        return None if found is None else found.loss_scale
 
     def apply_gradients(self, grads: PyTree, **changes: Any) -> TrainState:
         """One optimizer update: a new state with updated params, optimizer state and step.
@@ -153,16 +197,15 @@ class TrainState:
             grads: gradients with the structure of `params`.
             **changes: other fields to replace at the same time (e.g. `buffers=`).
 
-        Under `build(..., accumulate_grad_batches=n)` the update is deferred:
-        on the first n-1 micro-batches this returns the state with only
-        `changes` applied, and on the last it applies the mean gradient.
+        The optimizer may defer: under `build(..., accumulate_grad_batches=n)`
+        it adds the gradients of the first n-1 micro-batches into its state
+        and returns `None` updates, and this returns the state with only the
+        optimizer state and `changes` replaced (parameters and `step` as
+        they were); on the last micro-batch it applies the weighted sum.
         """
-        accumulation = active_accumulation()
-        if accumulation is not None:
-            grads = accumulation.take(grads)
-            if grads is None:
-                return dataclasses.replace(self, **changes) if changes else self
         updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+        if updates is None:  # deferred (a micro-batch of an accumulated update)
+            return dataclasses.replace(self, opt_state=opt_state, **changes)
         params = apply_updates(self.params, updates)
         return dataclasses.replace(
             self, params=params, opt_state=opt_state, step=self.step + 1, **changes
@@ -174,3 +217,25 @@ class TrainState:
 
 
 register_dataclass(TrainState, static=("tx",))
+
+
+def _is_train_state(x: Any) -> bool:
+    return isinstance(x, TrainState)
+
+
+def train_states(state: PyTree) -> list[TrainState]:
+    """The `TrainState`s in `state` (itself, or nested in dicts, tuples, dataclasses), in tree order."""
+    leaves = optree.tree_leaves(state, is_leaf=_is_train_state, namespace=NAMESPACE)
+    return [x for x in leaves if isinstance(x, TrainState)]
+
+
+def map_train_states(fn: Callable[[int, TrainState], TrainState], state: PyTree) -> PyTree:
+    """`state` with its i-th `TrainState` `ts` replaced by `fn(i, ts)`."""
+    leaves, spec = optree.tree_flatten(state, is_leaf=_is_train_state, namespace=NAMESPACE)
+    out, i = [], 0
+    for leaf in leaves:
+        if isinstance(leaf, TrainState):
+            leaf = fn(i, leaf)
+            i += 1
+        out.append(leaf)
+    return optree.tree_unflatten(spec, out)

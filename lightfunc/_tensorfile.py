@@ -1,6 +1,6 @@
 """Reading and writing safetensors files: dtypes, checksums, errors with the file's name.
 
-The low layer under `_checkpoint`: it knows the safetensors container, not
+The file layer under the codec (`_codec`): it knows the safetensors container, not
 lightfunc's trees. Every failure of the container (truncated file, garbage
 bytes, bad header) is raised as `CheckpointError` naming the file; a missing
 file stays a `FileNotFoundError`. Tensors are read with `pread` into memory

@@ -61,7 +61,7 @@ def register_dataclass(cls: type[T], *, static: Iterable[str] = ()) -> type[T]:
 def replace_fields(obj: T, **changes: Any) -> T:
     """`dataclasses.replace(obj, **changes)` without re-running `__init__`.
 
-    For per-step bookkeeping objects (the loop's `TrainerState`): it copies
+    For per-step bookkeeping objects (the loop's `LoopState`): it copies
     the instance dict, about 5x faster than `replace`. Only for dataclasses
     whose `__init__` / `__post_init__` do nothing but store the fields;
     instances with `__slots__` fall back to `dataclasses.replace`. Never for

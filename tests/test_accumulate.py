@@ -95,8 +95,6 @@ def test_accumulation_errors_say_what_to_change():
     for bad in (0, -2, 1.5, True):
         with pytest.raises(ValueError, match="`accumulate_grad_batches` must be a positive int"):
             lf.build(train_step, accumulate_grad_batches=bad)
-    with pytest.raises(ValueError, match="cannot yet be combined with loss scaling"):
-        lf.build(train_step, accumulate_grad_batches=2, precision="16-mixed")
     state = lf.TrainState.create(model, lf.optim.sgd(0.1))
     step = lf.build(train_step, compile=False, accumulate_grad_batches=4)
     x, y = whole_batch()
@@ -105,13 +103,23 @@ def test_accumulation_errors_say_what_to_change():
     with pytest.raises(ValueError, match=r"sizes \[29, 30\]"):
         step(state, (x, y[:29]))
 
-    def manual_update(state: lf.TrainState, batch: Any) -> Any:
-        _, opt_state = state.tx.update(state.params, state.opt_state, state.params)
-        return state.replace(opt_state=opt_state), {}
+    def no_update(state: lf.TrainState, batch: Any) -> Any:
+        return state, {}
 
-    step = lf.build(manual_update, compile=False, accumulate_grad_batches=2)
+    step = lf.build(no_update, compile=False, accumulate_grad_batches=2)
     with pytest.raises(TypeError, match="never called it"):
         step(state, (x, y))
+
+    def two_updates(state: lf.TrainState, batch: Any) -> Any:
+        grads = {k: torch.ones_like(v) for k, v in state.params.items()}
+        return state.apply_gradients(grads).apply_gradients(grads), {}
+
+    step = lf.build(two_updates, compile=False, accumulate_grad_batches=2)
+    with pytest.raises(RuntimeError, match="called twice in one step"):
+        step(state, (x, y))
+    step = lf.build(train_step, compile=False, accumulate_grad_batches=2)
+    with pytest.raises(TypeError, match="holds none"):
+        step({"params": state.params}, (x, y))
 
 
 def test_loop_counts_updates_not_micro_batches():
@@ -122,3 +130,60 @@ def test_loop_counts_updates_not_micro_batches():
     data = make_data(n=64, batch_size=16)
     last = list(lf.loop(step, state, data, accelerator="cpu"))[-1]
     assert last.step == 4 and int(last.state.step) == 4
+
+
+def fp16_step(model: torch.nn.Module) -> Any:
+    """The helpers' classification step, scaling its loss as a float16 step does."""
+
+    def train_step(state: lf.TrainState, batch: Any) -> Any:
+        x, y = batch
+
+        def loss_fn(params: dict[str, torch.Tensor]) -> torch.Tensor:
+            logits, _ = lf.apply(model, params, state.buffers, x, train=True)
+            return torch.nn.functional.cross_entropy(logits, y)
+
+        loss, grads = lf.value_and_grad(loss_fn, loss_scale=state.loss_scale)(state.params)
+        return state.apply_gradients(grads), {"loss": loss}
+
+    return train_step
+
+
+def fp16_run(n: int, batches: list[Any]) -> tuple[Any, list[Any]]:
+    model = make_model(batchnorm=False)
+    step = lf.build(
+        fp16_step(model), compile=False, precision="16-mixed", accumulate_grad_batches=n
+    )
+    scale = lf.LossScale.create(1024.0, growth_interval=2)
+    state = step.prepare(
+        lf.TrainState.create(model, lf.optim.adamw(1e-2), seed=None, loss_scale=scale)
+    )
+    history = []
+    for batch in batches:
+        state, metrics = step(state, batch)
+        history.append(metrics)
+    return state, history
+
+
+def test_16_mixed_accumulation_equals_one_step_on_the_whole_batch():
+    """Loss scaling x accumulation: the same updates, skips and scale as the whole batch.
+
+    The second batch has a NaN in its last rows, so one micro-batch's
+    gradients are NaN: the whole update is skipped once (not per
+    micro-batch) and the scale halves once, as for the whole batch."""
+    x, y = whole_batch()
+    poisoned = x.clone()
+    poisoned[-3:] = float("nan")
+    batches = [(x, y), (poisoned, y), (x, y), (x, y), (x, y)]
+    reference, ref_metrics = fp16_run(1, batches)
+    for n in (2, 3):
+        state, metrics = fp16_run(n, batches)
+        assert int(state.step) == int(reference.step) == 5
+        assert int(state.loss_scale.skipped) == int(reference.loss_scale.skipped) == 1
+        # 1024, halved once at the skip (512), doubled after the next 2 good steps (1024).
+        assert float(state.loss_scale.scale) == float(reference.loss_scale.scale) == 1024.0
+        assert [float(m["skipped_steps"]) for m in metrics] == [0.0, 1.0, 1.0, 1.0, 1.0]
+        assert [float(m["loss_scale"]) for m in metrics] == [
+            float(m["loss_scale"]) for m in ref_metrics
+        ]
+        # float16 forward and backward on different row chunks: a few fp16 roundings apart.
+        assert_trees_close(state.params, reference.params, atol=2e-3, rtol=2e-3)

@@ -40,19 +40,19 @@ class Recorder(Callback):
         self.count = state["count"]
         self.events.append(("load", state["count"]))
 
-    def on_start(self, ts):
-        self.events.append(("start", ts.step))
+    def on_start(self, ls):
+        self.events.append(("start", ls.step))
 
-    def on_step(self, ts):
+    def on_step(self, ls):
         self.count += 1
-        self.events.append(("step", ts.step))
-        return self.stop_at is not None and ts.step >= self.stop_at
+        self.events.append(("step", ls.step))
+        return self.stop_at is not None and ls.step >= self.stop_at
 
-    def on_step_end(self, ts):
-        self.events.append(("end_of_step", ts.callbacks[self.state_key]["count"]))
+    def on_step_end(self, ls):
+        self.events.append(("end_of_step", ls.callbacks[self.state_key]["count"]))
 
-    def on_end(self, ts):
-        self.events.append(("end", ts.step))
+    def on_end(self, ls):
+        self.events.append(("end", ls.step))
 
 
 def test_hooks_run_in_order_and_states_are_collected_before_on_step_end():
@@ -197,7 +197,7 @@ def test_early_stopping_state_survives_a_checkpoint_and_resume(tmp_path):
 
     es = EarlyStopping("val_loss", patience=3)
     ckpt = ModelCheckpoint(tmp_path, every_n_steps=1)
-    for ts in lf.loop(
+    for ls in lf.loop(
         step,
         state,
         data,
@@ -206,7 +206,7 @@ def test_early_stopping_state_survives_a_checkpoint_and_resume(tmp_path):
         eval_data=data,
         callbacks=[es, ckpt],
     ):
-        if ts.step == 3:
+        if ls.step == 3:
             break
     resumed_es = EarlyStopping("val_loss", patience=3)
     start = ckpt.manager.restore(state, callbacks=[resumed_es])
@@ -268,7 +268,7 @@ def test_learning_rate_monitor_reports_the_rate_each_update_used(tmp_path):
             callbacks=[monitor, logger],
         )
     )
-    assert [float(ts.metrics["lr"]) for ts in states] == [1.0, 0.75, 0.5, 0.25]
+    assert [float(ls.metrics["lr"]) for ls in states] == [1.0, 0.75, 0.5, 0.25]
     rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
     assert (
         rows[0].split(",")[:4] == ["step", "epoch", "loss", "lr"]
@@ -285,9 +285,36 @@ def test_learning_rate_monitor_checks_its_arguments():
     with pytest.raises(
         TypeError, match=r"needs a state with a `step` tensor \(a TrainState\), got dict"
     ):
-        monitor.extra_metrics(lf.TrainerState(state={"w": torch.zeros(1)}))
+        monitor.extra_metrics(lf.LoopState(state={"w": torch.zeros(1)}))
     assert float(
         monitor.extra_metrics(
-            lf.TrainerState(state=lf.TrainState.create({"w": torch.zeros(1)}, lf.optim.sgd(0.1)))
+            lf.LoopState(state=lf.TrainState.create({"w": torch.zeros(1)}, lf.optim.sgd(0.1)))
         )["lr"]
     ) == pytest.approx(0.1)
+
+
+def test_early_stopping_finds_an_evaluation_metric_already_named_val():
+    step, _, state = _setup()
+    values = iter([1.0, 2.0, 3.0])
+
+    def prefixed_eval(state, batch):
+        return {"val_loss": torch.tensor(next(values))}
+
+    es = EarlyStopping("val_loss", patience=1)
+    data = make_data(n=32)
+    states = list(
+        lf.loop(
+            step, state, data, max_epochs=3, eval_step=prefixed_eval, eval_data=data, callbacks=[es]
+        )
+    )
+    assert states[-1].step == 2 and es.stopped_step == 2 and es.best == 1.0
+
+
+def test_callback_is_the_one_class_below_the_loop_and_model_checkpoint_is_a_manager(tmp_path):
+    from lightfunc._callback import Callback as CoreCallback
+
+    assert Callback is CoreCallback
+    ckpt = ModelCheckpoint(tmp_path, every_n_steps=1)
+    assert isinstance(ckpt, lf.CheckpointManager) and ckpt.manager is ckpt
+    assert ckpt.state_key == f"ModelCheckpoint[{tmp_path}]" and ckpt.handles_interrupts
+    assert ckpt.last_model_path is None and ckpt.best_model_path is None

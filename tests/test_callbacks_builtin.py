@@ -25,27 +25,27 @@ def _setup(model=None, state=None):
 def _drive(callbacks, states):
     """Call the hooks the way `lf.loop` does, on states recorded from a run."""
     for cb in callbacks:
-        cb.on_start(lf.TrainerState(state=states[0].state, step=states[0].step - 1))
+        cb.on_start(lf.LoopState(state=states[0].state, step=states[0].step - 1))
     stopped_at = None
-    for ts in states:
-        stop = [bool(cb.on_step(ts)) for cb in callbacks]
+    for ls in states:
+        stop = [bool(cb.on_step(ls)) for cb in callbacks]
         for cb in callbacks:
-            cb.on_step_end(ts)
+            cb.on_step_end(ls)
         if any(stop):
-            stopped_at = ts.step
+            stopped_at = ls.step
             break
     for cb in callbacks:
-        cb.on_end(ts)
+        cb.on_end(ls)
     return stopped_at
 
 
 def _states(n, *, eval_steps=()):
-    """`n` hand-made trainer states with a 'loss' metric; evaluated at `eval_steps`."""
+    """`n` hand-made loop states with a 'loss' metric; evaluated at `eval_steps`."""
     out = []
     for step in range(1, n + 1):
         evaluated = step in eval_steps
         out.append(
-            lf.TrainerState(
+            lf.LoopState(
                 state=None,
                 step=step,
                 epoch=(step - 1) // 10,
@@ -128,7 +128,7 @@ def test_summary_size_follows_dtypes_and_max_depth():
 
 
 def test_summary_of_a_custom_state_uses_the_module_or_says_what_is_missing():
-    custom = lf.TrainerState(state={"params": {"w": torch.zeros(2)}, "step": 0})
+    custom = lf.LoopState(state={"params": {"w": torch.zeros(2)}, "step": 0})
     out = io.StringIO()
     ModelSummary(stream=out).on_start(custom)
     assert "pass the module as `ModelSummary(model=...)`" in out.getvalue()
@@ -163,13 +163,13 @@ def test_timer_stops_once_max_time_is_exceeded(monkeypatch):
     clock = FakeClock()
     monkeypatch.setattr(_timer, "_clock", clock)
     timer = Timer(10.0)
-    timer.on_start(lf.TrainerState(state=None))
+    timer.on_start(lf.LoopState(state=None))
     for step in range(1, 100):
         clock.now += 3.0  # each step takes 3 s
-        if timer.on_step(lf.TrainerState(state=None, step=step)):
+        if timer.on_step(lf.LoopState(state=None, step=step)):
             break
     assert step == 4 and timer.elapsed == 12.0 and timer.remaining == 0.0
-    timer.on_end(lf.TrainerState(state=None, step=step))
+    timer.on_end(lf.LoopState(state=None, step=step))
     clock.now += 100.0  # not training: not counted
     assert timer.elapsed == 12.0
 
@@ -181,9 +181,9 @@ def test_timer_in_the_loop_and_resumed_from_its_state(monkeypatch):
     data = make_data(n=320, batch_size=32)  # 10 batches
 
     def ticking(states):
-        for ts in states:
+        for ls in states:
             clock.now += 1.0  # the next step's callbacks run 1 s after this one's
-            yield ts
+            yield ls
 
     timer = Timer(datetime.timedelta(seconds=4.5))
     states = list(ticking(lf.loop(step, state, data, callbacks=[timer])))
@@ -194,7 +194,7 @@ def test_timer_in_the_loop_and_resumed_from_its_state(monkeypatch):
     clock.now += 60.0
     resumed = Timer(7.5)
     more = list(ticking(lf.loop(step, states[-1], data, callbacks=[resumed])))
-    assert [ts.step for ts in more] == [7, 8, 9, 10]
+    assert [ls.step for ls in more] == [7, 8, 9, 10]
     assert more[-1].callbacks["Timer"] == {"elapsed": 8.0}
 
 
@@ -302,7 +302,7 @@ def test_progress_shows_the_last_step_and_reads_metrics_only_on_display_steps():
             return super().__float__()
 
     states = [
-        ts.replace(metrics={"loss": ts.metrics["loss"].as_subclass(Counted)}) for ts in _states(7)
+        ls.replace(metrics={"loss": ls.metrics["loss"].as_subclass(Counted)}) for ls in _states(7)
     ]
     _drive([ProgressBar(log_every_n_steps=5, stream=out)], states)
     lines = out.getvalue().splitlines()
@@ -319,6 +319,16 @@ def test_progress_metric_filter():
     assert lines[0].endswith("step/s acc=0.5")
     assert lines[1].endswith("step/s val_loss=2 acc=0.5")
     assert "loss=0.25" not in out.getvalue()
+
+
+def test_progress_shows_an_evaluation_metric_already_named_val_under_its_name():
+    out = io.StringIO()
+    states = [
+        ls.replace(eval_metrics={"val_loss": torch.tensor(2.0)}) if ls.evaluated else ls
+        for ls in _states(2, eval_steps=(2,))
+    ]
+    _drive([ProgressBar(log_every_n_steps=10, stream=out, metrics=["val_loss"])], states)
+    assert out.getvalue().splitlines()[-1].endswith("step/s val_loss=2")
 
 
 def test_progress_on_a_terminal_draws_a_tqdm_bar():

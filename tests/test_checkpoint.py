@@ -110,7 +110,7 @@ def test_train_state_round_trips_exactly_with_each_optimizer(tmp_path, name):
     assert int(restored.step) == 2 and restored.rng == state.rng
 
 
-def test_trainer_state_round_trips_and_resumes_bit_exactly(tmp_path):
+def test_loop_state_round_trips_and_resumes_bit_exactly(tmp_path):
     model = make_model(dropout=0.2)
     train_step, eval_step = make_steps(model)
     step = lf.build(train_step, compile=False)
@@ -118,25 +118,25 @@ def test_trainer_state_round_trips_and_resumes_bit_exactly(tmp_path):
     data = make_data(n=96, batch_size=32)
     state = lf.TrainState.create(model, lf.optim.adamw(1e-2), seed=3)
     run = lf.loop(step, state, data, max_epochs=2, eval_step=evaluate, eval_data=data)
-    ts = [next(run) for _ in range(4)][-1]  # mid-epoch 1, after an evaluation
-    assert ts.eval_metrics is not None and ts.state.rng.counter > 0
+    ls = [next(run) for _ in range(4)][-1]  # mid-epoch 1, after an evaluation
+    assert ls.eval_metrics is not None and ls.state.rng.counter > 0
 
-    path = lf.save(ts, tmp_path / "ckpt.safetensors")
-    like = lf.TrainerState(
+    path = lf.save(ls, tmp_path / "ckpt.safetensors")
+    like = lf.LoopState(
         state=lf.TrainState.create(make_model(seed=7), lf.optim.adamw(1e-2), seed=0),
         metrics={"loss": torch.zeros(())},
         eval_metrics={"loss": torch.zeros(()), "acc": torch.zeros(())},
     )
     restored = lf.load(path, like=like)
-    _assert_identical(restored, ts)
-    assert (restored.step, restored.epoch, restored.batch_idx) == (ts.step, ts.epoch, ts.batch_idx)
-    assert restored.eval_at_step == ts.eval_at_step and restored.state.rng == ts.state.rng
+    _assert_identical(restored, ls)
+    assert (restored.step, restored.epoch, restored.batch_idx) == (ls.step, ls.epoch, ls.batch_idx)
+    assert restored.eval_at_step == ls.eval_at_step and restored.state.rng == ls.state.rng
 
     def finish(start):
         loop = lf.loop(step, start, data, max_epochs=2, eval_step=evaluate, eval_data=data)
         return list(loop)[-1]
 
-    _assert_identical(finish(restored).state, finish(ts).state)
+    _assert_identical(finish(restored).state, finish(ls).state)
 
 
 DTYPES = [
@@ -374,8 +374,8 @@ def test_files_not_written_by_save_are_reported(tmp_path):
     safetensors.torch.save_file({"w": torch.ones(2)}, plain, metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"`format` is 'pt'.*not written by lightfunc.save"):
         lf.load(plain, like={"w": torch.ones(2)})
-    params = lf.export_params({"w": torch.ones(2)}, tmp_path / "params.safetensors")
-    with pytest.raises(CheckpointError, match=r"written by lightfunc\.export_params: read it with"):
+    params = lf.save_params({"w": torch.ones(2)}, tmp_path / "params.safetensors")
+    with pytest.raises(CheckpointError, match=r"written by lightfunc\.save_params: read it with"):
         lf.load(params, like={"w": torch.ones(2)})
 
 
@@ -415,9 +415,9 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, mon
 # -- parameters alone -------------------------------------------------------------------
 
 
-def test_export_params_loads_into_a_plain_module(tmp_path):
+def test_save_params_loads_into_a_plain_module(tmp_path):
     state = _train(lf.optim.adamw(1e-2))
-    path = lf.export_params(state, tmp_path / "model.safetensors")
+    path = lf.save_params(state, tmp_path / "model.safetensors")
     module = make_model(seed=4)
     module.load_state_dict(safetensors.torch.load_file(path))
     assert_trees_close(dict(module.state_dict()), {**state.params, **state.buffers})
@@ -426,14 +426,14 @@ def test_export_params_loads_into_a_plain_module(tmp_path):
         assert "lightfunc_version" in f.metadata()
 
 
-@pytest.mark.parametrize("kind", ["export", "train_state", "trainer_state"])
-def test_load_params_reads_exports_and_full_checkpoints_into_a_module(tmp_path, kind):
+@pytest.mark.parametrize("kind", ["params_file", "train_state", "loop_state"])
+def test_load_params_reads_params_files_and_full_checkpoints_into_a_module(tmp_path, kind):
     state = _train(lf.optim.sgd(0.1, momentum=0.9))
     path = tmp_path / "file.safetensors"
-    if kind == "export":
-        lf.export_params(lf.TrainerState(state=state), path)
+    if kind == "params_file":
+        lf.save_params(lf.LoopState(state=state), path)
     else:
-        lf.save(state if kind == "train_state" else lf.TrainerState(state=state, step=2), path)
+        lf.save(state if kind == "train_state" else lf.LoopState(state=state, step=2), path)
     module = make_model(seed=4)
     result = lf.load_params(path, module)
     expected = {**state.params, **state.buffers}
@@ -441,13 +441,62 @@ def test_load_params_reads_exports_and_full_checkpoints_into_a_module(tmp_path, 
     assert_trees_close(dict(module.state_dict()), expected)
 
 
-def test_export_params_stores_tied_weights_as_copies_load_state_dict_accepts(tmp_path):
+def test_save_params_stores_tied_weights_as_copies_load_state_dict_accepts(tmp_path):
     shared = torch.nn.Linear(3, 3)
     module = torch.nn.Sequential(shared, torch.nn.ReLU(), shared)
-    path = lf.export_params(module, tmp_path / "tied.safetensors")
+    path = lf.save_params(module, tmp_path / "tied.safetensors")
     fresh = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.ReLU(), torch.nn.Linear(3, 3))
     fresh.load_state_dict(safetensors.torch.load_file(path))
     assert torch.equal(fresh[2].weight, shared.weight)
+
+
+def test_save_params_of_a_tied_train_state_loads_into_the_tied_module(tmp_path):
+    # A TrainState keeps a tied parameter once, under its first name (named_parameters()),
+    # so the file has that name only; load_params(path, module) fills in the tied names.
+    shared = torch.nn.Linear(3, 3)
+    state = lf.TrainState.create(
+        torch.nn.Sequential(shared, torch.nn.ReLU(), shared), lf.optim.sgd(0.1)
+    )
+    path = lf.save_params(state, tmp_path / "tied.safetensors")
+    assert sorted(safetensors.torch.load_file(path)) == ["0.bias", "0.weight"]
+    tied = torch.nn.Linear(3, 3)
+    module = torch.nn.Sequential(tied, torch.nn.ReLU(), tied)
+    result = lf.load_params(path, module)
+    assert sorted(result) == ["0.bias", "0.weight"]
+    assert torch.equal(module[2].weight, shared.weight) and module[2] is module[0]
+    untied = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.ReLU(), torch.nn.Linear(3, 3))
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: \"2.weight\""):
+        lf.load_params(path, untied)
+
+
+def test_params_files_of_lightfunc_0_1_without_a_header_version_still_load(tmp_path):
+    # Before the codec, a parameters file's metadata was `format`, `lightfunc_version` and
+    # `checksums` only.
+    w = torch.arange(4.0)
+    sums = {"w": lightfunc._tensorfile.crc32(w)}
+    meta = {"format": "params", "lightfunc_version": "0.1.0.dev0", "checksums": json.dumps(sums)}
+    path = tmp_path / "old.safetensors"
+    safetensors.torch.save_file({"w": w}, path, metadata=meta)
+    assert torch.equal(lf.load_params(path)["w"], w)
+    _rewrite_metadata(path, checksums=json.dumps({"w": lightfunc._tensorfile.crc32(w) ^ 1}))
+    with pytest.raises(CheckpointError, match="Checksum mismatch for tensor `w`"):
+        lf.load_params(path)
+    _rewrite_metadata(path, checksums="[1]")
+    with pytest.raises(CheckpointError, match=r"parameters file .* malformed `checksums`"):
+        lf.load_params(path)
+
+
+def test_params_file_checksums_are_verified(tmp_path):
+    path = lf.save_params({"w": torch.randn(50)}, tmp_path / "p.safetensors")
+    data = bytearray(path.read_bytes())
+    n, header = _header(data)
+    data[8 + n + header["w"]["data_offsets"][0] + 7] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(
+        CheckpointError, match=r"Checksum mismatch for tensor `w` in .*p\.safetensors"
+    ):
+        lf.load_params(path)
+    lf.load_params(path, verify=False)
 
 
 def test_load_params_errors(tmp_path):
@@ -455,10 +504,12 @@ def test_load_params_errors(tmp_path):
     with pytest.raises(CheckpointError, match=r"has no `params`.*lightfunc.load\(path, like"):
         lf.load_params(path)
     with pytest.raises(TypeError, match="`state_or_params` must be a TrainState"):
-        lf.export_params(3, tmp_path / "x.safetensors")
+        lf.save_params(3, tmp_path / "x.safetensors")
     with pytest.raises(TypeError, match="entry `w` is a int, expected a tensor"):
-        lf.export_params({"w": 1}, tmp_path / "x.safetensors")
-    params = lf.export_params({"w": torch.ones(2)}, tmp_path / "p.safetensors")
+        lf.save_params({"w": 1}, tmp_path / "x.safetensors")
+    with pytest.raises(ValueError, match="`state_or_params` has a leaf at path `__metadata__`"):
+        lf.save_params({"__metadata__": torch.ones(1)}, tmp_path / "x.safetensors")
+    params = lf.save_params({"w": torch.ones(2)}, tmp_path / "p.safetensors")
     with pytest.raises(RuntimeError, match="Missing key"):
         lf.load_params(params, torch.nn.Linear(2, 1))
 
@@ -482,7 +533,7 @@ with safe_open(sys.argv[1], framework="pt") as f:
 
 def test_a_checkpoint_is_readable_by_plain_safetensors_without_lightfunc(tmp_path):
     state = _train(lf.optim.sgd(0.1, momentum=0.9))
-    path = lf.save(lf.TrainerState(state=state, step=2), tmp_path / "ckpt.safetensors")
+    path = lf.save(lf.LoopState(state=state, step=2), tmp_path / "ckpt.safetensors")
     out = subprocess.run(
         [sys.executable, "-I", "-c", _PLAIN_READER, str(path)],
         capture_output=True,
@@ -514,10 +565,8 @@ def test_no_pickle_is_written_or_read(tmp_path, monkeypatch):
     ]:
         monkeypatch.setattr(module, name, forbidden)
     state = _train(lf.optim.adamw(1e-2), steps=1)
-    path = lf.save(lf.TrainerState(state=state), tmp_path / "ckpt.safetensors")
-    _assert_identical(
-        lf.load(path, like=lf.TrainerState(state=state)), lf.TrainerState(state=state)
-    )
+    path = lf.save(lf.LoopState(state=state), tmp_path / "ckpt.safetensors")
+    _assert_identical(lf.load(path, like=lf.LoopState(state=state)), lf.LoopState(state=state))
     verify(path)
-    lf.load_params(lf.export_params(state, tmp_path / "p.safetensors"), make_model())
+    lf.load_params(lf.save_params(state, tmp_path / "p.safetensors"), make_model())
     lf.load_params(path, make_model())

@@ -307,28 +307,34 @@ def _loop_with_loader(mesh: lfd.Mesh) -> dict[str, float]:
 
 
 def _build_strategy(mesh: lfd.Mesh) -> dict[str, Any]:
-    """`lf.build(strategy="ddp")`, with accumulation and with float16 loss scaling."""
+    """`lf.build(strategy=DDP(mesh))`, with accumulation and with float16 loss scaling."""
     model = make_model(0, batchnorm=False)
     train_step, _ = make_steps(model)
     fresh = lf.TrainState.create(model, _optimizer(), seed=None)
     mine = [_mine(b, mesh) for b in _data()]
-    ddp = lf.build(train_step, compile=False, strategy="ddp", mesh=mesh)
+    ddp = lf.build(train_step, compile=False, strategy=lfd.DDP(mesh))
     accumulated = lf.build(
         train_step, compile=False, strategy="ddp", mesh=mesh, accumulate_grad_batches=2
     )
-    plain, _ = _train(ddp, fresh, mine)
-    acc, _ = _train(accumulated, fresh, mine)
+    plain, _ = _train(ddp, ddp.prepare(fresh), mine)
+    acc, _ = _train(accumulated, accumulated.prepare(fresh), mine)
+    # Not prepared: the step reduces the gradients for the call itself (on every micro-batch).
+    unprepared, _ = _train(accumulated, fresh, mine)
     ref, _ = _reference()
     counts = {}
-    for name, step in (("ddp", ddp), ("accumulated", accumulated)):
-        step(fresh, mine[0])  # the first call validates; count a later one
+    for name, step, state in (
+        ("ddp", ddp, ddp.prepare(fresh)),
+        ("accumulated", accumulated, accumulated.prepare(fresh)),
+        ("unprepared", accumulated, fresh),
+    ):
+        step(state, mine[0])  # the first call validates; count a later one
         with _CountCollectives() as comm:
-            step(fresh, mine[0])
+            step(state, mine[0])
         counts[name] = comm.count
 
     # 16-mixed: rank 1 alone overflows at step 2; both ranks must skip it.
-    half = lf.build(train_step, compile=False, strategy="ddp", mesh=mesh, precision="16-mixed")
-    state = lf.TrainState.create(model, _optimizer(), seed=None, precision="16-mixed")
+    half = lf.build(scaled_step(model), compile=False, strategy=lfd.DDP(mesh), precision="16-mixed")
+    state = half.prepare(lf.TrainState.create(model, _optimizer(), seed=None))
     skipped = []
     for i, (x, y) in enumerate(mine[:4]):
         if i == 1 and mesh.global_rank == 1:
@@ -338,6 +344,7 @@ def _build_strategy(mesh: lfd.Mesh) -> dict[str, Any]:
     return {
         "ddp": _max_diff(plain.params, ref.params),
         "accumulated": _max_diff(acc.params, ref.params),
+        "unprepared": _max_diff(unprepared.params, ref.params),
         "counts": counts,
         "repr": repr(ddp),
         "skipped": skipped,
@@ -345,6 +352,68 @@ def _build_strategy(mesh: lfd.Mesh) -> dict[str, Any]:
         "scale": float(state.loss_scale.scale),
         "params": [x.tolist() for x in lf.tree_leaves(state.params)],
     }
+
+
+def scaled_step(model: torch.nn.Module) -> Any:
+    """The helpers' classification step, scaling its loss as a float16 step does."""
+
+    def train_step(state: lf.TrainState, batch: Any) -> Any:
+        x, y = batch
+
+        def loss_fn(params: Any) -> torch.Tensor:
+            logits, _ = lf.apply(model, params, state.buffers, x, train=True)
+            return torch.nn.functional.cross_entropy(logits, y)
+
+        loss, grads = lf.value_and_grad(loss_fn, loss_scale=state.loss_scale)(state.params)
+        return state.apply_gradients(grads), {"loss": loss}
+
+    return train_step
+
+
+def _fsdp_compositions(mesh: lfd.Mesh) -> dict[str, Any]:
+    """FSDP with accumulation (equal to one process) and with loss scaling (skips on every rank)."""
+    model = make_model(0, batchnorm=False)
+    train_step, _ = make_steps(model)
+    fresh = lf.TrainState.create(model, _optimizer(), seed=None)
+    mine = [_mine(b, mesh) for b in _data()]
+    accumulated = lf.build(
+        train_step, compile=False, strategy=lfd.FSDP(mesh), accumulate_grad_batches=2
+    )
+    acc, _ = _train(accumulated, accumulated.prepare(fresh), mine)
+    ref, _ = _reference()
+    half = lf.build(
+        scaled_step(model), compile=False, strategy=lfd.FSDP(mesh), precision="16-mixed"
+    )
+    state = half.prepare(lf.TrainState.create(model, _optimizer(), seed=None))
+    skipped, before = [], None
+    for i, (x, y) in enumerate(mine[:4]):
+        if i == 1 and mesh.global_rank == 1:
+            x = x * float("inf")
+        if i == 1:
+            before = lfd.gather_state(state).params
+        state, metrics = half(state, (x, y))
+        if i == 1:
+            after_skip = lfd.gather_state(state).params
+        skipped.append(int(metrics["skipped_steps"]))
+    full = lfd.gather_state(state)
+    return {
+        "accumulated": _max_diff(lfd.gather_state(acc).params, ref.params),
+        "skipped": skipped,
+        "skip_kept_params": _max_diff(before, after_skip),
+        "step": int(full.step),
+        "scale": float(full.loss_scale.scale),
+        "params": [x.tolist() for x in lf.tree_leaves(full.params)],
+    }
+
+
+def _metric_reductions(mesh: lfd.Mesh) -> dict[str, Any]:
+    """Each rank's half of the global batch; metrics combined over the 2 ranks."""
+    step = lf.build(
+        metrics_step, compile=False, strategy=lfd.DDP(mesh), metric_reductions=REDUCTIONS
+    )
+    state = step.prepare(lf.TrainState.create(torch.nn.Linear(2, 1), lf.optim.sgd(0.0)))
+    _, metrics = step(state, _mine(METRICS_BATCH, mesh))
+    return {k: v.item() for k, v in metrics.items()}
 
 
 def _loop_with_fsdp_strategy(mesh: lfd.Mesh) -> dict[str, Any]:
@@ -388,6 +457,8 @@ def _checks(mesh: lfd.Mesh, names: list[str]) -> dict[str, Any]:
         "loop": lambda: _loop_with_loader(mesh),
         "two_states": lambda: _two_states_run(mesh),
         "build_strategy": lambda: _build_strategy(mesh),
+        "fsdp_compositions": lambda: _fsdp_compositions(mesh),
+        "metric_reductions": lambda: _metric_reductions(mesh),
         "loop_fsdp_strategy": lambda: _loop_with_fsdp_strategy(mesh),
     }
     torch._inductor.config.compile_threads = 1  # 2 ranks share 2 cores: no compile worker pools
@@ -415,6 +486,8 @@ EAGER = [
     "loop",
     "two_states",
     "build_strategy",
+    "fsdp_compositions",
+    "metric_reductions",
     "loop_fsdp_strategy",
 ]
 COMPILED = ["dp_compiled", "fsdp_compiled"]
@@ -532,10 +605,12 @@ def test_the_ranks_raise_no_warnings(ranks):
 def test_build_strategy_ddp_matches_one_process_and_accumulates_without_gradient_sync(ranks):
     for result in _ok(ranks, "build_strategy"):
         assert result["ddp"] <= TOL and result["accumulated"] <= TOL
-        assert "strategy='ddp' over 2 ranks" in result["repr"]
+        assert result["unprepared"] <= TOL
+        assert "strategy=DDP(world_size=2)" in result["repr"]
         # One step: a gradient bucket and a metrics bucket. Accumulated over 2
-        # micro-batches: the first reduces only its metrics; the gradients go once.
-        assert result["counts"] == {"ddp": 2, "accumulated": 3}
+        # micro-batches: the first reduces only its metrics; the gradients go once,
+        # on their sum. An unprepared state reduces per micro-batch (correct, slower).
+        assert result["counts"] == {"ddp": 2, "accumulated": 3, "unprepared": 4}
 
 
 @pytest.mark.multiprocess
@@ -549,9 +624,78 @@ def test_loop_shards_a_plain_state_for_fsdp_and_evaluates_it(ranks):
 def test_loss_scaling_under_ddp_skips_on_every_rank_when_one_overflows(ranks):
     rank0, rank1 = _ok(ranks, "build_strategy")
     assert rank0["skipped"] == rank1["skipped"] == [0, 1, 1, 1]
-    assert rank0["step"] == rank1["step"] == 3
+    assert rank0["step"] == rank1["step"] == 4  # a skipped update still counts as a step
     assert rank0["scale"] == rank1["scale"] == 2.0**15
     assert rank0["params"] == rank1["params"]  # the ranks did not diverge
+
+
+@pytest.mark.multiprocess
+def test_fsdp_accumulates_like_one_process_and_skips_on_every_rank(ranks):
+    rank0, rank1 = _ok(ranks, "fsdp_compositions")
+    assert rank0["accumulated"] <= TOL and rank1["accumulated"] <= TOL
+    assert rank0["skipped"] == rank1["skipped"] == [0, 1, 1, 1]
+    assert rank0["skip_kept_params"] == rank1["skip_kept_params"] == 0.0
+    assert rank0["step"] == rank1["step"] == 4
+    assert rank0["scale"] == rank1["scale"] == 2.0**15
+    assert rank0["params"] == rank1["params"]
+
+
+@pytest.mark.multiprocess
+def test_one_metric_rule_across_evaluate_accumulation_and_ranks(ranks):
+    """The same metrics over the same 8 rows: evaluate over 2 batches, 2 micro-batches,
+    2 ranks of 4 rows, and the 8 rows at once, all agree."""
+    expected = metrics_step(None, METRICS_BATCH)[1]
+    evaluated = lf.evaluate(
+        lf.build_eval(
+            lambda s, b: metrics_step(None, b)[1], compile=False, metric_reductions=REDUCTIONS
+        ),
+        {},
+        [tuple(t[:4] for t in METRICS_BATCH), tuple(t[4:] for t in METRICS_BATCH)],
+    )
+    step = lf.build(
+        metrics_step, compile=False, accumulate_grad_batches=2, metric_reductions=REDUCTIONS
+    )
+    state = lf.TrainState.create(torch.nn.Linear(2, 1), lf.optim.sgd(0.0))
+    _, accumulated = step(state, METRICS_BATCH)
+    for name, value in expected.items():
+        want = value.item()
+        assert evaluated[name].item() == pytest.approx(want), name
+        assert accumulated[name].item() == pytest.approx(want), name
+        for rank in _ok(ranks, "metric_reductions"):
+            assert rank[name] == pytest.approx(want), name
+
+
+METRICS_BATCH = (
+    torch.tensor(
+        [
+            [0.5, 1.0],
+            [2.0, -1.0],
+            [3.0, 0.0],
+            [1.0, 1.0],
+            [0.0, 0.0],
+            [4.0, 2.0],
+            [-1.0, 0.5],
+            [0.25, 0.75],
+        ]
+    ),
+)
+REDUCTIONS: dict[str, Any] = {"worst": "max", "best": "min"}
+
+
+def metrics_step(state: Any, batch: Any) -> Any:
+    """Metrics of every kind of reduction, from the batch alone (a no-op update)."""
+    (x,) = batch
+    metrics = {
+        "mean": x[:, 0].mean(),  # default for floats: mean over examples
+        "rows": torch.tensor(x.shape[0]),  # default for ints: sum
+        "any_big": (x > 3.5).any(),  # default for bools: any
+        "worst": x.max(),  # declared "max"
+        "best": x.min(),  # declared "min"
+    }
+    if state is None:
+        return None, metrics
+    grads = {k: torch.zeros_like(v) for k, v in state.params.items()}
+    return state.apply_gradients(grads), metrics
 
 
 def _raise_on_rank_one(mesh: lfd.Mesh) -> None:
@@ -725,7 +869,7 @@ def test_build_strategy_on_one_process_runs_the_plain_step_and_checks_its_argume
     plain, _ = lf.build(train_step, compile=False)(state, batch)
     for strategy in ("ddp", "fsdp"):
         step = lf.build(train_step, compile=False, strategy=strategy)
-        assert step.mesh.world_size == 1
+        assert step.strategy.world_size == 1 and step.strategy.name == strategy
         one, _ = step(state, batch)
         assert _max_diff(one.params, plain.params) == 0.0
     with pytest.raises(ValueError, match=r"`strategy` must be 'ddp'.*got 'dp'"):
@@ -734,5 +878,7 @@ def test_build_strategy_on_one_process_runs_the_plain_step_and_checks_its_argume
         lf.build(train_step, mesh=lfd.Mesh.single())
     with pytest.raises(TypeError, match=r"`mesh` must be a lightfunc\.distributed\.Mesh"):
         lf.build(train_step, strategy="ddp", mesh="cpu")
-    with pytest.raises(ValueError, match="strategy='fsdp' cannot yet be combined with loss"):
-        lf.build(train_step, strategy="fsdp", precision="16-mixed")
+    with pytest.raises(TypeError, match=r"`strategy` must be None, 'ddp', 'fsdp' or a strategy"):
+        lf.build(train_step, strategy=object())
+    with pytest.raises(ValueError, match=r"`mesh` goes with a strategy name"):
+        lf.build(train_step, strategy=lf.SingleProcess(), mesh=lfd.Mesh.single())

@@ -1,4 +1,5 @@
 import pytest
+import torch
 from helpers import make_data, make_model, make_steps
 
 import lightfunc as lf
@@ -96,3 +97,25 @@ def test_fit_with_no_steps_left_says_so(tmp_path):
     done = lf.fit(step, state, make_data(n=32), max_epochs=1, barebones=True)
     with pytest.raises(ValueError, match=r"`fit` ran no steps"):
         lf.fit(step, done, make_data(n=32), max_epochs=1, barebones=True)
+
+
+def test_ckpt_path_resumes_from_a_given_checkpoint_file(tmp_path):
+    _, step, _, state = _setup()
+    data = make_data(n=96)
+    first = lf.fit(step, state, data, max_epochs=1, default_root_dir=tmp_path, logger=False,
+                   enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    checkpoint = tmp_path / "checkpoints" / "step=3.safetensors"
+    assert checkpoint.exists() and first.step == 3
+    again = lf.fit(step, state, data, max_epochs=2, barebones=True, ckpt_path=checkpoint)
+    straight = lf.fit(step, state, data, max_epochs=2, barebones=True)
+    assert again.step == 6
+    assert_trees_close(again.state, straight.state)
+
+
+def test_fit_builds_a_plain_step_with_build_options_before_restoring(tmp_path):
+    model = make_model()
+    train_step, _ = make_steps(model)
+    state = lf.TrainState.create(model, lf.optim.adamw(1e-2), seed=0)
+    final = lf.fit(train_step, state, make_data(n=64), barebones=True, compile=False,
+                   precision="bf16-true", accelerator="cpu")  # fmt: skip
+    assert final.step == 2 and final.state.params["0.weight"].dtype == torch.bfloat16

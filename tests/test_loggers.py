@@ -53,14 +53,14 @@ def _run(callbacks, *, max_epochs=2, eval_every=3, state=None):
 def _expected(states, every):
     """The records a logger must write, read from the states ourselves: (step, epoch, metrics)."""
     records = []
-    for ts in states:
+    for ls in states:
         metrics = {}
-        if ts.step % every == 0:
-            metrics.update({name: float(v) for name, v in ts.metrics.items()})
-        if ts.evaluated:
-            metrics.update({f"val_{name}": float(v) for name, v in ts.eval_metrics.items()})
+        if ls.step % every == 0:
+            metrics.update({name: float(v) for name, v in ls.metrics.items()})
+        if ls.evaluated:
+            metrics.update({f"val_{name}": float(v) for name, v in ls.eval_metrics.items()})
         if metrics:
-            records.append((ts.step, ts.epoch, metrics))
+            records.append((ls.step, ls.epoch, metrics))
     return records
 
 
@@ -133,9 +133,9 @@ def test_csv_has_one_header_that_grows_when_evaluation_metrics_appear(tmp_path):
     seen = {}
     states = []
     kwargs = {"eval_step": evaluate, "eval_data": DATA, "eval_every": 3}
-    for ts in lf.loop(step, state, DATA, max_epochs=2, callbacks=[logger], **kwargs):
-        states.append(ts)
-        seen[ts.step] = logger.metrics_file.read_text() if logger.log_dir.exists() else None
+    for ls in lf.loop(step, state, DATA, max_epochs=2, callbacks=[logger], **kwargs):
+        states.append(ls)
+        seen[ls.step] = logger.metrics_file.read_text() if logger.log_dir.exists() else None
     records = _expected(states, every=2)
 
     assert seen[1] is None  # nothing logged yet: not even the directory exists
@@ -213,11 +213,11 @@ def test_metrics_leave_the_device_only_on_logging_steps(tmp_path, monkeypatch):
     reads = set()
 
     class Open(lf.callbacks.Callback):  # first in the list: opens the gate on logging steps
-        def on_step_end(self, ts):
-            gate["open"], gate["step"] = ts.step % 4 == 0 or ts.evaluated, ts.step
+        def on_step_end(self, ls):
+            gate["open"], gate["step"] = ls.step % 4 == 0 or ls.evaluated, ls.step
 
     class Close(lf.callbacks.Callback):  # last in the list
-        def on_step_end(self, ts):
+        def on_step_end(self, ls):
             gate["open"] = False
 
     def guarded(name):
@@ -383,7 +383,7 @@ def test_bad_metrics_are_rejected_with_their_name(tmp_path):
 
 
 def test_a_train_metric_colliding_with_an_evaluation_metric_is_rejected(tmp_path):
-    ts = lf.TrainerState(
+    ls = lf.LoopState(
         state=None,
         step=1,
         metrics={"val_loss": torch.tensor(1.0)},
@@ -391,7 +391,19 @@ def test_a_train_metric_colliding_with_an_evaluation_metric_is_rejected(tmp_path
         eval_at_step=1,
     )
     with pytest.raises(ValueError, match=r"'val_loss' and the evaluation metric 'loss' would both"):
-        CSVLogger(tmp_path, log_every_n_steps=1).on_step_end(ts)
+        CSVLogger(tmp_path, log_every_n_steps=1).on_step_end(ls)
+
+
+def test_an_evaluation_metric_already_named_val_keeps_its_name(tmp_path):
+    step, _, state = _setup()
+
+    def prefixed_eval(state, batch):
+        return {"val_loss": torch.tensor(0.25), "acc": torch.tensor(0.5)}
+
+    logger = JSONLLogger(tmp_path, log_every_n_steps=100)
+    list(lf.loop(step, state, DATA, eval_step=prefixed_eval, eval_data=DATA, callbacks=[logger]))
+    records = [json.loads(line) for line in logger.metrics_file.read_text().splitlines()]
+    assert records == [{"step": 4, "epoch": 0, "metrics": {"val_loss": 0.25, "val_acc": 0.5}}]
 
 
 def test_the_base_class_names_what_a_backend_must_implement(tmp_path):

@@ -1,4 +1,7 @@
 import io
+import json
+import os
+import signal
 
 import pytest
 import torch
@@ -18,7 +21,7 @@ def _setup(dropout=0.0):
 def test_counters_follow_steps_and_epochs():
     step, _, state = _setup()
     data = make_data(n=100, batch_size=32)  # 4 batches
-    seen = [(ts.step, ts.epoch, ts.batch_idx) for ts in lf.loop(step, state, data, max_epochs=2)]
+    seen = [(ls.step, ls.epoch, ls.batch_idx) for ls in lf.loop(step, state, data, max_epochs=2)]
     assert seen == [
         (1, 0, 1),
         (2, 0, 2),
@@ -34,7 +37,7 @@ def test_counters_follow_steps_and_epochs():
 def test_one_epoch_by_default_and_max_steps_stops_mid_epoch():
     step, _, state = _setup()
     data = make_data(n=100, batch_size=32)
-    assert [ts.step for ts in lf.loop(step, state, data)] == [1, 2, 3, 4]
+    assert [ls.step for ls in lf.loop(step, state, data)] == [1, 2, 3, 4]
     last = list(lf.loop(step, state, data, max_steps=6, max_epochs=10))[-1]
     assert (last.step, last.epoch, last.batch_idx) == (6, 1, 2)
     assert int(last.state.step) == 6
@@ -51,19 +54,19 @@ def test_evaluation_runs_at_each_epoch_end_and_every_n_steps():
     step, evaluate, state = _setup()
     data = make_data(n=100, batch_size=32)
     states = list(lf.loop(step, state, data, max_epochs=2, eval_step=evaluate, eval_data=data))
-    assert [ts.step for ts in states if ts.evaluated] == [4, 8]
+    assert [ls.step for ls in states if ls.evaluated] == [4, 8]
     assert set(states[-1].eval_metrics) == {"loss", "acc"}
     states = list(
         lf.loop(step, state, data, max_epochs=2, eval_step=evaluate, eval_data=data, eval_every=3)
     )
-    assert [ts.step for ts in states if ts.evaluated] == [3, 4, 6, 8]
+    assert [ls.step for ls in states if ls.evaluated] == [3, 4, 6, 8]
 
 
 def test_evaluation_also_runs_when_max_steps_ends_the_run_mid_epoch():
     step, evaluate, state = _setup()
     data = make_data(n=100, batch_size=32)
     states = list(lf.loop(step, state, data, max_steps=2, eval_step=evaluate, eval_data=data))
-    assert [ts.step for ts in states if ts.evaluated] == [2]
+    assert [ls.step for ls in states if ls.evaluated] == [2]
 
 
 def test_fast_dev_run_runs_one_train_and_one_eval_batch():
@@ -127,14 +130,14 @@ def test_breaking_out_and_resuming_gives_the_same_run(stop_at):
     kwargs = dict(max_epochs=3, eval_step=evaluate, eval_data=data)
     straight = list(lf.loop(step, state, data, **kwargs))
     first = []
-    for ts in lf.loop(step, state, data, **kwargs):
-        first.append(ts)
-        if ts.step == stop_at:
+    for ls in lf.loop(step, state, data, **kwargs):
+        first.append(ls)
+        if ls.step == stop_at:
             break
     resumed = list(lf.loop(step, first[-1], data, **kwargs))
-    assert [ts.step for ts in first + resumed] == [ts.step for ts in straight]
-    assert [ts.step for ts in first + resumed if ts.evaluated] == [
-        ts.step for ts in straight if ts.evaluated
+    assert [ls.step for ls in first + resumed] == [ls.step for ls in straight]
+    assert [ls.step for ls in first + resumed if ls.evaluated] == [
+        ls.step for ls in straight if ls.evaluated
     ]
     assert_trees_close(resumed[-1].state, straight[-1].state)
     assert (resumed[-1].epoch, resumed[-1].batch_idx) == (
@@ -194,7 +197,7 @@ def test_fit_drives_the_loop_to_the_end_and_shows_plain_progress_off_a_terminal(
     step, evaluate, state = _setup()
     data = make_data(n=100, batch_size=32)
     stream = io.StringIO()
-    bar = lf.ProgressBar(total=8, log_every_n_steps=2, stream=stream)
+    bar = lf.callbacks.ProgressBar(total=8, log_every_n_steps=2, stream=stream)
     list(
         lf.loop(
             step, state, data, max_epochs=2, eval_step=evaluate, eval_data=data, callbacks=[bar]
@@ -273,17 +276,17 @@ def test_loop_rejects_a_train_step_as_the_eval_step():
         lf.loop(step, state, make_data(), eval_step=step, eval_data=make_data())
 
 
-def test_trainer_state_replace_rejects_unknown_fields():
-    ts = lf.TrainerState(state=None)
-    assert ts.replace(step=3).step == 3 and ts.step == 0
-    with pytest.raises(TypeError, match=r"TrainerState has no field\(s\) \['steps'\]"):
-        ts.replace(steps=3)
+def test_loop_state_replace_rejects_unknown_fields():
+    ls = lf.LoopState(state=None)
+    assert ls.replace(step=3).step == 3 and ls.step == 0
+    with pytest.raises(TypeError, match=r"LoopState has no field\(s\) \['steps'\]"):
+        ls.replace(steps=3)
 
 
 def test_epoch_end_marks_the_last_step_of_each_epoch():
     step, _, state = _setup()
     flags = [
-        ts.epoch_end for ts in lf.loop(step, state, make_data(n=100, batch_size=32), max_epochs=2)
+        ls.epoch_end for ls in lf.loop(step, state, make_data(n=100, batch_size=32), max_epochs=2)
     ]
     assert flags == [False, False, False, True] * 2
 
@@ -332,3 +335,191 @@ def test_checkpoint_must_be_a_manager():
         TypeError, match=r"`checkpoint` must be a lightfunc.CheckpointManager, got str"
     ):
         lf.loop(step, state, make_data(), checkpoint="runs/x")
+
+
+# -- interrupts: SIGTERM and exceptions go to the callbacks' `on_interrupt` --------------
+
+
+class Interrupts(lf.callbacks.Callback):
+    """Records every `on_interrupt` and `on_end`, and what SIGTERM's handler is during the run."""
+
+    def __init__(self):
+        self.events = []
+
+    def on_interrupt(self, ls, reason):
+        self.events.append((reason, ls.step))
+
+    def on_end(self, ls):
+        self.events.append(("end", ls.step))
+
+
+def _sigterm_at(states, step):
+    """Iterate the loop, sending this process SIGTERM (as a preemption does) at `step`."""
+    seen = []
+    for ls in states:
+        seen.append(ls)
+        if ls.step == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+    return seen
+
+
+def _failing_at(step_fn, call):
+    calls = []
+
+    def failing(state, batch):
+        calls.append(1)
+        if len(calls) == call:
+            raise RuntimeError("boom")
+        return step_fn(state, batch)
+
+    return lf.build(failing, compile=False)
+
+
+@pytest.mark.parametrize("how", ["checkpoint", "callbacks"])
+def test_sigterm_saves_the_last_completed_step_and_stops_cleanly(tmp_path, how):
+    step, _, state = _setup()
+    manager = lf.CheckpointManager(tmp_path, every_n_steps=100)
+    recorder = Interrupts()
+    if how == "checkpoint":
+        passed = {"checkpoint": manager, "callbacks": [recorder]}
+    else:
+        passed = {"callbacks": [manager, recorder]}
+    before = signal.getsignal(signal.SIGTERM)
+    seen = _sigterm_at(lf.loop(step, state, make_data(), max_epochs=5, **passed), step=2)
+    assert [ls.step for ls in seen] == [1, 2]
+    assert recorder.events == [("sigterm", 2), ("end", 2)]
+    index = json.loads((tmp_path / "index.json").read_text())["checkpoints"]
+    assert [(e["step"], e["reason"]) for e in index] == [(2, "sigterm")]
+    restored = manager.restore(state)
+    assert restored is not None and restored.step == 2
+    assert_trees_close(restored.state, seen[-1].state)
+    assert signal.getsignal(signal.SIGTERM) is before  # the loop's handler is gone again
+
+
+def test_sigterm_is_caught_only_while_a_callback_handles_interrupts():
+    step, _, state = _setup()
+    before = signal.getsignal(signal.SIGTERM)
+    handlers = {}
+    for name, callbacks in [("none", []), ("handler", [Interrupts()])]:
+        for _ in lf.loop(step, state, make_data(), max_steps=1, callbacks=callbacks):
+            handlers[name] = signal.getsignal(signal.SIGTERM)
+    assert handlers["none"] is before
+    assert handlers["handler"] is not before
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_custom_callback_gets_both_interrupt_reasons_with_the_last_completed_step():
+    step, _, state = _setup()
+    on_sigterm = Interrupts()
+    _sigterm_at(lf.loop(step, state, make_data(), max_epochs=5, callbacks=[on_sigterm]), step=3)
+    assert on_sigterm.events == [("sigterm", 3), ("end", 3)]
+    on_error = Interrupts()
+    with pytest.raises(RuntimeError, match="boom"):
+        list(lf.loop(_failing_at(step.fn, 3), state, make_data(), callbacks=[on_error]))
+    assert on_error.events == [("exception", 2)]  # no on_end: the exception propagates
+
+
+def test_a_step_failing_before_any_step_completed_interrupts_nobody():
+    step, _, state = _setup()
+    recorder = Interrupts()
+    with pytest.raises(RuntimeError, match="boom"):
+        list(lf.loop(_failing_at(step.fn, 1), state, make_data(), callbacks=[recorder]))
+    assert recorder.events == []
+
+
+def test_checkpoint_is_shorthand_for_the_manager_as_a_callback(tmp_path):
+    step, evaluate, state = _setup()
+    data = make_data(n=100, batch_size=32)
+    runs = {}
+    for how in ("checkpoint", "callbacks"):
+        manager = lf.CheckpointManager(tmp_path / how, every_n_steps=3, monitor="val_loss")
+        passed = {"checkpoint": manager} if how == "checkpoint" else {"callbacks": [manager]}
+        kwargs = dict(max_epochs=2, eval_step=evaluate, eval_data=data)
+        last = list(lf.loop(step, state, data, **kwargs, **passed))[-1]
+        index = json.loads((tmp_path / how / "index.json").read_text())
+        runs[how] = (
+            last,
+            manager,
+            [(e["path"], e["step"], e["reason"]) for e in index["checkpoints"]],
+        )
+    (a, manager_a, index_a), (b, manager_b, index_b) = runs["checkpoint"], runs["callbacks"]
+    assert index_a == index_b and index_a
+    assert_trees_close(a.state, b.state)
+    assert_trees_close(manager_a.restore(state).state, manager_b.restore(state).state)
+
+
+def test_a_manager_passed_both_ways_is_refused(tmp_path):
+    step, _, state = _setup()
+    manager = lf.CheckpointManager(tmp_path)
+    with pytest.raises(ValueError, match=r"two callbacks share the state key 'CheckpointManager\["):
+        lf.loop(step, state, make_data(), checkpoint=manager, callbacks=[manager])
+
+
+# -- evaluate: each metric combined by its reduction --------------------------------------
+
+
+def _metric_zoo(state, batch):
+    x, _ = batch
+    return {
+        "mean_x": x.mean(),  # float: mean over examples
+        "examples": torch.tensor(x.shape[0]),  # int: summed
+        "big": (x.abs() > 3.5).any(),  # bool: any
+        "worst": x.abs().max(),  # float, declared "max" below
+    }
+
+
+def test_evaluate_combines_each_metric_by_its_reduction():
+    _, _, state = _setup()
+    data = make_data(n=100, batch_size=32)
+    x = torch.cat([b[0] for b in data])
+    declared = lf.build_eval(_metric_zoo, compile=False, metric_reductions={"worst": "max"})
+    out = lf.evaluate(declared, state, data)
+    assert out["examples"].dtype == torch.int64 and int(out["examples"]) == 100
+    assert out["big"].dtype == torch.bool and bool(out["big"]) == bool((x.abs() > 3.5).any())
+    torch.testing.assert_close(out["mean_x"], x.mean(), rtol=1e-6, atol=1e-6)
+    assert float(out["worst"]) == float(x.abs().max())
+    # Undeclared, the same float metric is a mean over examples instead.
+    default = lf.evaluate(lf.build_eval(_metric_zoo, compile=False), state, data)
+    sizes = torch.tensor([b[0].shape[0] for b in data], dtype=torch.float32)
+    maxima = torch.stack([b[0].abs().max() for b in data])
+    torch.testing.assert_close(default["worst"], (maxima * sizes).sum() / sizes.sum())
+
+
+# -- build options are set in one place, the build -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        {"precision": "bf16-mixed"},
+        {"compile": False},
+        {"accumulate_grad_batches": 2},
+        {"skip_nonfinite": True},
+        {"strategy": "ddp"},
+    ],
+)
+def test_build_options_with_an_already_built_step_are_refused(option):
+    step, _, state = _setup()
+    name, value = next(iter(option.items()))
+    with pytest.raises(
+        ValueError, match=rf"`step` is already built .*`{name}={value!r}`.* lightfunc.build"
+    ):
+        lf.loop(step, state, make_data(), **option)
+    with pytest.raises(ValueError, match=rf"already built .*`{name}={value!r}`"):
+        lf.fit(step, state, make_data(), barebones=True, **option)
+
+
+def test_build_options_build_a_plain_step_and_its_plain_eval_step():
+    model = make_model()
+    train_step, eval_step = make_steps(model)
+    state = lf.TrainState.create(model, lf.optim.adamw(1e-2), seed=0)
+    data = make_data(n=64)
+    last = list(
+        lf.loop(train_step, state, data, compile=False, precision="bf16-true",
+                eval_step=eval_step, eval_data=data, accelerator="cpu")
+    )[-1]  # fmt: skip
+    assert last.state.params["0.weight"].dtype == torch.bfloat16 and last.evaluated
+    assert (
+        last.eval_metrics["loss"].dtype == torch.bfloat16
+    )  # built with the train step's precision
+    assert isinstance(last.strategy, lf.SingleProcess)

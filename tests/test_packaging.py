@@ -1,8 +1,11 @@
-"""The package list in pyproject.toml names every package, so wheels and editable installs ship them all."""
+"""What gets installed: every package listed in pyproject.toml, and one version everywhere."""
 
+import importlib.metadata
 from pathlib import Path
 
 import pytest
+
+import lightfunc
 
 tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from 3.11")
 
@@ -20,3 +23,9 @@ def test_every_package_directory_is_listed_in_pyproject():
     assert listed == found
     assert config["package-dir"] == {"lightfunc.kernels": "kernels"}
     assert (ROOT / "kernels" / "__init__.py").exists()
+
+
+def test_the_installed_version_is_the_package_version():
+    """`lightfunc.__version__` is read from the installed metadata, which pyproject.toml sets."""
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert importlib.metadata.version("lightfunc") == lightfunc.__version__ == declared

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import lightfunc as lf
 import lightfunc.testing
-from lightfunc._precision import LossScale, Policy, apply_if_finite, cast_tree, policy
+from lightfunc._precision import LossScale, Policy, cast_tree, parse_precision, select_if_finite
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
@@ -38,20 +38,20 @@ ALL = ["64-true", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true"]
     ],
 )
 def test_precision_strings_parse_to_policies(spec, dtypes):
-    p = policy(spec)
+    p = parse_precision(spec)
     assert (p.param_dtype, p.compute_dtype, p.output_dtype) == dtypes
     assert p.needs_loss_scaling == (F16 in dtypes)
 
 
 def test_policy_passes_a_policy_through():
     p = Policy(F32, BF16, F32)
-    assert policy(p) is p
+    assert parse_precision(p) is p
 
 
 @pytest.mark.parametrize("bad", ["fp16", "bf16-true-ish", 8, True, None])
 def test_unknown_precision_error_lists_the_valid_strings(bad):
     with pytest.raises(ValueError, match=r"'64-true', '32-true', 'bf16-mixed', '16-mixed'.*got"):
-        policy(bad)
+        parse_precision(bad)
 
 
 def test_cast_tree_casts_floating_tensors_only():
@@ -60,7 +60,7 @@ def test_cast_tree_casts_floating_tensors_only():
     assert out["w"].dtype == BF16
     assert out["n"] is tree["n"]
     assert out["flag"] is True and out["k"] is None
-    p = policy("bf16-mixed")
+    p = parse_precision("bf16-mixed")
     assert p.cast_to_compute(tree)["w"].dtype == BF16
     assert p.cast_to_param(out)["w"].dtype == F32
     assert p.cast_to_output(torch.ones(2, dtype=BF16)).dtype == F32
@@ -132,7 +132,7 @@ def make_mixed_step(model: torch.nn.Module, spec: str) -> Any:
     The batch is `(x, y, factor)`: the loss is multiplied by the 0-d tensor
     `factor` (1.0 normally; huge to force an overflow).
     """
-    pol = policy(spec)
+    pol = parse_precision(spec)
 
     def train_step(state: dict[str, Any], batch: Any) -> tuple[dict[str, Any], Any]:
         ts, scale = state["train"], state["scale"]
@@ -148,7 +148,7 @@ def make_mixed_step(model: torch.nn.Module, spec: str) -> Any:
         (_, loss), grads = lf.value_and_grad(loss_fn, has_aux=True)(ts.params)
         grads = pol.cast_to_param(scale.unscale(grads))
         finite = scale.all_finite(grads)
-        new_ts = apply_if_finite(finite, ts.apply_gradients(grads), ts)
+        new_ts = select_if_finite(finite, ts.apply_gradients(grads), ts)
         metrics = {"loss": loss, "loss_scale": scale.scale, "skipped": ~finite}
         return {"train": new_ts, "scale": scale.update(finite)}, metrics
 
@@ -156,7 +156,7 @@ def make_mixed_step(model: torch.nn.Module, spec: str) -> Any:
 
 
 def init_state(model: torch.nn.Module, spec: str, tx: Any, **scale_kwargs: Any) -> dict[str, Any]:
-    params = policy(spec).cast_to_param(lf.params_of(model))
+    params = parse_precision(spec).cast_to_param(lf.params_of(model))
     return {"train": lf.TrainState.create(params, tx), "scale": LossScale.create(**scale_kwargs)}
 
 
@@ -221,7 +221,9 @@ def plain_step(model: torch.nn.Module) -> Any:
             logits, buffers = lf.apply(model, params, state.buffers, x, train=True)
             return F.cross_entropy(logits, y) * factor, (logits, buffers)
 
-        (loss, (logits, buffers)), grads = lf.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (loss, (logits, buffers)), grads = lf.value_and_grad(
+            loss_fn, has_aux=True, loss_scale=state.loss_scale
+        )(state.params)
         metrics = {"loss": loss, "logit_bytes": torch.tensor(logits.element_size())}
         return state.apply_gradients(grads, buffers=buffers), metrics
 
@@ -254,11 +256,10 @@ def run_steps(
 ) -> Any:
     model = bn_mlp()
     tx = lf.optim.adamw(1e-2, eps=1e-4)
-    state = lf.TrainState.create(model, tx, precision=spec, **kwargs)
-    if state.loss_scale is not None and state.loss_scale.dynamic:
-        # 2**16 (the default) overflows this model's float16 backward at first;
-        # start where the first step is finite.
-        state = state.replace(loss_scale=LossScale.create(init_scale))
+    # 2**16 (the default) overflows this model's float16 backward at first;
+    # start where the first step is finite.
+    scale = LossScale.create(init_scale) if parse_precision(spec).needs_loss_scaling else None
+    state = lf.TrainState.create(model, tx, precision=spec, loss_scale=scale, **kwargs)
     step = lf.build(plain_step(model), precision=spec, compile=compile, **kwargs)
     history = []
     for f in factors:
@@ -273,24 +274,27 @@ def test_transform_skips_an_overflowing_fp16_step_and_halves_the_scale(spec):
     (s1, m1), (s2, m2), (s3, m3), _ = h
     assert int(m1["skipped_steps"]) == 0 and int(s1.step) == 1
     assert float(m1["loss_scale"]) == 1024.0
-    # The overflowing step: nothing in the state moved but the scale.
+    # The overflowing step, as torch.amp.GradScaler and optax.apply_if_finite skip:
+    # parameters and optimizer moments (and its step count) stay, the scale halves,
+    # the step is counted and BatchNorm keeps the forward pass's statistics.
     assert int(m2["skipped_steps"]) == 1 and float(s2.loss_scale.scale) == 512.0
     for old, new in zip(
-        lf.tree_leaves((s1.params, s1.opt_state, s1.buffers, s1.step)),
-        lf.tree_leaves((s2.params, s2.opt_state, s2.buffers, s2.step)),
+        lf.tree_leaves((s1.params, s1.opt_state.inner)),
+        lf.tree_leaves((s2.params, s2.opt_state.inner)),
         strict=True,
     ):
         assert torch.equal(old, new)
+    assert not bool(s2.opt_state.last_finite) and int(s2.step) == 2
+    assert not torch.equal(s1.buffers["1.running_mean"], s2.buffers["1.running_mean"])
     # Training continues.
-    assert int(m3["skipped_steps"]) == 1 and int(s3.step) == 2
+    assert int(m3["skipped_steps"]) == 1 and int(s3.step) == 3
     assert not torch.equal(s3.params["0.weight"], s2.params["0.weight"])
 
 
 def test_loss_scale_grows_back_after_the_growth_interval():
     model = bn_mlp()
     scale = LossScale.create(8.0, growth_interval=2)
-    state = lf.TrainState.create(model, lf.optim.sgd(0.1), precision="16-mixed")
-    state = state.replace(loss_scale=scale)
+    state = lf.TrainState.create(model, lf.optim.sgd(0.1), precision="16-mixed", loss_scale=scale)
     step = lf.build(plain_step(model), precision="16-mixed", compile=False)
     scales = []
     for f in [1e30, 1.0, 1.0, 1.0]:
@@ -311,7 +315,8 @@ def test_loss_scale_grows_back_after_the_growth_interval():
 )
 def test_transform_stores_computes_and_returns_in_the_policy_dtypes(spec, param, compute, output):
     (state, m), *_ = run_steps(spec, [1.0, 1.0])
-    leaves = lf.tree_leaves((state.params, state.buffers, state.opt_state))
+    moments = getattr(state.opt_state, "inner", state.opt_state)  # the loss scale stays float32
+    leaves = lf.tree_leaves((state.params, state.buffers, moments))
     assert {x.dtype for x in leaves if x.is_floating_point()} == {param}
     assert m["loss"].dtype == output
     # The forward ran in the compute dtype: autocast for -mixed, a cast batch for -true.
@@ -327,14 +332,18 @@ def test_skip_nonfinite_under_bf16_counts_and_skips():
     (s1, m1), (s2, m2), (s3, m3) = h
     assert "loss_scale" not in m1 and float(s1.loss_scale.scale) == 1.0
     assert [int(m["skipped_steps"]) for m in (m1, m2, m3)] == [0, 1, 1]
-    assert torch.equal(s1.params["0.weight"], s2.params["0.weight"]) and int(s2.step) == 1
+    assert torch.equal(s1.params["0.weight"], s2.params["0.weight"]) and int(s2.step) == 2
     assert float(s2.loss_scale.scale) == 1.0  # a fixed scale never backs off
-    assert int(s3.step) == 2
+    assert not torch.equal(s2.params["0.weight"], s3.params["0.weight"])
 
 
 def test_skip_nonfinite_without_a_policy_uses_fp32():
     h = run_steps("32-true", [float("inf"), 1.0], skip_nonfinite=True)
-    assert [int(s.step) for s, _ in h] == [0, 1]
+    (s1, m1), (_, m2) = h
+    initial = lf.TrainState.create(bn_mlp(), lf.optim.sgd(0.1))
+    assert torch.equal(s1.params["0.weight"], initial.params["0.weight"])
+    assert [int(m["skipped_steps"]) for m in (m1, m2)] == [1, 1]
+    assert s1.params["0.weight"].dtype == F32
 
 
 def test_transform_errors_name_the_fix():
@@ -348,18 +357,39 @@ def test_transform_errors_name_the_fix():
     ):
         step(lf.TrainState.create(model, tx), tiny_batch(1.0))
     step = lf.build(plain_step(model), precision="16-mixed", compile=False)
-    with pytest.raises(ValueError, match=r"must carry a lightfunc.LossScale.*precision='16-mixed'"):
+    with pytest.raises(
+        ValueError, match=r"must be wrapped in lightfunc.optim.apply_if_finite.*step.prepare"
+    ):
         step(lf.TrainState.create(model, tx), tiny_batch(1.0))
+    # step.prepare(state) is the fix it names.
+    step(step.prepare(lf.TrainState.create(model, tx)), tiny_batch(1.0))
     step = lf.build(plain_step(model), precision="bf16-mixed", skip_nonfinite=True, compile=False)
     with pytest.raises(ValueError, match="skip_nonfinite=True"):
         step(lf.TrainState.create(model, tx, precision="bf16-mixed"), tiny_batch(1.0))
+    with pytest.raises(TypeError, match=r"`loss_scale` must be a lightfunc\.LossScale"):
+        lf.value_and_grad(lambda w: (w * w).sum(), loss_scale=2.0)
 
-    def no_value_and_grad(state: lf.TrainState, batch: Any) -> Any:
+    def unscaled_step(state: lf.TrainState, batch: Any) -> Any:
+        x, y, _ = batch
+
+        def loss_fn(params: dict[str, torch.Tensor]) -> torch.Tensor:
+            logits, _ = lf.apply(model, params, state.buffers, x, train=True)
+            return F.cross_entropy(logits, y)
+
+        loss, grads = lf.value_and_grad(loss_fn)(state.params)  # forgets loss_scale=
+        return state.apply_gradients(grads), {"loss": loss}
+
+    for spec in ("16-mixed", "16-true"):
+        step = lf.build(unscaled_step, precision=spec, compile=False)
+        with pytest.raises(ValueError, match=r"underflow.*loss_scale=state.loss_scale"):
+            step(step.prepare(lf.TrainState.create(model, tx)), tiny_batch(1.0))
+
+    def dict_step(state: dict[str, Any], batch: Any) -> Any:
         return state, {}
 
-    step = lf.build(no_value_and_grad, precision="16-mixed", compile=False)
-    with pytest.raises(TypeError, match="never called it"):
-        step(lf.TrainState.create(model, tx, precision="16-mixed"), tiny_batch(1.0))
+    step = lf.build(dict_step, precision="16-mixed", compile=False)
+    with pytest.raises(TypeError, match="holds none"):
+        step({"w": torch.zeros(2, dtype=F32)}, tiny_batch(1.0))
 
 
 def test_with_precision_is_idempotent_and_keeps_an_existing_scale():
@@ -369,7 +399,10 @@ def test_with_precision_is_idempotent_and_keeps_an_existing_scale():
     assert half.with_precision("16-mixed") is half
     true = half.with_precision("bf16-true")
     assert true.loss_scale is half.loss_scale
-    assert {x.dtype for x in lf.tree_leaves(true.opt_state) if x.is_floating_point()} == {BF16}
+    assert {x.dtype for x in lf.tree_leaves(true.opt_state.inner) if x.is_floating_point()} == {
+        BF16
+    }
+    assert true.loss_scale.scale.dtype == F32  # the scale stays float32 whatever the policy
     assert state.with_precision("32-true") is state
 
 
@@ -380,7 +413,7 @@ def test_loop_converts_the_state_and_refuses_a_conflicting_step():
     step = lf.build(plain_step(model), compile=False, precision="bf16-true")
     last = list(lf.loop(step, state, data, accelerator="cpu"))[-1]
     assert last.state.params["0.weight"].dtype == BF16 and int(last.state.step) == 3
-    with pytest.raises(ValueError, match=r"built with precision='bf16-true'.*precision='16-mixed'"):
+    with pytest.raises(ValueError, match=r"already built.*precision"):
         next(lf.loop(step, state, data, precision="16-mixed"))
 
 
@@ -394,7 +427,6 @@ def test_fit_with_precision_checkpoints_and_resumes_the_loss_scale(tmp_path):
         enable_progress_bar=False,
         enable_model_summary=False,
         accelerator="cpu",
-        precision="16-mixed",
     )
     first = lf.fit(
         lf.build(plain_step(model), compile=False, precision="16-mixed"),
@@ -405,9 +437,18 @@ def test_fit_with_precision_checkpoints_and_resumes_the_loss_scale(tmp_path):
     )
     assert float(first.state.loss_scale.scale) == 2.0**15
     assert int(first.state.loss_scale.skipped) == 1
-    again = lf.fit(plain_step(model), state, data, max_epochs=2, ckpt_path="last", **kwargs)
-    # Resumed after epoch 1 (2 updates, 1 skip): epoch 2 adds the same again.
-    assert int(first.state.step) == 2 and int(again.state.step) == 4
+    again = lf.fit(
+        plain_step(model),
+        state,
+        data,
+        max_epochs=2,
+        ckpt_path="last",
+        precision="16-mixed",
+        compile=False,
+        **kwargs,
+    )
+    # Resumed after epoch 1 (3 steps, 1 of them skipped): epoch 2 adds the same again.
+    assert int(first.state.step) == 3 and int(again.state.step) == 6
     assert int(again.state.loss_scale.skipped) == 2
     assert float(again.state.loss_scale.scale) == 2.0**14
 

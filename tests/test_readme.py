@@ -30,5 +30,5 @@ def test_readme_python_blocks_run(fresh_dynamo, capsys, tmp_path, monkeypatch):
     assert namespace["final"].step == 40
     assert "tx" in namespace
     assert (
-        namespace["ts"].step == 4 and namespace["again"].step == 4
+        namespace["ls"].step == 4 and namespace["again"].step == 4
     )  # 2 epochs of 2 batches, saved and loaded

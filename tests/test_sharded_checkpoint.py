@@ -17,7 +17,12 @@ import torch
 
 import lightfunc as lf
 from lightfunc.distributed import _checkpoint as sharded
-from lightfunc.distributed._checkpoint import export_full, load_sharded, save_sharded
+from lightfunc.distributed._checkpoint import (
+    export_full,
+    load_sharded,
+    save_sharded,
+    verify_sharded,
+)
 
 SCRIPTS = Path(__file__).parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))
@@ -118,19 +123,26 @@ def test_two_to_one_and_three_to_one_bit_exact(runs: Any) -> None:
 def test_index_describes_shards(runs: Any) -> None:
     root, _, _ = runs
     index = json.loads((root / "two" / "index.json").read_text())
-    assert index["format"] == "lightfunc.sharded" and index["world_size"] == 2
-    assert index["user_metadata"] == {"note": "2 ranks"}
-    leaves = {e["path"]: e for e in index["leaves"]}
-    weight = leaves["params.weight"]
+    assert index["format"] == "lightfunc.sharded" and index["format_version"] == 2
+    assert index["world_size"] == 2
+    weight = index["tensors"]["params.weight"]
     assert weight["shape"] == [5, 3] and weight["dtype"] == "float32"
     assert [(c["file"], c["offsets"], c["sizes"]) for c in weight["chunks"]] == [
         ("shard-00000-of-00002.safetensors", [0, 0], [3, 3]),
         ("shard-00001-of-00002.safetensors", [3, 0], [2, 3]),
     ]
-    assert index["aliases"] == {"tied": "params.weight"}
-    assert leaves["rng"]["value"] == {"seed": 3, "counter": 17}
     # replicated and plain tensors are written once, by rank 0
-    assert [c["file"] for c in leaves["replicated"]["chunks"]] == [sharded.shard_name(0, 2)]
+    assert [c["file"] for c in index["tensors"]["replicated"]["chunks"]] == [
+        sharded.shard_name(0, 2)
+    ]
+    # the header is the codec's, as `lf.save` writes it: leaves, ties, user metadata
+    header = index["header"]
+    assert header["format"] == "lightfunc.checkpoint" and header["checksums"] == "{}"
+    assert json.loads(header["user_metadata"]) == {"note": "2 ranks"}
+    assert json.loads(header["aliases"]) == {"tied": "params.weight"}
+    leaves = {e["path"]: e for e in json.loads(header["leaves"])}
+    assert leaves["rng"]["value"] == {"seed": 3, "counter": 17}
+    assert "tied" not in index["tensors"] and leaves["tied"]["kind"] == "tensor"
 
 
 @pytest.mark.multiprocess
@@ -146,15 +158,16 @@ def test_corrupt_shard_fails_on_every_rank_without_hanging(runs: Any) -> None:
 
 
 @pytest.mark.multiprocess
-def test_fully_sharded_train_state_two_to_three_and_one(runs: Any) -> None:
+def test_fully_sharded_loop_state_two_to_three_and_one(runs: Any) -> None:
     root, two, three = runs
     _assert_ok(two, "save_train_state")
     _assert_ok(three, "load_train_state")
     want = train_state(0)
-    loaded = load_sharded(root / "train_state", like=train_state(1))  # 2 -> 1, plain tensors
-    for got, ref in zip(lf.tree_leaves(loaded), lf.tree_leaves(want), strict=True):
+    like = lf.LoopState(state=train_state(1))  # 2 -> 1, plain tensors, no strategy
+    loaded = load_sharded(root / "train_state", like=like)
+    for got, ref in zip(lf.tree_leaves(loaded.state), lf.tree_leaves(want), strict=True):
         assert type(got) is torch.Tensor and torch.equal(got, ref)
-    assert loaded.rng == want.rng
+    assert loaded.state.rng == want.rng and loaded.step == 1
 
 
 @pytest.mark.multiprocess
@@ -173,19 +186,22 @@ def test_round_trip_in_one_process(tmp_path: Path) -> None:
     _assert_full(load_sharded(path, like=_plain_template()))
 
 
-def test_train_state_round_trip_and_export_full(tmp_path: Path) -> None:
+def test_loop_state_round_trip_and_export_full(tmp_path: Path) -> None:
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
     state = lf.TrainState.create(model, lf.optim.adamw(1e-3), seed=5)
-    ts = lf.TrainerState(state=state, step=7, epoch=1)
-    save_sharded(ts, tmp_path / "ckpt")
-    back = load_sharded(tmp_path / "ckpt", like=ts)
+    # A one-process run: no process group; the strategy is static and not saved.
+    ls = lf.LoopState(state=state, step=7, epoch=1, strategy=lf.SingleProcess())
+    save_sharded(ls, tmp_path / "ckpt")
+    verify_sharded(tmp_path / "ckpt")
+    back = load_sharded(tmp_path / "ckpt", like=lf.LoopState(state=state))
     assert (back.step, back.epoch, back.state.rng) == (7, 1, lf.RngKey(5, 0))
-    for a, b in zip(lf.tree_leaves(back), lf.tree_leaves(ts), strict=True):
+    assert back.strategy is None and back.state.tx is state.tx
+    for a, b in zip(lf.tree_leaves(back), lf.tree_leaves(ls), strict=True):
         assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
 
     out = export_full(tmp_path / "ckpt", tmp_path / "full.safetensors")
-    full = lf.load(out, like=ts)
-    for a, b in zip(lf.tree_leaves(full), lf.tree_leaves(ts), strict=True):
+    full = lf.load(out, like=ls)
+    for a, b in zip(lf.tree_leaves(full), lf.tree_leaves(ls), strict=True):
         assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
     fresh = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
     lf.load_params(out, fresh)
@@ -237,7 +253,7 @@ def test_missing_or_malformed_index(tmp_path: Path) -> None:
     ):
         load_sharded(tmp_path / "ckpt", like=_plain_template())
     doc = json.loads(text)
-    next(e for e in doc["leaves"] if e["path"] == "params.weight")["shape"] = [6, 3]
+    doc["tensors"]["params.weight"]["shape"] = [6, 3]
     index.write_text(json.dumps(doc))
     with pytest.raises(lf.CheckpointError, match=r"chunks of `params.weight` hold 15 elements"):
         load_sharded(tmp_path / "ckpt", like=_plain_template())
@@ -252,7 +268,10 @@ def test_template_mismatch_names_paths(tmp_path: Path) -> None:
     save_sharded(full_state(), tmp_path / "ckpt")
     wrong = _plain_template()
     wrong["params"]["bias"] = torch.zeros(6, dtype=torch.float64)
-    with pytest.raises(lf.CheckpointError, match=r"params.bias: the checkpoint has shape \(5,\)"):
+    with pytest.raises(
+        lf.CheckpointError,
+        match=r"params.bias: the file has shape \(5,\) dtype float64, the template shape \(6,\)",
+    ):
         load_sharded(tmp_path / "ckpt", like=wrong)
     missing = _plain_template()
     del missing["plain"]
@@ -288,3 +307,148 @@ def test_unsavable_leaf_is_named(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match=r"`state.opt`"):
         save_sharded({"state": {"opt": object()}}, tmp_path / "ckpt")
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_unsavable_metadata_is_refused_before_writing(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match="`metadata` must be JSON-serialisable"):
+        save_sharded({"x": torch.ones(2)}, tmp_path / "ckpt", metadata={"t": torch.ones(1)})
+    assert not (tmp_path / "ckpt").exists() and list(tmp_path.iterdir()) == []
+
+
+# -- verify_sharded -----------------------------------------------------------------------
+
+
+def test_verify_sharded_names_the_missing_damaged_or_truncated_file(tmp_path: Path) -> None:
+    path = save_sharded(full_state(), tmp_path / "ckpt")
+    verify_sharded(path)
+    shard = path / sharded.shard_name(0, 1)
+    intact = shard.read_bytes()
+    _flip_byte(shard, "params.weight")
+    with pytest.raises(
+        lf.CheckpointError,
+        match=r"Checksum mismatch for tensor `params.weight` in '.*shard-00000-of-00001\.safetensors'",
+    ):
+        verify_sharded(path)
+    shard.write_bytes(intact[:200])
+    with pytest.raises(
+        lf.CheckpointError, match=r"shard-00000-of-00001\.safetensors': .*truncated"
+    ):
+        verify_sharded(path)
+    shard.unlink()
+    with pytest.raises(
+        lf.CheckpointError, match=r"shard file '.*shard-00000-of-00001\.safetensors' .* is missing"
+    ):
+        verify_sharded(path)
+    with pytest.raises(FileNotFoundError, match="directory does not exist"):
+        verify_sharded(tmp_path / "nothing")
+
+
+def test_verify_sharded_checks_chunk_shapes_and_shard_files(tmp_path: Path) -> None:
+    path = save_sharded(full_state(), tmp_path / "ckpt")
+    index = path / "index.json"
+    doc = json.loads(index.read_text())
+    doc["tensors"]["params.bias"]["shape"] = [6]
+    doc["tensors"]["params.bias"]["chunks"][0]["sizes"] = [6]
+    index.write_text(json.dumps(doc))
+    with pytest.raises(
+        lf.CheckpointError, match=r"shard file '.*shard-00000-of-00001.*' holds `params.bias` with"
+    ):
+        verify_sharded(path)
+    path = save_sharded(full_state(), tmp_path / "other")
+    foreign = lf.save({"x": torch.ones(1)}, tmp_path / "plain.safetensors")
+    shutil.copy(foreign, path / sharded.shard_name(0, 1))
+    with pytest.raises(lf.CheckpointError, match=r"is not a lightfunc shard file"):
+        verify_sharded(path)
+
+
+@pytest.mark.multiprocess
+def test_verify_sharded_of_multi_rank_checkpoints(runs: Any) -> None:
+    root, _, _ = runs
+    verify_sharded(root / "two")
+    verify_sharded(root / "three")
+    with pytest.raises(
+        lf.CheckpointError,
+        match=r"`params.weight` in '.*corrupt.shard-00001-of-00002\.safetensors'",
+    ):
+        verify_sharded(root / "corrupt")
+
+
+# -- the index ------------------------------------------------------------------------------
+
+
+def _as_version_1(doc: dict[str, Any]) -> dict[str, Any]:
+    """A version-2 index in the layout lightfunc 0.1.0.dev0 wrote (format version 1): the
+    header's fields at the top level, each tensor's shape, dtype and chunks in its leaf."""
+    header = doc["header"]
+    leaves = json.loads(header["leaves"])
+    for leaf in leaves:
+        leaf.update(doc["tensors"].get(leaf["path"], {}))
+    return {
+        "format": "lightfunc.sharded",
+        "format_version": 1,
+        "lightfunc_version": header["lightfunc_version"],
+        "torch_version": header["torch_version"],
+        "world_size": doc["world_size"],
+        "files": doc["files"],
+        "leaves": leaves,
+        "aliases": json.loads(header["aliases"]),
+        "user_metadata": json.loads(header["user_metadata"]),
+        "treespec": header["treespec"],
+    }
+
+
+def test_version_1_checkpoints_still_load_verify_and_export(tmp_path: Path) -> None:
+    path = save_sharded(full_state(), tmp_path / "ckpt", metadata={"note": "v1"})
+    index = path / "index.json"
+    index.write_text(json.dumps(_as_version_1(json.loads(index.read_text())), indent=1))
+    _assert_full(load_sharded(path, like=_plain_template()))
+    verify_sharded(path)
+    out = export_full(path, tmp_path / "full.safetensors")
+    _assert_full(lf.load(out, like=_plain_template()))
+    assert lf.read_metadata(out) == {"note": "v1"}
+
+
+def _edited_index(tmp_path: Path, edit: Any) -> Path:
+    path = save_sharded(full_state(), tmp_path / "ckpt")
+    doc = json.loads((path / "index.json").read_text())
+    edit(doc)
+    (path / "index.json").write_text(json.dumps(doc))
+    return path
+
+
+def _chunk(doc: dict[str, Any], name: str) -> dict[str, Any]:
+    return doc["tensors"][name]["chunks"][0]
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda d: d.update(format_version=3), r"sharded format version 3; .*up to 2\. Upgrade"),
+        (lambda d: d.update(format="x"), r"malformed: its `format` is not 'lightfunc.sharded'"),
+        (lambda d: d.pop("tensors"), r"index '.*index.json' is malformed: an entry is invalid"),
+        (
+            lambda d: d["tensors"]["params.bias"].update(dtype="float99"),
+            r"unknown dtype 'float99' at `params.bias`",
+        ),
+        (lambda d: _chunk(d, "plain").update(file="x.safetensors"), r"names an unknown file"),
+        (lambda d: _chunk(d, "params.bias").update(offsets=[1]), r"`params.bias` lies outside"),
+        (
+            lambda d: d["tensors"]["plain"]["chunks"].append(_chunk(d, "plain")),
+            r"Two chunks of `plain` overlap",
+        ),
+        (
+            lambda d: d["tensors"].pop("plain"),
+            r"'.*index.json' has malformed lightfunc metadata: its tensors do not match",
+        ),
+        (
+            lambda d: d["header"].update(format_version="9"),
+            r"checkpoint format version 9.*Upgrade lightfunc",
+        ),
+    ],
+)
+def test_malformed_indexes_are_reported(tmp_path: Path, edit: Any, match: str) -> None:
+    path = _edited_index(tmp_path, edit)
+    with pytest.raises(lf.CheckpointError, match=match):
+        verify_sharded(path)
+    with pytest.raises(lf.CheckpointError, match=match):
+        load_sharded(path, like=_plain_template())

@@ -1,4 +1,4 @@
-"""Callbacks: small objects that observe the loop's stream of trainer states.
+"""Callbacks: small objects that observe the loop's stream of loop states (`LoopState`s).
 
 Pass them to `lightfunc.loop(..., callbacks=[...])` or `lightfunc.fit`. See
 `Callback` for the protocol (hooks, stopping, checkpointed state).

@@ -1,24 +1,22 @@
-"""`ModelCheckpoint`: the checkpoint manager as a callback, for Lightning users."""
+"""`ModelCheckpoint`: the checkpoint manager under Lightning's name, as a callback."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .._manager import CheckpointManager
-from ._base import Callback
-
-if TYPE_CHECKING:
-    from .._loop import TrainerState
 
 
-class ModelCheckpoint(Callback):
+class ModelCheckpoint(CheckpointManager):
     """Save checkpoints on a schedule; see `lightfunc.CheckpointManager` for the arguments.
 
-    As a callback it saves after all callbacks have run, so checkpoints hold
-    their state (an `EarlyStopping`'s patience counter, ...). In `lf.loop` it
-    also handles SIGTERM: the last completed step is saved and the run stops.
+    It is a `CheckpointManager` (which is a callback) under Lightning's name
+    and with Lightning's `dirpath`: passed in `callbacks`, it saves after
+    all callbacks have run, so checkpoints hold their state (an
+    `EarlyStopping`'s patience counter, ...). It also handles interrupts: on
+    SIGTERM the last completed step is saved and the run stops.
 
     Example:
         >>> import tempfile, lightfunc as lf
@@ -26,20 +24,19 @@ class ModelCheckpoint(Callback):
     """
 
     def __init__(self, dirpath: str | os.PathLike[str], **manager_kwargs: Any) -> None:
-        self.manager = CheckpointManager(dirpath, **manager_kwargs)
+        super().__init__(dirpath, **manager_kwargs)
 
-    def describe(self) -> str:
-        return str(self.manager.directory)
-
-    def on_step_end(self, ts: TrainerState) -> None:
-        self.manager.update(ts)
+    @property
+    def manager(self) -> CheckpointManager:
+        """The manager: this object itself (kept for code written when it wrapped one)."""
+        return self
 
     @property
     def best_model_path(self) -> Path | None:
         """The best kept checkpoint by `monitor` (Lightning's name)."""
-        return self.manager.best()
+        return self.best()
 
     @property
     def last_model_path(self) -> Path | None:
         """The newest checkpoint that verifies."""
-        return self.manager.latest()
+        return self.latest()

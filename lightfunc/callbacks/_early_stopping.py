@@ -7,18 +7,19 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from ._base import Callback
+from .._callback import Callback
+from .._validate import check_non_negative_int
 
 if TYPE_CHECKING:
-    from .._loop import TrainerState
+    from .._contract import LoopState
 
 
 class EarlyStopping(Callback):
     """Stop the run when `monitor` has not improved for `patience` checks.
 
     A check happens whenever the metric is fresh: after each evaluation for
-    an evaluation metric (`"val_<name>"`, read from `ts.eval_metrics`), at the
-    end of each epoch for a train metric (`"<name>"`, from `ts.metrics`).
+    an evaluation metric (`"val_<name>"`, read from `ls.eval_metrics`), at the
+    end of each epoch for a train metric (`"<name>"`, from `ls.metrics`).
     The metric leaves the device only at checks.
 
     Args:
@@ -52,8 +53,7 @@ class EarlyStopping(Callback):
     ) -> None:
         if mode not in ("min", "max"):
             raise ValueError(f"`mode` must be 'min' or 'max', got {mode!r}.")
-        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
-            raise ValueError(f"`patience` must be an int >= 0, got {patience!r}.")
+        check_non_negative_int("patience", patience)
         if min_delta < 0:
             raise ValueError(
                 f"`min_delta` must be >= 0 (the direction comes from `mode`), got {min_delta}."
@@ -82,32 +82,29 @@ class EarlyStopping(Callback):
             int(state["stopped_step"]),
         )
 
-    def on_step(self, ts: TrainerState) -> bool | None:
-        value = self._fresh_value(ts)
+    def on_step(self, ls: LoopState) -> bool | None:
+        value = self._fresh_value(ls)
         if value is None:
             return None
         stop, self.reason = self._check(value)
         if stop:
-            self.stopped_step = ts.step
+            self.stopped_step = ls.step
         return stop
 
-    def _fresh_value(self, ts: TrainerState) -> float | None:
-        if self.monitor.startswith("val_"):
-            if not ts.evaluated or ts.eval_metrics is None:
-                return None
-            source, name = ts.eval_metrics, self.monitor[4:]
-        else:
-            if not ts.epoch_end:
-                return None
-            source, name = ts.metrics, self.monitor
-        if name not in source:
+    def _fresh_value(self, ls: LoopState) -> float | None:
+        evaluation = self.monitor.startswith("val_")
+        fresh = ls.evaluated and ls.eval_metrics is not None if evaluation else ls.epoch_end
+        if not fresh:
+            return None
+        value = ls.metric(self.monitor)
+        if value is None:
+            source = (ls.eval_metrics or {}) if evaluation else ls.metrics
             available = ", ".join(sorted(source)) or "none"
             raise KeyError(
                 f"EarlyStopping: `monitor={self.monitor!r}` is not among the "
-                f"{'evaluation' if self.monitor.startswith('val_') else 'train'} metrics ({available}). "
+                f"{'evaluation' if evaluation else 'train'} metrics ({available}). "
                 f"Use 'val_<name>' for evaluation metrics."
             )
-        value = source[name]
         return (
             float(value.detach().float().cpu()) if isinstance(value, torch.Tensor) else float(value)
         )

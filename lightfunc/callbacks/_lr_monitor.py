@@ -7,17 +7,17 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ._base import Callback
+from .._callback import Callback
 
 if TYPE_CHECKING:
-    from .._loop import TrainerState
+    from .._contract import LoopState
 
 
 class LearningRateMonitor(Callback):
-    """Add the learning rate at each step to `ts.metrics` under `name`.
+    """Add the learning rate at each step to `ls.metrics` under `name`.
 
     The schedule is a pure function of the step count, so the value is
-    computed on the device from `ts.state.step` (no sync); loggers read it at
+    computed on the device from `ls.state.step` (no sync); loggers read it at
     their logging steps like any other metric.
 
     Args:
@@ -47,11 +47,11 @@ class LearningRateMonitor(Callback):
     def describe(self) -> str:
         return self.name
 
-    def extra_metrics(self, ts: TrainerState) -> dict[str, Any]:
-        step = getattr(ts.state, "step", None)
+    def extra_metrics(self, ls: LoopState) -> dict[str, Any]:
+        step = getattr(ls.state, "step", None)
         if not isinstance(step, torch.Tensor):
             raise TypeError(
-                f"LearningRateMonitor needs a state with a `step` tensor (a TrainState), got {type(ts.state).__name__}."
+                f"LearningRateMonitor needs a state with a `step` tensor (a TrainState), got {type(ls.state).__name__}."
             )
         if callable(self.schedule):
             # The optimizer used the rate of the step count before this update.

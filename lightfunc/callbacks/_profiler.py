@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from ._base import Callback
+from .._callback import Callback
 from ._progress import _is_rank_zero
 
 if TYPE_CHECKING:
-    from .._loop import TrainerState
+    from .._contract import LoopState
 
 _EXPORTS = ("chrome", "tensorboard")
 
@@ -93,7 +93,7 @@ class ProfilerCallback(Callback):
     def describe(self) -> str:
         return str(self.dirpath)
 
-    def on_start(self, ts: TrainerState) -> None:
+    def on_start(self, ls: LoopState) -> None:
         if not _is_rank_zero():
             return
         from torch.profiler import ProfilerActivity, profile, schedule
@@ -102,7 +102,7 @@ class ProfilerCallback(Callback):
         activities = [ProfilerActivity.CPU]
         if torch.cuda.is_available():
             activities.append(ProfilerActivity.CUDA)
-        self._first_step = self._last_step = ts.step + 1
+        self._first_step = self._last_step = ls.step + 1
         self._prof = profile(
             activities=activities,
             schedule=schedule(wait=self.wait, warmup=self.warmup, active=self.active, repeat=1),
@@ -113,15 +113,15 @@ class ProfilerCallback(Callback):
         )
         self._prof.start()
 
-    def on_step_end(self, ts: TrainerState) -> None:
+    def on_step_end(self, ls: LoopState) -> None:
         if self._prof is None:
             return
-        self._last_step = ts.step
+        self._last_step = ls.step
         self._prof.step()
-        if ts.step - self._first_step + 1 >= self.wait + self.warmup + self.active:
+        if ls.step - self._first_step + 1 >= self.wait + self.warmup + self.active:
             self._stop()
 
-    def on_end(self, ts: TrainerState) -> None:
+    def on_end(self, ls: LoopState) -> None:
         self._stop()
 
     def _stop(self) -> None:

@@ -15,11 +15,13 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import torch
 
-from .._device import global_rank
-from ._base import Callback
+from .._callback import Callback
+from .._contract import eval_metric_name
+from .._strategy import global_rank
+from .._validate import is_int
 
 if TYPE_CHECKING:
-    from .._loop import TrainerState
+    from .._contract import LoopState
 
 
 class ProgressBar(Callback):
@@ -84,12 +86,12 @@ class ProgressBar(Callback):
         self._last_shown = -1
         self._checked_train = self._checked_eval = False
 
-    def on_start(self, ts: TrainerState) -> None:
+    def on_start(self, ls: LoopState) -> None:
         self._active = _is_rank_zero()
         if not self._active:
             return
         self._out = self.stream if self.stream is not None else sys.stderr
-        self._start_time, self._start_step, self._last_shown = time.perf_counter(), ts.step, -1
+        self._start_time, self._start_step, self._last_shown = time.perf_counter(), ls.step, -1
         self._bar = None
         if _isatty(self._out):
             try:
@@ -98,79 +100,79 @@ class ProgressBar(Callback):
                 return
             self._bar = tqdm(
                 total=self.total,
-                initial=ts.step,  # a resumed run starts where it stopped
+                initial=ls.step,  # a resumed run starts where it stopped
                 file=self._out,
                 unit="step",
                 dynamic_ncols=True,
                 leave=True,
             )
 
-    def on_step_end(self, ts: TrainerState) -> None:
+    def on_step_end(self, ls: LoopState) -> None:
         if not self._active:
             return
-        self._check_names(ts)
+        self._check_names(ls)
         if self._bar is not None:
-            self._bar.update(ts.step - self._bar.n)
-        if ts.step % self.log_every_n_steps == 0 or ts.evaluated or ts.step == self.total:
-            self._show(ts)
+            self._bar.update(ls.step - self._bar.n)
+        if ls.step % self.log_every_n_steps == 0 or ls.evaluated or ls.step == self.total:
+            self._show(ls)
 
-    def on_end(self, ts: TrainerState) -> None:
+    def on_end(self, ls: LoopState) -> None:
         if not self._active:
             return
-        if ts.step != self._last_shown and ts.step > self._start_step:
-            self._show(ts)
+        if ls.step != self._last_shown and ls.step > self._start_step:
+            self._show(ls)
         if self._bar is not None:
             self._bar.close()
             self._bar = None
         self._active = False
 
-    def _show(self, ts: TrainerState) -> None:
+    def _show(self, ls: LoopState) -> None:
         """Read the chosen metrics from the device and display them (the only sync)."""
-        self._last_shown = ts.step
-        text = " ".join(f"{name}={value:.4g}" for name, value in self._selected(ts))
+        self._last_shown = ls.step
+        text = " ".join(f"{name}={value:.4g}" for name, value in self._selected(ls))
         if self._bar is not None:
-            self._bar.set_description(f"epoch {ts.epoch}", refresh=False)
+            self._bar.set_description(f"epoch {ls.epoch}", refresh=False)
             self._bar.set_postfix_str(text, refresh=True)
             return
         elapsed = time.perf_counter() - self._start_time
-        done = ts.step - self._start_step
+        done = ls.step - self._start_step
         rate = done / elapsed if elapsed > 0 else 0.0
-        parts = [f"epoch {ts.epoch}", f"step {ts.step}" + (f"/{self.total}" if self.total else "")]
+        parts = [f"epoch {ls.epoch}", f"step {ls.step}" + (f"/{self.total}" if self.total else "")]
         parts.append(f"{rate:.2f} step/s")
-        if self.total and rate > 0 and ts.step < self.total:
-            parts.append(f"eta {_format_seconds((self.total - ts.step) / rate)}")
+        if self.total and rate > 0 and ls.step < self.total:
+            parts.append(f"eta {_format_seconds((self.total - ls.step) / rate)}")
         if text:
             parts.append(text)
         print(" ".join(parts), file=self._out, flush=True)
 
-    def _selected(self, ts: TrainerState) -> list[tuple[str, float]]:
+    def _selected(self, ls: LoopState) -> list[tuple[str, float]]:
         """(display name, value) of the metrics to show, in the run's order."""
-        available = _available(ts)
+        available = _available(ls)
         names = list(available) if self.metrics is None else self.metrics
         return [(name, _scalar(available[name])) for name in names if name in available]
 
-    def _check_names(self, ts: TrainerState) -> None:
+    def _check_names(self, ls: LoopState) -> None:
         """Raise if a chosen name is not produced by the run (names only: no device read)."""
         if self.metrics is None or (self._checked_train and self._checked_eval):
             return
         if not self._checked_train:
-            _check_present([n for n in self.metrics if not n.startswith("val_")], ts, "train")
+            _check_present([n for n in self.metrics if not n.startswith("val_")], ls, "train")
             self._checked_train = True
-        if ts.eval_metrics is not None and not self._checked_eval:
-            _check_present([n for n in self.metrics if n.startswith("val_")], ts, "evaluation")
+        if ls.eval_metrics is not None and not self._checked_eval:
+            _check_present([n for n in self.metrics if n.startswith("val_")], ls, "evaluation")
             self._checked_eval = True
 
 
-def _available(ts: TrainerState) -> dict[str, Any]:
+def _available(ls: LoopState) -> dict[str, Any]:
     """Train metrics by name and evaluation metrics as `val_<name>`, in the run's order."""
-    available: dict[str, Any] = dict(ts.metrics)
-    if ts.eval_metrics is not None:
-        available.update({f"val_{name}": value for name, value in ts.eval_metrics.items()})
+    available: dict[str, Any] = dict(ls.metrics)
+    if ls.eval_metrics is not None:
+        available.update({eval_metric_name(n): value for n, value in ls.eval_metrics.items()})
     return available
 
 
-def _check_present(names: list[str], ts: TrainerState, kind: str) -> None:
-    available = _available(ts)
+def _check_present(names: list[str], ls: LoopState, kind: str) -> None:
+    available = _available(ls)
     missing = [n for n in names if n not in available]
     if missing:
         have = [n for n in available if n.startswith("val_") == (kind == "evaluation")]
@@ -186,7 +188,7 @@ def _is_rank_zero() -> bool:
 
 
 def _is_positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    return is_int(value) and value >= 1
 
 
 def _format_seconds(seconds: float) -> str:

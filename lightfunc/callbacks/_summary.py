@@ -9,12 +9,13 @@ from typing import TYPE_CHECKING, Any, TextIO
 import torch
 from torch import nn
 
+from .._callback import Callback
 from .._state import TrainState
-from ._base import Callback
+from .._validate import is_int
 from ._progress import _is_rank_zero
 
 if TYPE_CHECKING:
-    from .._loop import TrainerState
+    from .._contract import LoopState
 
 
 class ModelSummary(Callback):
@@ -60,10 +61,10 @@ class ModelSummary(Callback):
         self.stream = stream
         self.summary = ""
 
-    def on_start(self, ts: TrainerState) -> None:
+    def on_start(self, ls: LoopState) -> None:
         if not _is_rank_zero():
             return
-        state = ts.state
+        state = ls.state
         if isinstance(state, TrainState) or _is_params(state):
             self.summary = summarize(state, self.max_depth, module=self.model)
         elif self.model is not None:
@@ -148,7 +149,7 @@ def _is_params(state: Any) -> bool:
 
 
 def _check_depth(max_depth: int) -> int:
-    if isinstance(max_depth, bool) or not isinstance(max_depth, int) or max_depth < -1:
+    if not is_int(max_depth) or max_depth < -1:
         raise ValueError(
             f"`max_depth` must be an int >= -1 (-1: every layer, 0: totals only), got {max_depth!r}."
         )

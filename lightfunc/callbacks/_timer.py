@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ._base import Callback
+from .._callback import Callback
 
 if TYPE_CHECKING:
-    from .._loop import TrainerState
+    from .._contract import LoopState
 
 # The clock, a module attribute so tests can replace it (monotonic: immune to NTP jumps).
 _clock = time.monotonic
@@ -68,14 +68,14 @@ class Timer(Callback):
         self._offset = float(state["elapsed"])
         self._started_at = None
 
-    def on_start(self, ts: TrainerState) -> None:
+    def on_start(self, ls: LoopState) -> None:
         self._offset = self.elapsed  # a second `loop` call on the same Timer keeps counting
         self._started_at = _clock()
 
-    def on_step(self, ts: TrainerState) -> bool | None:
+    def on_step(self, ls: LoopState) -> bool | None:
         return _on_any_rank(self.elapsed >= self.max_time)
 
-    def on_end(self, ts: TrainerState) -> None:
+    def on_end(self, ls: LoopState) -> None:
         self._offset, self._started_at = self.elapsed, None
 
 

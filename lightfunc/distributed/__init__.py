@@ -5,8 +5,8 @@
 
     mesh = lfd.init_mesh()                          # from `lightfunc run`'s environment, or 1 process
     loader = lf.Loader(data, 32, rank=mesh.global_rank, world_size=mesh.world_size)
-    step = lf.build(lfd.data_parallel(train_step, mesh))
-    for ts in lf.loop(step, state, loader, max_epochs=3):
+    step = lf.build(train_step, strategy=lfd.DDP(mesh))     # or lfd.FSDP(mesh)
+    for ls in lf.loop(step, state, loader, max_epochs=3):
         ...
 
 The same script runs on one process (`python train.py`: a one-process mesh,
@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from ._checkpoint import export_full as export_full
 from ._checkpoint import load_sharded as load_sharded
 from ._checkpoint import save_sharded as save_sharded
+from ._checkpoint import verify_sharded as verify_sharded
 from ._data import setup_dataloader as setup_dataloader
 from ._dp import data_parallel as data_parallel
 from ._dp import data_parallel_eval as data_parallel_eval
@@ -28,6 +29,9 @@ from ._dp import reduce_gradients as reduce_gradients
 from ._launch import launch as launch
 from ._mesh import Mesh as Mesh
 from ._mesh import init_mesh as init_mesh
+from ._strategies import DDP as DDP
+from ._strategies import FSDP as FSDP
+from ._strategies import strategy_from_name as strategy_from_name
 
 if TYPE_CHECKING:
     from ._fsdp import fully_sharded as fully_sharded

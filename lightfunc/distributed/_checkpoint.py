@@ -2,17 +2,24 @@
 
     save_sharded(state, "runs/x/step=100")             # every rank calls it
     state = load_sharded("runs/x/step=100", like=state)  # any world size, any sharding
+    verify_sharded("runs/x/step=100")                  # complete and uncorrupted? no template
     export_full("runs/x/step=100", "model.safetensors")  # one file, for `lf.load` / inference
 
 A checkpoint is a directory: ``shard-RRRRR-of-WWWWW.safetensors``, one file
 per rank with the chunks of the tensors that rank holds, and ``index.json``,
-which lists every leaf with its global shape, dtype and chunks (file,
-offsets, sizes, CRC-32), or its value for ints, floats, strings and `RngKey`s
-(encoded as `lf.save` encodes them). No pickle is written or read; the format
-is described in `_shard_format`. A DTensor's chunk is its local tensor
-(`__create_chunk_list__`, the protocol torch's DCP uses), written only by the
-ranks at coordinate 0 of the mesh dimensions it is replicated over, so each
-element is stored once; plain tensors count as replicated and rank 0 writes them.
+which holds the tree's header, encoded by `lightfunc._codec` exactly as
+`lf.save` encodes it (leaves, the values of ints, floats, strings and
+`RngKey`s, tied paths, user metadata), and every tensor's global shape,
+dtype and chunks (file, offsets, sizes, CRC-32). No pickle is written or
+read; the format is described in `_shard_format`. A DTensor's chunk is its
+local tensor (`__create_chunk_list__`, the protocol torch's DCP uses),
+written only by the ranks at coordinate 0 of the mesh dimensions it is
+replicated over, so each element is stored once; plain tensors count as
+replicated and rank 0 writes them.
+
+The same calls work in one process without a process group (a state of
+plain tensors: one shard file) and on a `LoopState` (its strategy is static,
+not saved), so a checkpoint manager needs no second code path.
 
 Writing is atomic: every rank writes into ``.<name>.sharded.tmp`` next to the
 destination; after all have written (a collective), rank 0 checks that the
@@ -36,27 +43,13 @@ from os import PathLike
 from pathlib import Path
 from typing import Any
 
-import optree
 import torch
 
-from .._atomic import _fsync_dir, atomic_write
-from .._checkpoint import (
-    CHECKPOINT_FORMAT,
-    FORMAT_VERSION,
-    _encode,
-    _flatten,
-    _kind,
-    _place,
-)
-from .._tensorfile import (
-    CheckpointError,
-    crc32,
-    to_writable,
-    unshare,
-    write_file,
-)
+from .._atomic import atomic_write, fsync_dir
+from .._codec import CHECKPOINT_FORMAT, Header, checksums, flatten, place, user_metadata
+from .._tensorfile import CheckpointError, to_writable, unshare, write_file
 from .._tree import PyTree
-from ._shard_format import INDEX, SHARD_FORMAT, Index, ShardReader, build_index, shard_name
+from ._shard_format import INDEX, Index, ShardReader, build_index, shard_header, shard_name
 
 
 def save_sharded(
@@ -71,10 +64,12 @@ def save_sharded(
     A collective: every rank of the DTensors' mesh (or of the default process
     group, if the tree holds no DTensor) calls it with a tree of the same
     structure. Each rank writes only what it holds; nothing is gathered.
+    Without a process group (one process) it writes one shard.
 
     Args:
-        tree: a pytree of tensors, DTensors (any `Shard(d)` / `Replicate()`
-            placements), ints, floats, bools, strings and `RngKey`s.
+        tree: a pytree (a `LoopState`, a `TrainState`, ...) of tensors,
+            DTensors (any `Shard(d)` / `Replicate()` placements), ints,
+            floats, bools, strings and `RngKey`s.
         directory: the checkpoint directory to create, or a checkpoint
             directory to replace (any other existing path is refused).
         metadata: JSON-serialisable data kept in the index (``user_metadata``).
@@ -85,7 +80,9 @@ def save_sharded(
 
     Raises:
         TypeError: a leaf cannot be saved (its path is named), e.g. a DTensor
-            with a `Partial` placement, or DTensors on different meshes.
+            with a `Partial` placement, or DTensors on different meshes; or
+            `metadata` is not a JSON-serialisable dict.
+        FileExistsError: `directory` is a file, or a directory holding other files.
         CheckpointError: writing failed on some rank (the others name it).
 
     Example:
@@ -96,24 +93,22 @@ def save_sharded(
     """
     final = Path(directory).absolute()
     tmp = final.parent / f".{final.name}.sharded.tmp"
-    names, keys, leaves, spec = _flatten(tree, "`tree`")
-    kinds = [_kind(leaf, name, "`tree`") for name, leaf in zip(names, leaves, strict=True)]
-    group = _Group.of([leaf for leaf in leaves if _is_dtensor(leaf)])
+    flat = flatten(tree, "`tree`")
+    stored = flat.tensors  # each tensor object once: tied paths are aliases in the header
+    group = _Group.of([t for t in stored.values() if _is_dtensor(t)])
 
-    def collect() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """This rank's chunks: validates every leaf before anything is written."""
+    def collect() -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, str]]:
+        """This rank's chunks and the header: validates everything before anything is written."""
+        user = user_metadata(metadata)
+        header = Header.of(flat, fmt=CHECKPOINT_FORMAT, checksums={}, user=user).encode()
         tensors: dict[str, torch.Tensor] = {}
         chunks: dict[str, Any] = {}
-        seen: set[int] = set()
-        for name, leaf, kind in zip(names, leaves, kinds, strict=True):
-            if kind != "tensor" or id(leaf) in seen:
-                continue
-            seen.add(id(leaf))
+        for name, leaf in stored.items():
             chunk = _local_chunk(leaf, name, group)
             if chunk is not None and chunk[1].numel():
                 chunks[name] = {"offsets": chunk[0]}
                 tensors[name] = to_writable(chunk[1], name)
-        return unshare(tensors), chunks
+        return unshare(tensors), chunks, header
 
     def prepare() -> None:
         if group.rank == 0:
@@ -122,32 +117,25 @@ def save_sharded(
             tmp.mkdir(parents=True)
 
     def write_shard() -> None:
-        header = {
-            "format": SHARD_FORMAT,
-            "rank": str(group.rank),
-            "world_size": str(group.size),
-            "chunks": json.dumps(chunks),
-            "checksums": json.dumps({n: crc32(t) for n, t in tensors.items()}),
-        }
-        write_file(tensors, header, tmp / shard_name(group.rank, group.size), fsync=verify_fsync)
+        meta = shard_header(group.rank, group.size, chunks, tensors)
+        write_file(tensors, meta, tmp / shard_name(group.rank, group.size), fsync=verify_fsync)
 
     def commit() -> None:
         if group.rank != 0:
             return
-        index = build_index(tmp, group.size, names, keys, leaves, kinds, metadata, spec)
-        text = json.dumps(index, indent=1, allow_nan=False)
+        text = json.dumps(build_index(tmp, group.size, stored, header), indent=1, allow_nan=False)
 
         def write_index(path: Path) -> None:
             path.write_text(text)
 
         atomic_write(tmp / INDEX, write_index, fsync=verify_fsync)
         if verify_fsync:
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
         _replace_directory(tmp, final)
         if verify_fsync:
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
 
-    tensors, chunks = group.together(collect, f"save '{final}'")
+    tensors, chunks, header = group.together(collect, f"save '{final}'")
     group.together(prepare, f"prepare to write '{final}'")
     try:
         group.together(write_shard, f"write its shard of '{final}'")
@@ -170,7 +158,8 @@ def load_sharded(directory: str | PathLike[str], *, like: PyTree, verify: bool =
 
     Args:
         directory: a directory written by `save_sharded`.
-        like: a tree of the saved structure; its tensor values are not used.
+        like: a tree of the saved structure (a `LoopState`, a `TrainState`,
+            ...); its tensor values are not used.
         verify: compare the CRC-32 of every chunk read with the saved one.
 
     Returns:
@@ -184,28 +173,37 @@ def load_sharded(directory: str | PathLike[str], *, like: PyTree, verify: bool =
     """
     directory = Path(directory)
     index = Index.read(directory)
-    names, _, leaves, spec = _flatten(like, "`like`")
-    dtensors = [leaf for leaf in leaves if _is_dtensor(leaf)]
+    flat = flatten(like, "`like`")
+    dtensors = [leaf for leaf in flat.objects if _is_dtensor(leaf)]
     group = _Group.of(dtensors) if dtensors else _Group.single()
 
-    def read() -> list[Any]:
-        index.check(names, leaves)
-        out: list[Any] = []
-        loaded: dict[str, Any] = {}
+    def read() -> Any:
+        index.check(flat)
         with ShardReader(index, verify) as reader:
-            for name, leaf in zip(names, leaves, strict=True):
-                entry = index.entries[name]
-                if entry.kind != "tensor":
-                    out.append(entry.value)
-                    continue
-                stored = index.aliases.get(name, name)
-                if stored not in loaded:
-                    loaded[stored] = _restore_tensor(reader, stored, leaf)
-                out.append(loaded[stored])
-        return out
+            return index.header.restore(
+                flat, lambda name, leaf: _restore_tensor(reader, name, leaf)
+            )
 
-    values = group.together(read, f"load '{directory}'")
-    return optree.tree_unflatten(spec, values)
+    return group.together(read, f"load '{directory}'")
+
+
+def verify_sharded(directory: str | PathLike[str]) -> None:
+    """Check that `directory` is a complete, uncorrupted sharded checkpoint, without a template.
+
+    Every check `load_sharded` makes that needs no template: the index is
+    readable and well formed, every shard file it lists is present and is a
+    shard file, every chunk has the shape the index gives and its CRC-32,
+    and the chunks tile every tensor. Runs in one process; reads every chunk
+    once.
+
+    Raises:
+        FileNotFoundError: no directory or no ``index.json`` at `directory`.
+        CheckpointError: naming the file (the index or a shard) that is
+            missing, truncated, corrupted or malformed.
+    """
+    index = Index.read(Path(directory))
+    with ShardReader(index, verify=True) as reader:
+        reader.read_all()
 
 
 def export_full(
@@ -218,10 +216,11 @@ def export_full(
     """Write the full state of a sharded checkpoint as one `lf.save` file, for inference.
 
     Runs in one process (no process group needed). The file is a regular
-    lightfunc checkpoint: `lf.load(path, like=plain_state)` restores it into a
-    tree of plain tensors, and `lf.load_params(path, model)` reads the
-    parameters of a `TrainState` into an `nn.Module`. Holds the whole state in
-    memory while writing.
+    lightfunc checkpoint with the index's header (and a checksum per
+    tensor): `lf.load(path, like=plain_state)` restores it into a tree of
+    plain tensors, and `lf.load_params(path, model)` reads the parameters of
+    a `TrainState` into an `nn.Module`. Holds the whole state in memory
+    while writing.
 
     Args:
         directory: a directory written by `save_sharded`.
@@ -235,33 +234,14 @@ def export_full(
     Raises:
         FileNotFoundError, CheckpointError: as `load_sharded`.
     """
-    from .. import __version__
-
     index = Index.read(Path(directory))
-    tensors: dict[str, torch.Tensor] = {}
     with ShardReader(index, verify) as reader:
-        for name, entry in index.entries.items():
-            if entry.kind == "tensor" and name not in index.aliases:
-                tensors[name] = reader.assemble(
-                    name, [0] * len(index.shapes[name]), index.shapes[name]
-                )
-    leaves = [
-        {"path": name, "keys": e.keys, "kind": e.kind}
-        | ({} if e.kind == "tensor" else {"value": _encode(e.kind, e.value)})
-        for name, e in index.entries.items()
-    ]
-    header = {
-        "format": CHECKPOINT_FORMAT,
-        "format_version": str(FORMAT_VERSION),
-        "lightfunc_version": __version__,
-        "torch_version": torch.__version__,
-        "leaves": json.dumps(leaves, allow_nan=False),
-        "aliases": json.dumps(index.aliases),
-        "checksums": json.dumps({n: crc32(t) for n, t in tensors.items()}),
-        "user_metadata": json.dumps(index.user),
-        "treespec": index.treespec,
-    }
-    return write_file(tensors, header, Path(path), fsync=verify_fsync)
+        tensors = {
+            name: reader.assemble(name, [0] * len(shape), shape)
+            for name, shape in index.shapes.items()
+        }
+    header = dataclasses.replace(index.header, checksums=checksums(tensors))
+    return write_file(tensors, header.encode(), Path(path), fsync=verify_fsync)
 
 
 # -- ranks and collectives ------------------------------------------------------
@@ -426,7 +406,7 @@ def _restore_tensor(reader: ShardReader, name: str, like: torch.Tensor) -> torch
 
     if not isinstance(like, DTensor):
         full = reader.assemble(name, [0] * like.ndim, list(like.shape))
-        return _place(full, like, None)
+        return place(full, like)
 
     (chunk,) = like.__create_chunk_list__()
     local_like = like.to_local()

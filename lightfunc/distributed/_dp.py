@@ -23,21 +23,17 @@ some micro-batches (gradient accumulation) communicates only on those.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
+from .._metrics import Reduction
+from .._state import TrainState, map_train_states
 from .._tree import PyTree, tree_flatten, tree_unflatten
 from ..optim._base import GradientTransformation, OptState, Params, Updates
+from ..optim._wrappers import unwrapped
 from . import _collectives
 from ._mesh import Mesh
-from ._states import (
-    average_buffers,
-    check_bucket_cap,
-    check_mesh,
-    fresh_code,
-    map_train_states,
-    require_train_states,
-)
+from ._states import average_buffers, check_bucket_cap, check_mesh, require_train_states
 from ._states import reduce_metrics as _reduce
 
 StepFn = Callable[[Any, Any], Any]
@@ -81,6 +77,7 @@ def data_parallel(
     sync_gradients: bool = True,
     sync_buffers: bool = True,
     reduce_metrics: bool = True,
+    metric_reductions: Mapping[str, Reduction] | None = None,
 ) -> StepFn:
     """A train step that averages gradients over the ranks of `mesh` (DDP's semantics).
 
@@ -129,21 +126,32 @@ def data_parallel(
         if not sync_gradients:
             return train_step(state, batch)
         originals = require_train_states(state, "data_parallel")
-        inner = map_train_states(
-            lambda i, ts: ts.replace(tx=_reduced(ts.tx, mesh, cap, "avg")), state
-        )
-        new_state, metrics = train_step(inner, batch)
-        new_state = map_train_states(lambda i, ts: ts.replace(tx=originals[i].tx), new_state)
+        if all(reduces_gradients(ts.tx) for ts in originals):  # prepared: `DDP.prepare`
+            new_state, metrics = train_step(state, batch)
+        else:
+            # Not prepared: reduce for this call only. Correct, but under
+            # gradient accumulation it communicates on every micro-batch.
+            inner = map_train_states(
+                lambda i, ts: ts.replace(tx=_reduced(ts.tx, mesh, cap, "avg", mark=False)), state
+            )
+            new_state, metrics = train_step(inner, batch)
+            new_state = map_train_states(lambda i, ts: ts.replace(tx=originals[i].tx), new_state)
         if sync_buffers:
             new_state = average_buffers(new_state, mesh, cap)
         if reduce_metrics:
-            metrics = _reduce(metrics, mesh, cap)
+            metrics = _reduce(metrics, batch, mesh, cap, metric_reductions)
         return new_state, metrics
 
-    return fresh_code(dp_step)
+    return dp_step
 
 
-def data_parallel_eval(eval_step: StepFn, mesh: Mesh, *, bucket_cap_mb: float = 25.0) -> StepFn:
+def data_parallel_eval(
+    eval_step: StepFn,
+    mesh: Mesh,
+    *,
+    bucket_cap_mb: float = 25.0,
+    metric_reductions: Mapping[str, Reduction] | None = None,
+) -> StepFn:
     """An eval step whose metrics are reduced over the ranks of `mesh`.
 
     Each rank evaluates its own slice of the data; floating metrics are
@@ -159,12 +167,37 @@ def data_parallel_eval(eval_step: StepFn, mesh: Mesh, *, bucket_cap_mb: float = 
 
     @functools.wraps(eval_step)
     def dp_eval(state: PyTree, batch: Any) -> Any:
-        return _reduce(eval_step(state, batch), mesh, cap)
+        return _reduce(eval_step(state, batch), batch, mesh, cap, metric_reductions)
 
-    return fresh_code(dp_eval)
+    return dp_eval
 
 
-def _reduced(tx: GradientTransformation, mesh: Mesh, cap: int, op: str) -> GradientTransformation:
+def prepare_gradient_reduction(state: PyTree, mesh: Mesh, *, bucket_cap_mb: float = 25.0) -> PyTree:
+    """`state` with every `TrainState`'s optimizer averaging its gradients over `mesh` first.
+
+    What `DDP(mesh).prepare` does (idempotent: an optimizer that already
+    reduces is kept). The wrapper holds no state, so checkpoints are the
+    same as one process's; on a one-process mesh the state is unchanged.
+    """
+    check_mesh(mesh, "prepare_gradient_reduction")
+    cap = check_bucket_cap(bucket_cap_mb)
+    if not mesh.is_distributed:
+        return state
+
+    def wrap(_: int, ts: TrainState) -> TrainState:
+        return ts if reduces_gradients(ts.tx) else ts.replace(tx=_reduced(ts.tx, mesh, cap, "avg"))
+
+    return map_train_states(wrap, state)
+
+
+def reduces_gradients(tx: GradientTransformation) -> bool:
+    """Whether `tx` is an optimizer wrapped by `reduce_gradients` / `prepare_gradient_reduction`."""
+    return any(getattr(t.update, "reduces_over", None) is not None for t in unwrapped(tx))
+
+
+def _reduced(
+    tx: GradientTransformation, mesh: Mesh, cap: int, op: str, *, mark: bool = True
+) -> GradientTransformation:
     def update(
         updates: Updates, state: OptState, params: Params | None = None
     ) -> tuple[Updates, OptState]:
@@ -172,4 +205,7 @@ def _reduced(tx: GradientTransformation, mesh: Mesh, cap: int, op: str) -> Gradi
         reduced = _collectives.all_reduce(leaves, mesh, op, cap)
         return tx.update(tree_unflatten(spec, reduced), state, params)
 
+    update.wraps = tx  # type: ignore[attr-defined]
+    if mark:  # a wrapper for the whole run (`prepare_gradient_reduction`), not for one call
+        update.reduces_over = mesh  # type: ignore[attr-defined]
     return GradientTransformation(tx.init, update)

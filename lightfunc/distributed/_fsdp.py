@@ -38,26 +38,22 @@ updated in the full tensors it sees, and are discarded.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
-from .._state import TrainState
+from .._metrics import Reduction
+from .._state import TrainState, map_train_states
 from .._tree import PyTree, tree_flatten, tree_flatten_with_paths, tree_map, tree_unflatten
 from ..optim._base import GradientTransformation, OptState, Params, Updates
+from ..optim._wrappers import unwrapped
 from . import _collectives
 from ._mesh import Mesh
-from ._states import (
-    average_buffers,
-    check_bucket_cap,
-    check_mesh,
-    fresh_code,
-    map_train_states,
-    require_train_states,
-)
+from ._states import average_buffers, check_bucket_cap, check_mesh, require_train_states
 from ._states import reduce_metrics as _reduce
 
 StepFn = Callable[[Any, Any], Any]
@@ -120,6 +116,7 @@ def fully_sharded(
     bucket_cap_mb: float = 25.0,
     sync_buffers: bool = True,
     reduce_metrics: bool = True,
+    metric_reductions: Mapping[str, Reduction] | None = None,
 ) -> StepFn:
     """A train step on parameters and optimizer state sharded by `shard_state` (ZeRO-3 storage).
 
@@ -153,9 +150,14 @@ def fully_sharded(
     def fsdp_step(state: PyTree, batch: Any) -> tuple[PyTree, Any]:
         originals = require_train_states(state, "fully_sharded")
         fulls = _gather_params(originals, mesh, cap, "fully_sharded")
+        # A prepared state (`FSDP.prepare`) already updates its shards; an
+        # unprepared one gets the sharded update for this call only.
         inner = map_train_states(
             lambda i, ts: ts.replace(
-                params=fulls[i], tx=_sharded_update(ts.tx, ts.params, mesh, cap)
+                params=fulls[i],
+                tx=ts.tx
+                if updates_shards(ts.tx)
+                else _sharded_update(ts.tx, _layout(ts.params), mesh, cap, mark=False),
             ),
             state,
         )
@@ -169,13 +171,19 @@ def fully_sharded(
         if sync_buffers:
             new_state = average_buffers(new_state, mesh, cap)
         if reduce_metrics:
-            metrics = _reduce(metrics, mesh, cap)
+            metrics = _reduce(metrics, batch, mesh, cap, metric_reductions)
         return new_state, metrics
 
-    return fresh_code(fsdp_step)
+    return fsdp_step
 
 
-def fully_sharded_eval(eval_step: StepFn, mesh: Mesh, *, bucket_cap_mb: float = 25.0) -> StepFn:
+def fully_sharded_eval(
+    eval_step: StepFn,
+    mesh: Mesh,
+    *,
+    bucket_cap_mb: float = 25.0,
+    metric_reductions: Mapping[str, Reduction] | None = None,
+) -> StepFn:
     """An eval (or predict) step on a sharded state: parameters gathered, metrics reduced.
 
     The parameters are all-gathered for the call, as in `fully_sharded`;
@@ -192,9 +200,9 @@ def fully_sharded_eval(eval_step: StepFn, mesh: Mesh, *, bucket_cap_mb: float = 
         originals = require_train_states(state, "fully_sharded_eval")
         fulls = _gather_params(originals, mesh, cap, "fully_sharded_eval")
         inner = map_train_states(lambda i, ts: ts.replace(params=fulls[i]), state)
-        return _reduce(eval_step(inner, batch), mesh, cap)
+        return _reduce(eval_step(inner, batch), batch, mesh, cap, metric_reductions)
 
-    return fresh_code(fsdp_eval)
+    return fsdp_eval
 
 
 def _gather_params(states: list[TrainState], mesh: Mesh, cap: int, transform: str) -> list[PyTree]:
@@ -220,11 +228,55 @@ def _gather_params(states: list[TrainState], mesh: Mesh, cap: int, transform: st
     return out
 
 
+def prepare_sharded_update(state: PyTree, mesh: Mesh, *, bucket_cap_mb: float = 25.0) -> PyTree:
+    """`state` (sharded by `shard_state`) with every `TrainState`'s optimizer updating its shards.
+
+    What `FSDP(mesh).prepare` does after sharding: the optimizer is wrapped
+    once for the run (idempotent), so that any wrapper put around it later
+    (gradient accumulation) sees the full gradients, reduce-scattered once
+    per update. The wrapper keeps only the parameters' layout (placements
+    and shapes), never their tensors.
+    """
+    check_mesh(mesh, "prepare_sharded_update")
+    cap = check_bucket_cap(bucket_cap_mb)
+    if not mesh.is_distributed:
+        return state
+
+    def wrap(_: int, ts: TrainState) -> TrainState:
+        if updates_shards(ts.tx):
+            return ts
+        return ts.replace(tx=_sharded_update(ts.tx, _layout(ts.params), mesh, cap, mark=True))
+
+    return map_train_states(wrap, state)
+
+
+def updates_shards(tx: GradientTransformation) -> bool:
+    """Whether `tx` is wrapped by `prepare_sharded_update`."""
+    return any(getattr(t.update, "shards_over", None) is not None for t in unwrapped(tx))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """How one parameter is sharded: a `DTensor`'s placements and global shape, no data."""
+
+    device_mesh: Any
+    placements: tuple[Any, ...]
+    shape: torch.Size
+    strides: tuple[int, ...]
+
+    def stride(self) -> tuple[int, ...]:
+        return self.strides
+
+
+def _layout(sharded_params: PyTree) -> list[_Layout]:
+    leaves, _ = tree_flatten(sharded_params)
+    return [_Layout(d.device_mesh, tuple(d.placements), d.shape, d.stride()) for d in leaves]
+
+
 def _sharded_update(
-    tx: GradientTransformation, sharded_params: PyTree, mesh: Mesh, cap: int
+    tx: GradientTransformation, layout: list[_Layout], mesh: Mesh, cap: int, *, mark: bool
 ) -> GradientTransformation:
     """`tx` on this rank's chunks: full gradients in, reduce-scattered, updated, padded back out."""
-    layout, _ = tree_flatten(sharded_params)  # DTensors: placements and global shapes
 
     def update(
         updates: Updates, state: OptState, params: Params | None = None
@@ -255,10 +307,15 @@ def _sharded_update(
                 ],
             )
         updates_sh, state = tx.update(grads_sh, state, params_sh)
+        if updates_sh is None:  # a wrapped accumulation deferred
+            return None, state
         u_leaves, u_spec = tree_flatten(updates_sh)
         full = [_padded_update(u, d, mesh) for u, d in zip(u_leaves, layout, strict=True)]
         return tree_unflatten(u_spec, full), state
 
+    update.wraps = tx  # type: ignore[attr-defined]
+    if mark:  # a wrapper for the whole run (`prepare_sharded_update`), not for one call
+        update.shards_over = mesh  # type: ignore[attr-defined]
     return GradientTransformation(tx.init, update)
 
 
@@ -272,14 +329,14 @@ def _keep_own_rows(params: PyTree, sharded: PyTree, mesh: Mesh) -> PyTree:
     )
 
 
-def _own_rows(full: torch.Tensor, like: DTensor, mesh: Mesh) -> torch.Tensor:
+def _own_rows(full: torch.Tensor, like: DTensor | _Layout, mesh: Mesh) -> torch.Tensor:
     if not _is_row_sharded(like):
         return full
     _, start, rows = _collectives.chunk_rows(like.shape[0], mesh.world_size, mesh.global_rank)
     return full[start : start + rows]
 
 
-def _padded_update(u: Any, like: DTensor, mesh: Mesh) -> torch.Tensor:
+def _padded_update(u: Any, like: DTensor | _Layout, mesh: Mesh) -> torch.Tensor:
     """This rank's chunk of an update, as a full-size tensor that is zero outside the chunk."""
     if isinstance(u, DTensor):
         u = u.redistribute(like.device_mesh, like.placements).to_local()
@@ -290,7 +347,7 @@ def _padded_update(u: Any, like: DTensor, mesh: Mesh) -> torch.Tensor:
     return torch.cat([u.new_zeros((start, *u.shape[1:])), u, u.new_zeros((after, *u.shape[1:]))])
 
 
-def _as_dtensor(local: torch.Tensor, like: DTensor, mesh: Mesh) -> DTensor:
+def _as_dtensor(local: torch.Tensor, like: DTensor | _Layout, mesh: Mesh) -> DTensor:
     return DTensor.from_local(
         local,
         mesh.device_mesh,
@@ -302,7 +359,7 @@ def _as_dtensor(local: torch.Tensor, like: DTensor, mesh: Mesh) -> DTensor:
 
 
 def _is_row_sharded(x: Any) -> bool:
-    return isinstance(x, DTensor) and any(isinstance(p, Shard) for p in x.placements)
+    return isinstance(x, DTensor | _Layout) and any(isinstance(p, Shard) for p in x.placements)
 
 
 def _check_sharded(leaf: Any, path: str, transform: str) -> None:

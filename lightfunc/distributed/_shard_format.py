@@ -7,17 +7,18 @@ A checkpoint directory written by `save_sharded` holds (no pickle anywhere;
   tensor it writes, named by tree path; its metadata holds ``format``
   ("lightfunc.shard"), ``rank``, ``world_size``, ``chunks`` ({path: {"offsets":
   global offsets}}) and ``checksums`` ({path: CRC-32 of the chunk's bytes}).
-- ``index.json``: ``format`` ("lightfunc.sharded"), ``format_version``,
-  ``lightfunc_version``, ``torch_version``, ``world_size``, ``files``, and
-  ``leaves``: every leaf in flattening order with its path, path keys and
-  kind; a stored tensor also has its global ``shape``, ``dtype`` and
-  ``chunks`` (file, offsets, sizes, crc32), a non-tensor leaf its ``value``
-  (encoded as `lightfunc.save` encodes it: an `RngKey` as {"seed",
-  "counter"}); ``aliases`` ({tied path: stored path}), ``user_metadata``
-  and ``treespec`` (for reading, not used to load).
+- ``index.json`` (format version 2): ``format`` ("lightfunc.sharded"),
+  ``format_version``, ``world_size``, ``files``; ``tensors``: every stored
+  tensor's global ``shape``, ``dtype`` and ``chunks`` (file, offsets, sizes,
+  crc32); and ``header``: the header of `lightfunc._codec`, exactly what a
+  single-file checkpoint of the same tree carries in its metadata (leaves with
+  the values of ints, floats, strings and `RngKey`s, aliases, user metadata,
+  versions, treespec), with empty ``checksums``: the chunks carry theirs.
 
-The chunks of a tensor tile it exactly (inside its shape, disjoint, covering
-every element): checked when the index is written and when it is read.
+Version 1 indexes (lightfunc 0.1.0.dev0: each tensor's shape, dtype and
+chunks inside its ``leaves`` entry, the header's fields at the top level) are
+read too. The chunks of a tensor tile it exactly (inside its shape, disjoint,
+covering every element): checked when the index is written and when it is read.
 """
 
 from __future__ import annotations
@@ -31,13 +32,14 @@ from typing import Any
 
 import torch
 
-from .._checkpoint import _check_paths, _decode, _encode, _Entry, _Header, _kind, _user_json
+from .._codec import CHECKPOINT_FORMAT, Flat, Header, checksums
 from .._tensorfile import CheckpointError, TensorFile, dtype_name
 
 INDEX = "index.json"
 SHARDED_FORMAT = "lightfunc.sharded"
 SHARD_FORMAT = "lightfunc.shard"
-SHARDED_VERSION = 1
+SHARDED_VERSION = 2
+_CHUNK_FIELDS = ("shape", "dtype", "chunks")  # a version-1 `leaves` entry's tensor table part
 
 
 def shard_name(rank: int, world_size: int) -> str:
@@ -45,70 +47,69 @@ def shard_name(rank: int, world_size: int) -> str:
     return f"shard-{rank:05d}-of-{world_size:05d}.safetensors"
 
 
+def shard_header(
+    rank: int, world_size: int, chunks: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
+) -> dict[str, str]:
+    """The metadata of `rank`'s shard file: its chunks' global offsets and checksums."""
+    return {
+        "format": SHARD_FORMAT,
+        "rank": str(rank),
+        "world_size": str(world_size),
+        "chunks": json.dumps(dict(chunks)),
+        "checksums": json.dumps(checksums(tensors)),
+    }
+
+
 # -- the index --------------------------------------------------------------------
 
 
 def build_index(
-    tmp: Path,
-    world: int,
-    names: list[str],
-    keys: list[list[Any]],
-    leaves: list[Any],
-    kinds: list[str],
-    metadata: Mapping[str, Any] | None,
-    spec: Any,
+    tmp: Path, world: int, tensors: Mapping[str, Any], header: dict[str, str]
 ) -> dict[str, Any]:
-    """The index document, from rank 0's leaves and every shard file's chunk list."""
-    from .. import __version__
+    """The index document, from every shard file's chunk list.
 
-    entries: list[dict[str, Any]] = []
-    aliases: dict[str, str] = {}
-    by_name: dict[str, dict[str, Any]] = {}
-    stored_at: dict[int, str] = {}
-    for name, key, leaf, kind in zip(names, keys, leaves, kinds, strict=True):
-        entry: dict[str, Any] = {"path": name, "keys": key, "kind": kind}
-        if kind == "tensor":
-            if id(leaf) in stored_at:
-                aliases[name] = stored_at[id(leaf)]
-            else:
-                stored_at[id(leaf)] = name
-                entry |= {"shape": list(leaf.shape), "dtype": dtype_name(leaf.dtype), "chunks": []}
-                by_name[name] = entry
-        else:
-            entry["value"] = _encode(kind, leaf)
-        entries.append(entry)
+    Args:
+        tmp: the directory the shard files were written into.
+        world: the number of ranks (and shard files).
+        tensors: the stored tensors (global: DTensors or plain), by path.
+        header: the codec header of the tree (`Header.encode`), kept as it is.
+
+    Raises:
+        CheckpointError: a shard holds a tensor the tree has not, or the
+            chunks of a tensor do not tile it.
+    """
+    table: dict[str, dict[str, Any]] = {
+        name: {"shape": list(t.shape), "dtype": dtype_name(t.dtype), "chunks": []}
+        for name, t in tensors.items()
+    }
     for rank in range(world):
         file = shard_name(rank, world)
         with TensorFile(tmp / file) as f:
             chunks = json.loads(f.metadata["chunks"])
-            checksums = json.loads(f.metadata["checksums"])
+            sums = json.loads(f.metadata["checksums"])
             for name, chunk in chunks.items():
-                if name not in by_name:
+                if name not in table:
                     raise CheckpointError(
                         f"Rank {rank} wrote a tensor at `{name}`, which rank 0's tree has not: "
                         f"every rank must save a tree of the same structure."
                     )
-                by_name[name]["chunks"].append(
+                table[name]["chunks"].append(
                     {
                         "file": file,
                         "offsets": chunk["offsets"],
                         "sizes": list(f.shape(name)),
-                        "crc32": checksums[name],
+                        "crc32": sums[name],
                     }
                 )
-    for name, entry in by_name.items():
+    for name, entry in table.items():
         check_tiling(name, entry["shape"], entry["chunks"])
     return {
         "format": SHARDED_FORMAT,
         "format_version": SHARDED_VERSION,
-        "lightfunc_version": __version__,
-        "torch_version": torch.__version__,
         "world_size": world,
         "files": [shard_name(r, world) for r in range(world)],
-        "leaves": entries,
-        "aliases": aliases,
-        "user_metadata": json.loads(_user_json(metadata)),
-        "treespec": str(spec),
+        "tensors": table,
+        "header": header,
     }
 
 
@@ -156,17 +157,21 @@ class Index:
     """A parsed, validated ``index.json``."""
 
     directory: Path
-    entries: dict[str, _Entry]  # path -> entry, in flattening order
+    header: Header  # leaves, aliases, user metadata: what `lightfunc.save` would write
     shapes: dict[str, list[int]]  # stored tensor path -> global shape
     dtypes: dict[str, torch.dtype]
     chunks: dict[str, list[dict[str, Any]]]  # stored tensor path -> its chunks
-    aliases: dict[str, str]
     files: list[str]
-    user: Any
-    treespec: str
 
     @classmethod
     def read(cls, directory: Path) -> Index:
+        """The index of the sharded checkpoint `directory`.
+
+        Raises:
+            FileNotFoundError: no directory, or no ``index.json`` in it.
+            CheckpointError: the index is not JSON, of another format or a
+                newer version, malformed, or its chunks do not tile a tensor.
+        """
         path = directory / INDEX
         if not path.is_file():
             if not directory.is_dir():
@@ -196,7 +201,7 @@ class Index:
                 f"{SHARDED_VERSION}. Upgrade lightfunc to load it."
             )
         try:
-            return cls._parse(directory, doc)
+            return cls._parse(directory, doc if version >= 2 else _v1_as_v2(doc))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             if isinstance(e, CheckpointError):
                 raise
@@ -205,67 +210,57 @@ class Index:
     @classmethod
     def _parse(cls, directory: Path, doc: dict[str, Any]) -> Index:
         files = [str(f) for f in doc["files"]]
-        entries, shapes, dtypes, chunks = {}, {}, {}, {}
-        for e in doc["leaves"]:
-            name, kind = str(e["path"]), str(e["kind"])
-            entries[name] = _Entry(list(e["keys"]), kind, _decode(kind, e.get("value")))
-            if kind != "tensor" or "shape" not in e:
-                continue
-            shapes[name] = [int(s) for s in e["shape"]]
-            dtype = getattr(torch, str(e["dtype"]), None)
+        table = dict(doc["tensors"])
+        header = Header.decode(
+            dict(doc["header"]), directory / INDEX, tensors=list(table), checksummed=False
+        )
+        shapes, dtypes, chunks = {}, {}, {}
+        for name, entry in table.items():
+            shapes[name] = [int(s) for s in entry["shape"]]
+            dtype = getattr(torch, str(entry["dtype"]), None)
             if not isinstance(dtype, torch.dtype):
-                raise ValueError(f"unknown dtype {e['dtype']!r} at `{name}`")
+                raise ValueError(f"unknown dtype {entry['dtype']!r} at `{name}`")
             dtypes[name] = dtype
-            chunks[name] = list(e["chunks"])
+            chunks[name] = list(entry["chunks"])
             for c in chunks[name]:
                 if c["file"] not in files:
                     raise ValueError(f"a chunk of `{name}` names an unknown file {c['file']!r}")
             check_tiling(name, shapes[name], chunks[name])
-        aliases = {str(a): str(s) for a, s in doc["aliases"].items()}
-        if not set(aliases.values()) <= set(shapes) or set(aliases) & set(shapes):
-            raise ValueError("`aliases` do not match the stored tensors")
-        stored = {n for n, e in entries.items() if e.kind == "tensor" and n not in aliases}
-        if stored != set(shapes):
-            raise ValueError("some tensor leaves have no shape, dtype and chunks")
-        return cls(
-            directory,
-            entries,
-            shapes,
-            dtypes,
-            chunks,
-            aliases,
-            files,
-            doc.get("user_metadata"),
-            str(doc.get("treespec", "")),
+        return cls(directory, header, shapes, dtypes, chunks, files)
+
+    def check(self, like: Flat) -> None:
+        """Raise CheckpointError if `like`'s paths, kinds, shapes or dtypes differ from the index."""
+
+        def shape_of(name: str) -> tuple[tuple[int, ...], torch.dtype]:
+            return tuple(self.shapes[name]), self.dtypes[name]
+
+        self.header.check(
+            like,
+            self.directory / INDEX,
+            shape_of,
+            note="Global shapes must match; the sharding and world size may differ.",
         )
 
-    def check(self, names: list[str], leaves: list[Any]) -> None:
-        """Raise CheckpointError if `like`'s paths, kinds, shapes or dtypes differ from the index."""
-        header = _Header(self.entries, self.aliases, {}, self.user)
-        _check_paths(self.directory / INDEX, header, names)
-        problems = []
-        for name, leaf in zip(names, leaves, strict=True):
-            entry, kind = self.entries[name], _kind(leaf, name, "`like`")
-            if kind != entry.kind:
-                problems.append(
-                    f"{name}: the checkpoint has a {entry.kind!r} leaf, the template a {kind!r}"
-                )
-            elif kind == "tensor":
-                stored = self.aliases.get(name, name)
-                shape, dtype = self.shapes[stored], self.dtypes[stored]
-                if shape != list(leaf.shape) or dtype != leaf.dtype:
-                    problems.append(
-                        f"{name}: the checkpoint has shape {tuple(shape)} dtype {dtype_name(dtype)}, "
-                        f"the template shape {tuple(leaf.shape)} dtype {dtype_name(leaf.dtype)}"
-                    )
-        if problems:
-            raise CheckpointError(
-                f"The sharded checkpoint '{self.directory}' does not match `like` at "
-                f"{len(problems)} leaves:\n  "
-                + "\n  ".join(problems)
-                + "\nBuild `like` with the saved run's configuration (model sizes, dtypes); global "
-                "shapes must match, the sharding and world size may differ."
-            )
+
+def _v1_as_v2(doc: dict[str, Any]) -> dict[str, Any]:
+    """A version-1 index in version 2's layout: its tensor table taken out of `leaves`,
+    the header's fields gathered into a codec header (version 1, no checksums)."""
+    leaves = list(doc["leaves"])
+    table = {str(e["path"]): {k: e[k] for k in _CHUNK_FIELDS} for e in leaves if "shape" in e}
+    header = {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": "1",
+        "lightfunc_version": str(doc.get("lightfunc_version", "")),
+        "torch_version": str(doc.get("torch_version", "")),
+        "leaves": json.dumps(
+            [{k: v for k, v in e.items() if k not in _CHUNK_FIELDS} for e in leaves]
+        ),
+        "aliases": json.dumps(doc["aliases"]),
+        "checksums": "{}",
+        "user_metadata": json.dumps(doc.get("user_metadata")),
+        "treespec": str(doc.get("treespec", "")),
+    }
+    return doc | {"tensors": table, "header": header}
 
 
 def _bad_index(path: Path, problem: str) -> CheckpointError:
@@ -292,7 +287,12 @@ class ShardReader:
     def __exit__(self, *exc: object) -> None:
         self._stack.close()
 
-    def _file(self, name: str) -> TensorFile:
+    def file(self, name: str) -> TensorFile:
+        """The shard file `name` of the checkpoint, opened once.
+
+        Raises:
+            CheckpointError: the file is missing, unreadable, or not a shard file.
+        """
         if name not in self._files:
             path = self.index.directory / name
             if not path.is_file():
@@ -309,6 +309,29 @@ class ShardReader:
             self._files[name] = f
         return self._files[name]
 
+    def read_chunk(self, name: str, chunk: Mapping[str, Any]) -> torch.Tensor:
+        """One chunk of stored tensor `name`: its shape checked, its CRC-32 too if verifying.
+
+        Raises:
+            CheckpointError: naming the shard file, if it is missing, holds the
+                chunk with another shape, or its bytes do not match the checksum.
+        """
+        f = self.file(chunk["file"])
+        if list(f.shape(name)) != list(chunk["sizes"]):
+            raise CheckpointError(
+                f"The shard file '{f.path}' holds `{name}` with shape {f.shape(name)}, the "
+                f"index says {tuple(chunk['sizes'])}: the checkpoint was edited or corrupted."
+            )
+        return f.read(name, chunk["crc32"] if self.verify else None)
+
+    def read_all(self) -> None:
+        """Open every shard file and read every chunk once (what `verify_sharded` checks)."""
+        for file in self.index.files:
+            self.file(file)
+        for name, chunks in self.index.chunks.items():
+            for chunk in chunks:
+                self.read_chunk(name, chunk)
+
     def assemble(self, name: str, offsets: list[int], sizes: list[int]) -> torch.Tensor:
         """The box [offsets, offsets + sizes) of stored tensor `name`, as a new CPU tensor."""
         out = torch.empty(sizes, dtype=self.index.dtypes[name])
@@ -317,13 +340,7 @@ class ShardReader:
             box = _overlap(offsets, sizes, chunk["offsets"], chunk["sizes"])
             if box is None:
                 continue
-            f = self._file(chunk["file"])
-            if list(f.shape(name)) != chunk["sizes"]:
-                raise CheckpointError(
-                    f"The shard file '{f.path}' holds `{name}` with shape {f.shape(name)}, the "
-                    f"index says {tuple(chunk['sizes'])}: the checkpoint was edited or corrupted."
-                )
-            data = f.read(name, chunk["crc32"] if self.verify else None)
+            data = self.read_chunk(name, chunk)
             into, take = box
             out[into] = data[take]
             covered += out[into].numel()

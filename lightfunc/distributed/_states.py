@@ -1,39 +1,17 @@
-"""Finding the `TrainState`s in a user state, and the pieces both step transforms share."""
+"""The pieces both step transforms share: argument checks, buffer averaging, metric reduction."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from collections.abc import Mapping
+from typing import Any
 
-import optree
 import torch
 
-from .._state import TrainState
-from .._tree import NAMESPACE, PyTree
+from .._metrics import Reduction, batch_size, reduce_over_processes
+from .._state import TrainState, map_train_states, train_states
+from .._tree import PyTree
 from . import _collectives
 from ._mesh import Mesh
-
-
-def _is_train_state(x: Any) -> bool:
-    return isinstance(x, TrainState)
-
-
-def train_states(state: PyTree) -> list[TrainState]:
-    """The `TrainState`s in `state` (itself, or nested in dicts, tuples, dataclasses), in tree order."""
-    leaves = optree.tree_leaves(state, is_leaf=_is_train_state, namespace=NAMESPACE)
-    return [x for x in leaves if isinstance(x, TrainState)]
-
-
-def map_train_states(fn: Callable[[int, TrainState], TrainState], state: PyTree) -> PyTree:
-    """`state` with its i-th `TrainState` `ts` replaced by `fn(i, ts)`."""
-    leaves, spec = optree.tree_flatten(state, is_leaf=_is_train_state, namespace=NAMESPACE)
-    out, i = [], 0
-    for leaf in leaves:
-        if isinstance(leaf, TrainState):
-            leaf = fn(i, leaf)
-            i += 1
-        out.append(leaf)
-    return optree.tree_unflatten(spec, out)
 
 
 def require_train_states(state: PyTree, transform: str) -> list[TrainState]:
@@ -48,20 +26,6 @@ def require_train_states(state: PyTree, transform: str) -> list[TrainState]:
             f"lightfunc.distributed.reduce_gradients(tx, mesh)."
         )
     return found
-
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def fresh_code(fn: F) -> F:
-    """`fn` with its own copy of its code object.
-
-    torch.compile caches graphs per code object: without a copy, every step
-    this transform returns (train and eval, synced and not) would share one
-    cache and its recompile limit, each counting as a recompile of the others.
-    """
-    fn.__code__ = fn.__code__.replace()
-    return fn
 
 
 def check_mesh(mesh: Any, transform: str) -> Mesh:
@@ -110,30 +74,23 @@ def average_buffers(state: PyTree, mesh: Mesh, cap_bytes: int) -> PyTree:
     return map_train_states(lambda i, ts: ts.replace(buffers=new[i]) if i in new else ts, state)
 
 
-def reduce_metrics(metrics: Any, mesh: Mesh, cap_bytes: int) -> Any:
-    """Metrics over all ranks: floating ones averaged, integer ones summed, booleans OR-ed.
+def reduce_metrics(
+    metrics: Any,
+    batch: Any,
+    mesh: Mesh,
+    cap_bytes: int,
+    declared: Mapping[str, Reduction] | None = None,
+) -> Any:
+    """`metrics` combined over all ranks by each metric's reduction (`lightfunc._metrics`).
 
-    Anything but a mapping of 0-d tensors (a predict step's outputs) is
-    returned unchanged.
+    Means are weighted by each rank's batch size (the leading dimension of
+    `batch`); integer metrics are summed, booleans OR-ed, unless `declared`
+    says otherwise. Anything but a mapping of 0-d tensors (a predict step's
+    outputs) is returned unchanged.
     """
-    if not isinstance(metrics, Mapping) or not metrics:
-        return metrics
-    if not all(isinstance(v, torch.Tensor) and v.ndim == 0 for v in metrics.values()):
-        return metrics
-    names = list(metrics)
-    out = dict(metrics)
-    for kind, op in (("float", "avg"), ("int", "sum"), ("bool", "max")):
-        chosen = [n for n in names if _kind(metrics[n]) == kind]
-        if not chosen:
-            continue
-        values = [metrics[n] if kind != "bool" else metrics[n].to(torch.int32) for n in chosen]
-        reduced = _collectives.all_reduce(values, mesh, op, cap_bytes)
-        for n, v in zip(chosen, reduced, strict=True):
-            out[n] = v.to(torch.bool) if kind == "bool" else v
-    return type(metrics)(out) if isinstance(metrics, dict) else out
+    count = torch.tensor(float(batch_size(batch)), device=mesh.device)
 
+    def all_reduce(tensors: list[torch.Tensor], op: str) -> list[torch.Tensor]:
+        return _collectives.all_reduce(tensors, mesh, op, cap_bytes)
 
-def _kind(t: torch.Tensor) -> str:
-    if t.dtype == torch.bool:
-        return "bool"
-    return "float" if t.is_floating_point() or t.is_complex() else "int"
+    return reduce_over_processes(metrics, count, declared or {}, all_reduce)

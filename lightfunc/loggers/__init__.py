@@ -1,7 +1,7 @@
 """Loggers: callbacks that write a run's metrics and hyper-parameters to files.
 
     logger = lightfunc.loggers.TensorBoardLogger("logs", name="mnist", log_every_n_steps=50)
-    for ts in lightfunc.loop(step, state, data, callbacks=[logger], ...):
+    for ls in lightfunc.loop(step, state, data, callbacks=[logger], ...):
         ...
 
 Train metrics are logged under their own names every `log_every_n_steps`

@@ -4,10 +4,11 @@ What a logger writes, and when (the same for every backend):
 
 - every `log_every_n_steps` steps: the train metrics, under their own names
   (`loss`), and the epoch;
-- after every evaluation (`ts.evaluated`): the evaluation metrics as
-  `val_<name>` (`val_loss`, the names `EarlyStopping` and `ProgressBar` use)
-  and the epoch, at the step the evaluation ran. A step that is both gives
-  one record with both.
+- after every evaluation (`ls.evaluated`): the evaluation metrics as
+  `val_<name>` (`val_loss`, the names `EarlyStopping` and `ProgressBar` use;
+  a metric the eval step already calls `val_loss` keeps that name) and the
+  epoch, at the step the evaluation ran. A step that is both gives one
+  record with both.
 
 Metrics are read back from the device on those steps only; on every other
 step a logger reads nothing and costs one modulo. Only rank 0 of a
@@ -32,11 +33,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .._atomic import atomic_write
-from .._device import global_rank
-from ..callbacks._base import Callback
+from .._callback import Callback
+from .._contract import eval_metric_name
+from .._strategy import global_rank
+from .._validate import is_int
 
 if TYPE_CHECKING:
-    from .._loop import TrainerState
+    from .._contract import LoopState
 
 # Names a metric may not take: every record already carries them.
 RESERVED_NAMES = frozenset({"step", "epoch"})
@@ -81,12 +84,12 @@ class Logger(Callback):
             raise TypeError(f"`name` must be a string (a sub-directory), got {name!r}.")
         if not name:
             raise ValueError("`name` must be a non-empty string, e.g. name='run'.")
-        if not _is_int(log_every_n_steps) or log_every_n_steps < 1:
+        if not is_int(log_every_n_steps) or log_every_n_steps < 1:
             raise ValueError(
                 f"`log_every_n_steps` must be an int >= 1, got {log_every_n_steps!r}. "
                 f"Use 1 to log every step."
             )
-        if rank is not None and not _is_int(rank):
+        if rank is not None and not is_int(rank):
             raise TypeError(f"`rank` must be an int or None, got {type(rank).__name__} {rank!r}.")
         if rank is not None and rank < 0:
             raise ValueError(f"`rank` must be >= 0 (or None to ask torch.distributed), got {rank}.")
@@ -158,7 +161,7 @@ class Logger(Callback):
             TypeError: `step` not an int, a name not a string, a value not a number/tensor.
             ValueError: a name `step` or `epoch`, a tensor with more than one element.
         """
-        if not _is_int(step):
+        if not is_int(step):
             raise TypeError(f"`step` must be an int, got {type(step).__name__} {step!r}.")
         if self.rank != 0 or not metrics:
             return
@@ -167,28 +170,28 @@ class Logger(Callback):
 
     # The callback hooks --------------------------------------------------------------------
 
-    def on_start(self, ts: TrainerState) -> None:
+    def on_start(self, ls: LoopState) -> None:
         if self._init_hparams is not None:
             params, self._init_hparams = self._init_hparams, None
             self.log_hyperparams(params)
 
-    def on_step_end(self, ts: TrainerState) -> None:
-        log_train = ts.step % self.log_every_n_steps == 0
-        if not (log_train or ts.evaluated) or self.rank != 0:
+    def on_step_end(self, ls: LoopState) -> None:
+        log_train = ls.step % self.log_every_n_steps == 0
+        if not (log_train or ls.evaluated) or self.rank != 0:
             return  # the common case: nothing read, nothing written
-        metrics: dict[str, Any] = dict(ts.metrics) if log_train else {}
-        if ts.evaluated and ts.eval_metrics is not None:
-            for name, value in ts.eval_metrics.items():
-                key = f"val_{name}"
+        metrics: dict[str, Any] = dict(ls.metrics) if log_train else {}
+        if ls.evaluated and ls.eval_metrics is not None:
+            for name, value in ls.eval_metrics.items():
+                key = eval_metric_name(name)
                 if key in metrics:
                     raise ValueError(
                         f"{self!r}: the train metric {key!r} and the evaluation metric {name!r} "
                         f"would both be logged as {key!r}. Rename the train metric."
                     )
                 metrics[key] = value
-        self.log_metrics(metrics, step=ts.step, epoch=ts.epoch)
+        self.log_metrics(metrics, step=ls.step, epoch=ls.epoch)
 
-    def on_end(self, ts: TrainerState) -> None:
+    def on_end(self, ls: LoopState) -> None:
         if self.rank == 0:
             self.close()
 
@@ -277,7 +280,3 @@ def _check_name(name: Any) -> str:
             f"`epoch`. Rename the metric (e.g. {name + '_metric'!r})."
         )
     return name
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)

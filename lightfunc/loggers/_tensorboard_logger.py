@@ -43,7 +43,7 @@ class TensorBoardLogger(Logger):
     Example:
         >>> import tempfile, lightfunc as lf
         >>> logger = lf.loggers.TensorBoardLogger(tempfile.mkdtemp(), log_every_n_steps=10)
-        >>> # for ts in lf.loop(step, state, data, callbacks=[logger]): ...
+        >>> # for ls in lf.loop(step, state, data, callbacks=[logger]): ...
     """
 
     def _init_backend(self) -> None:

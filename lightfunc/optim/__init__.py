@@ -3,7 +3,10 @@
 Optimizers (`sgd`, `adam`, `adamw`, `lion`) are chains of small gradient
 transformations that can be recombined (`chain`, `masked`, `freeze`,
 `multi_transform`); learning rates are floats or schedules, pure functions of
-the step count. Nothing is mutated and everything that changes per step is a
+the step count. Wrappers act around an update and keep what they remember in
+the optimizer state: `apply_if_finite` (skip and count non-finite updates,
+dynamic loss scaling) and `accumulate_gradients` (what
+`build(..., accumulate_grad_batches=n)` installs per micro-batch). Nothing is mutated and everything that changes per step is a
 tensor, so an update runs inside a compiled step without recompiling.
 """
 
@@ -48,3 +51,7 @@ from ._transforms import set_to_zero as set_to_zero
 from ._transforms import trace as trace
 from ._weight_decay import add_decayed_weights as add_decayed_weights
 from ._weight_decay import add_decoupled_weight_decay as add_decoupled_weight_decay
+from ._wrappers import AccumulationState as AccumulationState
+from ._wrappers import ApplyIfFiniteState as ApplyIfFiniteState
+from ._wrappers import accumulate_gradients as accumulate_gradients
+from ._wrappers import apply_if_finite as apply_if_finite

@@ -98,7 +98,7 @@ def main() -> None:
             os.kill(os.getpid(), signal.SIGKILL)
     assert ts is not None
     if rank == 0:
-        lf.export_params(ts.state, args.out)
+        lf.save_params(ts.state, args.out)
     dist.barrier()
     dist.destroy_process_group()
 

@@ -54,17 +54,17 @@ def main() -> None:
     state = lf.TrainState.create(model, lf.optim.adamw(1e-2), seed=0)
     manager = lf.CheckpointManager(args.dir, every_n_steps=args.every, keep_last_n=3)
     start = manager.restore(state) or state
-    ts = None
-    for ts in lf.loop(
+    ls = None
+    for ls in lf.loop(
         lf.build(train_step, compile=False),
         start,
         loader,
         max_steps=args.max_steps,
         checkpoint=manager,
     ):
-        print(f"step {ts.step}", flush=True)
-    assert ts is not None
-    lf.export_params(ts.state, args.out)
+        print(f"step {ls.step}", flush=True)
+    assert ls is not None
+    lf.save_params(ls.state, args.out)
     print("done", flush=True)
 
 

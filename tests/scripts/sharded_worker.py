@@ -10,7 +10,8 @@ built the same way on every rank; DTensors are its tensors distributed as
 Scenarios (the test prepares R/one, saved by one process, before "two"):
 - two:   load R/one into 2 ranks (1 -> 2); save R/two; load it back (2 -> 2);
          save R/two again over itself; a tree with a Partial DTensor is refused;
-         save a `TrainState` sharded by `lightfunc.distributed.shard_state` (R/train_state).
+         save a `LoopState` of a `TrainState` sharded by `lightfunc.distributed.shard_state`
+         (R/train_state).
 - three: load R/two into 3 ranks (2 -> 3); save R/three; load R/corrupt, whose
          second shard the test damaged: every rank must raise, none may hang;
          load R/train_state into `shard_state`'s 3-rank layout.
@@ -36,7 +37,7 @@ from helpers import make_model
 import lightfunc as lf
 import lightfunc.distributed as lfd
 from lightfunc import RngKey
-from lightfunc.distributed._checkpoint import load_sharded, save_sharded
+from lightfunc.distributed._checkpoint import load_sharded, save_sharded, verify_sharded
 
 
 def full_state() -> dict[str, Any]:
@@ -134,6 +135,7 @@ def scenario_two(root: Path, mesh: Any) -> list[tuple[str, Callable[[], None]]]:
             "shard-00000-of-00002.safetensors",
             "shard-00001-of-00002.safetensors",
         ]
+        verify_sharded(root / "two")  # on every rank, no collective
 
     def load_two() -> None:
         check_equal(load_sharded(root / "two", like=template(mesh)), mesh)
@@ -188,17 +190,25 @@ def train_state(seed: int) -> lf.TrainState:
 
 
 def train_state_checks(root: Path, mesh: Any) -> list[tuple[str, Callable[[], None]]]:
-    """`shard_state`'s fully-sharded TrainState: saved by 2 ranks, loaded by 3 (and by 1 in the test)."""
+    """A `LoopState` holding `shard_state`'s fully-sharded TrainState, with its FSDP strategy
+    (static, not saved): saved by 2 ranks, loaded by 3 (and by 1 in the test)."""
 
     def save_train_state() -> None:
-        save_sharded(lfd.shard_state(train_state(0), mesh), root / "train_state")
+        state = lfd.shard_state(train_state(0), mesh)
+        ls = lf.LoopState(state=state, step=1, epoch=0, strategy=lfd.FSDP(mesh))
+        save_sharded(ls, root / "train_state")
+        verify_sharded(root / "train_state")
 
     def load_train_state() -> None:
-        like = lfd.shard_state(train_state(1), mesh)  # other values, same layout
+        state = lfd.shard_state(train_state(1), mesh)  # other values, same layout
+        like = lf.LoopState(state=state, strategy=lfd.FSDP(mesh))
         loaded = load_sharded(root / "train_state", like=like)
         want = train_state(0)
         leaves = zip(
-            lf.tree_leaves(loaded), lf.tree_leaves(like), lf.tree_leaves(want), strict=True
+            lf.tree_leaves(loaded.state),
+            lf.tree_leaves(like.state),
+            lf.tree_leaves(want),
+            strict=True,
         )
         for got, layout, ref in leaves:
             if isinstance(layout, DTensor):
@@ -206,7 +216,8 @@ def train_state_checks(root: Path, mesh: Any) -> list[tuple[str, Callable[[], No
                 assert got.to_local().shape == layout.to_local().shape
                 got = got.full_tensor()
             assert torch.equal(got, ref)
-        assert loaded.rng == want.rng and int(loaded.step) == 1
+        assert loaded.state.rng == want.rng and int(loaded.state.step) == 1
+        assert loaded.step == 1 and loaded.strategy is like.strategy
 
     if mesh.world_size == 2:
         return [("save_train_state", save_train_state)]
