@@ -49,6 +49,34 @@ class _MeshStrategy:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(world_size={self.world_size})"
 
+    def _transforms(self) -> tuple[Callable[..., Any], Callable[..., Any]]:
+        """The train and eval step transforms (imported on first use: FSDP's load DTensor)."""
+        raise NotImplementedError
+
+    def wrap_train(
+        self,
+        fn: Callable[..., Any],
+        *,
+        sync: bool = True,
+        metric_reductions: Mapping[str, Reduction] | None = None,
+    ) -> Callable[..., Any]:
+        train, _ = self._transforms()
+        return train(
+            fn,
+            self.mesh,
+            bucket_cap_mb=self.bucket_cap_mb,
+            sync_buffers=sync,
+            metric_reductions=metric_reductions,
+        )
+
+    def wrap_eval(
+        self, fn: Callable[..., Any], *, metric_reductions: Mapping[str, Reduction] | None = None
+    ) -> Callable[..., Any]:
+        _, evaluate = self._transforms()
+        return evaluate(
+            fn, self.mesh, bucket_cap_mb=self.bucket_cap_mb, metric_reductions=metric_reductions
+        )
+
 
 class DDP(_MeshStrategy):
     """Data parallel: every rank holds the whole state; gradients are averaged in the step.
@@ -61,31 +89,10 @@ class DDP(_MeshStrategy):
     name = "ddp"
     checkpoint_suffix = ".safetensors"
 
-    def wrap_train(
-        self,
-        fn: Callable[..., Any],
-        *,
-        sync: bool = True,
-        metric_reductions: Mapping[str, Reduction] | None = None,
-    ) -> Callable[..., Any]:
-        from ._dp import data_parallel
+    def _transforms(self) -> tuple[Callable[..., Any], Callable[..., Any]]:
+        from ._dp import data_parallel, data_parallel_eval
 
-        return data_parallel(
-            fn,
-            self.mesh,
-            bucket_cap_mb=self.bucket_cap_mb,
-            sync_buffers=sync,
-            metric_reductions=metric_reductions,
-        )
-
-    def wrap_eval(
-        self, fn: Callable[..., Any], *, metric_reductions: Mapping[str, Reduction] | None = None
-    ) -> Callable[..., Any]:
-        from ._dp import data_parallel_eval
-
-        return data_parallel_eval(
-            fn, self.mesh, bucket_cap_mb=self.bucket_cap_mb, metric_reductions=metric_reductions
-        )
+        return data_parallel, data_parallel_eval
 
     def prepare(self, state: Any) -> Any:
         from ._dp import prepare_gradient_reduction
@@ -117,31 +124,10 @@ class FSDP(_MeshStrategy):
     name = "fsdp"
     checkpoint_suffix = ""  # a directory: one shard file per rank and an index
 
-    def wrap_train(
-        self,
-        fn: Callable[..., Any],
-        *,
-        sync: bool = True,
-        metric_reductions: Mapping[str, Reduction] | None = None,
-    ) -> Callable[..., Any]:
-        from ._fsdp import fully_sharded
+    def _transforms(self) -> tuple[Callable[..., Any], Callable[..., Any]]:
+        from ._fsdp import fully_sharded, fully_sharded_eval
 
-        return fully_sharded(
-            fn,
-            self.mesh,
-            bucket_cap_mb=self.bucket_cap_mb,
-            sync_buffers=sync,
-            metric_reductions=metric_reductions,
-        )
-
-    def wrap_eval(
-        self, fn: Callable[..., Any], *, metric_reductions: Mapping[str, Reduction] | None = None
-    ) -> Callable[..., Any]:
-        from ._fsdp import fully_sharded_eval
-
-        return fully_sharded_eval(
-            fn, self.mesh, bucket_cap_mb=self.bucket_cap_mb, metric_reductions=metric_reductions
-        )
+        return fully_sharded, fully_sharded_eval
 
     def prepare(self, state: Any) -> Any:
         from ._fsdp import prepare_sharded_update, shard_state
