@@ -232,8 +232,10 @@ def _run(
                 stop_asked = False
                 if callbacks:
                     ls, stop_asked = _run_callbacks(callbacks, ls)
-                yield ls
+                # `last` is set before the yield: the loop then holds exactly one state
+                # while the caller has it (set after, it kept the previous one alive too).
                 last = ls
+                yield ls
                 if stop.requested:
                     _interrupt(callbacks, ls, "sigterm")
                 if stop.requested or stop_asked or (end_of_run and not end_of_epoch):

@@ -523,3 +523,22 @@ def test_build_options_build_a_plain_step_and_its_plain_eval_step():
         last.eval_metrics["loss"].dtype == torch.bfloat16
     )  # built with the train step's precision
     assert isinstance(last.strategy, lf.SingleProcess)
+
+
+def test_the_loop_holds_one_state_while_the_caller_has_it():
+    """While a LoopState is yielded, no earlier state is kept alive by the generator."""
+    import gc
+    import weakref
+
+    model = make_model(batchnorm=False)
+    train_step, _ = make_steps(model)
+    step = lf.build(train_step, compile=False)
+    state = lf.TrainState.create(model, lf.optim.sgd(0.1), seed=None)
+    data = make_data(n=96, batch_size=16)
+    refs = []
+    for ls in lf.loop(step, state, data, accelerator="cpu"):
+        refs.append(weakref.ref(ls.state.params["0.weight"]))
+        gc.collect()
+        alive = [r for r in refs[:-1] if r() is not None]
+        assert alive == [], f"step {ls.step}: {len(alive)} earlier states still alive"
+    del state
