@@ -29,6 +29,8 @@ import torch
 
 import lightfunc as lf
 
+from .report import add_out_argument
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -158,10 +160,19 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.checkpoint_io")
-    parser.add_argument("--mb", type=int, default=Config.mb)
-    parser.add_argument("--repeats", type=int, default=Config.repeats)
-    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.checkpoint_io",
+        description="Checkpoint save and load throughput (MB/s) of lf.save / lf.load against "
+        "torch.save / torch.load and raw safetensors, alternating in one run.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--mb", type=int, default=Config.mb, help="size of the AdamW-shaped state to write, in MB"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=Config.repeats, help="timed repeats per method (median)"
+    )
+    add_out_argument(parser)
     args = parser.parse_args(argv)
     results = measure(Config(mb=args.mb, repeats=args.repeats))
     args.out.mkdir(parents=True, exist_ok=True)

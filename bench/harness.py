@@ -14,11 +14,21 @@ between runs but ratios measured side by side repeat within a few percent:
    implementation. An implementation's ratio in a round is its steps/s over
    the mean of the two baseline windows beside it; we report the median ratio
    over rounds, and the median steps/s with its spread ((max - min) / median).
+   Each window is timed twice: wall-clock and process CPU time. On a loaded
+   machine the CPU-time ratio (`cpu_ratio_to_raw_eager`, steps per CPU-second)
+   is the steadier of the two: time spent waiting for a core is not counted.
 4. Memory: `state_mb` (parameters + optimizer state held between steps) plus
-   `step_peak_mb`, the peak of allocator memory above that during a step,
-   read from the torch profiler's allocation events on CPU (exact), or from
-   `torch.cuda.max_memory_allocated` on GPU.
-5. In a full run, cold and warm compile times of the compiled implementations
+   `step_peak_mb`, the peak of allocator memory above that during a step.
+   On CPU it is read from the torch profiler's allocation events over two
+   steps, counting only the second: the profiler does not see the free of a
+   block allocated before profiling began, so a functional step, which frees
+   its input state, would look one state larger if the input state came from
+   before the window. After the first profiled step the state held is one the
+   profiler saw allocated. On GPU, `torch.cuda.max_memory_allocated`.
+5. `time_to_first_step_s`: from constructing the implementation (building
+   the step, the Trainer) to the first step's loss, compile included (inductor
+   cache as found).
+6. In a full run, cold and warm compile times of the compiled implementations
    come from fresh processes: one with an empty inductor cache, then a second
    one that keeps it.
 """
@@ -102,32 +112,37 @@ def measure_workload(
     runners: dict[str, Runner] = {}
     compile_s: dict[str, float] = {}
     first_losses: dict[str, list[float]] = {}
+    first_step_s: dict[str, float] = {}
     for name in names:
-        runner = available[name](workload)
         start = time.perf_counter()
+        runner = available[name](workload)
         losses = runner.first_losses(CHECK_STEPS)
         compile_s[name] = time.perf_counter() - start
+        first_step_s[name] = runner.first_loss_at - start
         first_losses[name] = losses
         _check_losses(workload.name, name, losses, first_losses[BASELINE])
         runners[name] = runner
         log(
-            f"  {name}: first losses {', '.join(f'{x:.5f}' for x in losses)} ({compile_s[name]:.1f} s)"
+            f"  {name}: first losses {', '.join(f'{x:.5f}' for x in losses)} "
+            f"(first step {first_step_s[name]:.1f} s)"
         )
 
     steps = {name: _window_steps(runner, config) for name, runner in runners.items()}
     rates: dict[str, list[float]] = {name: [] for name in runners}
     ratios: dict[str, list[float]] = {name: [] for name in runners if name != BASELINE}
+    cpu_ratios: dict[str, list[float]] = {name: [] for name in ratios}
     base = runners[BASELINE]
     for _ in range(config.rounds):
-        before = _rate(base, steps[BASELINE])
+        before, before_cpu = _rates(base, steps[BASELINE])
         rates[BASELINE].append(before)
         for name in ratios:
-            rate = _rate(runners[name], steps[name])
-            after = _rate(base, steps[BASELINE])
+            rate, rate_cpu = _rates(runners[name], steps[name])
+            after, after_cpu = _rates(base, steps[BASELINE])
             rates[name].append(rate)
             rates[BASELINE].append(after)
             ratios[name].append(rate / ((before + after) / 2))
-            before = after
+            cpu_ratios[name].append(rate_cpu / ((before_cpu + after_cpu) / 2))
+            before, before_cpu = after, after_cpu
 
     records = []
     for name, runner in runners.items():
@@ -138,6 +153,12 @@ def measure_workload(
             "steps_per_s": median, "steps_per_s_spread": (max(rates[name]) - min(rates[name])) / median,
             "ratio_to_raw_eager": statistics.median(ratios[name]) if name in ratios else 1.0,
             "ratio_spread": _spread(ratios.get(name, [1.0])),
+            "ratio_min": min(ratios.get(name, [1.0])), "ratio_max": max(ratios.get(name, [1.0])),
+            "cpu_ratio_to_raw_eager": statistics.median(cpu_ratios[name]) if name in cpu_ratios else 1.0,
+            "cpu_ratio_spread": _spread(cpu_ratios.get(name, [1.0])),
+            "cpu_ratio_min": min(cpu_ratios.get(name, [1.0])), "cpu_ratio_max": max(cpu_ratios.get(name, [1.0])),
+            **_limit_ratios(name, ratios, cpu_ratios),
+            "time_to_first_step_s": first_step_s[name],
             "compile_s": compile_s[name], "compile_cold_s": None, "compile_warm_s": None,
             "state_mb": state_b / 2**20, "step_peak_mb": peak_b / 2**20, "peak_mem_mb": (state_b + peak_b) / 2**20,
             "flops_per_step": workload.flops_per_step,
@@ -179,17 +200,53 @@ def _rate(runner: Runner, steps: int) -> float:
     return steps / runner.run(steps)
 
 
+def _rates(runner: Runner, steps: int) -> tuple[float, float]:
+    """Steps per wall-clock second and per CPU-second (all threads of this process) of one window."""
+    wall = runner.run(steps)
+    return steps / wall, steps / max(runner.last_cpu_s, 1e-9)
+
+
 def _spread(values: list[float]) -> float:
     median = statistics.median(values)
     return (max(values) - min(values)) / median if median else 0.0
 
 
+LIMIT = "raw_compiled_functional"
+
+
+def _limit_ratios(
+    name: str, ratios: dict[str, list[float]], cpu_ratios: dict[str, list[float]]
+) -> dict[str, Any]:
+    """`name`'s speed over the hand-written compiled functional step's, round by round.
+
+    Each round's ratio to raw eager divided by the limit's in the same round
+    (wall and CPU time), so the two were measured seconds apart; median and
+    min-max over rounds. None when the limit was not run.
+    """
+    if LIMIT not in ratios or name not in ratios:
+        return {"ratio_to_limit": None, "cpu_ratio_to_limit": None}
+    out: dict[str, Any] = {}
+    for key, table in (("ratio_to_limit", ratios), ("cpu_ratio_to_limit", cpu_ratios)):
+        per_round = [a / b for a, b in zip(table[name], table[LIMIT], strict=True)]
+        out[key] = statistics.median(per_round)
+        out[f"{key}_min"], out[f"{key}_max"] = min(per_round), max(per_round)
+    return out
+
+
 def _add_lightning_ratios(records: list[dict[str, Any]]) -> None:
-    lightning = next((r for r in records if r["impl"] == "lightning_trainer"), None)
-    for r in records:
-        r["ratio_to_lightning"] = (
-            r["ratio_to_raw_eager"] / lightning["ratio_to_raw_eager"] if lightning else None
-        )
+    """Ratios to Lightning with its defaults (`ratio_to_lightning`) and to `barebones=True`.
+
+    Like for like: `lightfunc_fit` (bar, logger, checkpoints) against the
+    Trainer's defaults, and the bare compiled step or `fit(barebones=True)`
+    against the barebones Trainer.
+    """
+    for key, impl in (("ratio_to_lightning", "lightning_trainer"),
+                      ("ratio_to_lightning_barebones", "lightning_barebones")):  # fmt: skip
+        lightning = next((r for r in records if r["impl"] == impl), None)
+        for r in records:
+            r[key] = (
+                r["ratio_to_raw_eager"] / lightning["ratio_to_raw_eager"] if lightning else None
+            )
 
 
 def step_peak_bytes(runner: Runner, steps: int = 2) -> int:
@@ -200,16 +257,29 @@ def step_peak_bytes(runner: Runner, steps: int = 2) -> int:
         torch.cuda.reset_peak_memory_stats(runner.device)
         runner.run(steps)
         return torch.cuda.max_memory_allocated(runner.device) - base
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile, record_function
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        runner.run(steps)
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]  # type: ignore[union-attr]
-    current = peak = 0
-    for event in sorted(events, key=lambda e: e.start_ns()):
+        runner.run(steps - 1)  # the state it leaves is one the profiler saw allocated
+        with record_function(_MARK):
+            runner.run(1)
+    events = list(prof.profiler.kineto_results.events())  # type: ignore[union-attr]
+    mark = min(e.start_ns() for e in events if e.name() == _MARK)
+    memory = sorted((e for e in events if e.name() == "[memory]"), key=lambda e: e.start_ns())
+    current = 0
+    for event in memory:
+        if event.start_ns() >= mark:
+            break
         current += event.nbytes()
-        peak = max(peak, current)
-    return peak
+    level = peak = current
+    for event in memory:
+        if event.start_ns() >= mark:
+            current += event.nbytes()
+            peak = max(peak, current)
+    return peak - level
+
+
+_MARK = "bench:measured_step"
 
 
 def matmul_peak_flops(device: torch.device, n: int = 1024, repeats: int = 10) -> float:

@@ -54,16 +54,27 @@ class Runner:
     def step(self) -> torch.Tensor:
         raise NotImplementedError
 
+    #: Process CPU seconds (all threads) of the window the last `run` timed.
+    last_cpu_s = 0.0
+
     def run(self, n: int) -> float:
-        """Seconds for `n` steps, device work included."""
-        start = time.perf_counter()
+        """Seconds for `n` steps, device work included (CPU seconds in `last_cpu_s`)."""
+        cpu, start = time.process_time(), time.perf_counter()
         for _ in range(n):
             self.step()
         sync(self.device)
+        self.last_cpu_s = time.process_time() - cpu
         return time.perf_counter() - start
 
+    #: `time.perf_counter()` when `first_losses` had its first loss (time to first step).
+    first_loss_at = 0.0
+
     def first_losses(self, k: int) -> list[float]:
-        return [float(self.step()) for _ in range(k)]
+        losses = []
+        for _ in range(k):
+            losses.append(float(self.step()))
+            self.first_loss_at = self.first_loss_at or time.perf_counter()
+        return losses
 
     def state_bytes(self) -> int:
         raise NotImplementedError
@@ -235,19 +246,22 @@ class LightfuncLoop(LightfuncStep):
         self.trainer_state = lf.LoopState(state=self.state)
 
     def run(self, n: int) -> float:
-        start = time.perf_counter()
+        cpu, start = time.process_time(), time.perf_counter()
         target = self.trainer_state.step + n
         for ts in lf.loop(
             self._step, self.trainer_state, self.workload.batches, max_steps=target, max_epochs=None
         ):
             self.trainer_state = ts
         sync(self.device)
+        self.last_cpu_s = time.process_time() - cpu
         return time.perf_counter() - start
 
     def first_losses(self, k: int) -> list[float]:
         losses = []
-        for ts in lf.loop(self._step, self.trainer_state, self.workload.batches, max_steps=k):
+        target = self.trainer_state.step + k
+        for ts in lf.loop(self._step, self.trainer_state, self.workload.batches, max_steps=target):
             losses.append(float(ts.metrics["loss"]))
+            self.first_loss_at = self.first_loss_at or time.perf_counter()
             self.trainer_state = ts
         return losses
 
@@ -260,11 +274,12 @@ class _StepTimer(lf.callbacks.Callback):
 
     def __init__(self, first: int) -> None:
         self.first, self.start, self.end = first, 0.0, 0.0
+        self.cpu_start, self.cpu_end = 0.0, 0.0
 
     def on_step_end(self, ls: lf.LoopState) -> None:
         if ls.step == self.first + 1:
-            self.start = time.perf_counter()
-        self.end = time.perf_counter()
+            self.start, self.cpu_start = time.perf_counter(), time.process_time()
+        self.end, self.cpu_end = time.perf_counter(), time.process_time()
 
 
 class LightfuncFit(LightfuncStep):
@@ -292,6 +307,7 @@ class LightfuncFit(LightfuncStep):
         timer = _StepTimer(self.trainer_state.step)
         self.trainer_state = self._fit(n + 1, timer)
         sync(self.device)
+        self.last_cpu_s = timer.cpu_end - timer.cpu_start
         return timer.end - timer.start
 
     def first_losses(self, k: int) -> list[float]:
@@ -299,6 +315,7 @@ class LightfuncFit(LightfuncStep):
         for _ in range(k):
             self.trainer_state = self._fit(1)
             losses.append(float(self.trainer_state.metrics["loss"]))
+            self.first_loss_at = self.first_loss_at or time.perf_counter()
         return losses
 
     def state_bytes(self) -> int:
@@ -312,9 +329,10 @@ class LightfuncFitBarebones(LightfuncFit):
     fit_kwargs: ClassVar[dict[str, Any]] = {"barebones": True}
 
     def run(self, n: int) -> float:
-        start = time.perf_counter()
+        cpu, start = time.process_time(), time.perf_counter()
         self.trainer_state = self._fit(n)
         sync(self.device)
+        self.last_cpu_s = time.process_time() - cpu
         return time.perf_counter() - start
 
 

@@ -34,7 +34,6 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -43,6 +42,7 @@ import lightfunc
 from lightfunc import kernels as K
 
 from .harness import _cpu_name, step_peak_bytes
+from .report import add_out_argument
 
 
 @dataclasses.dataclass(frozen=True)
@@ -336,8 +336,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny shapes, no compile (seconds)")
     parser.add_argument("--device", help="cpu (default) or cuda")
     parser.add_argument("--threads", type=int, help="torch threads (default 1)")
-    parser.add_argument("--repeats", type=int)
-    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument(
+        "--repeats", type=int, help="timed rounds per kernel and shape (median; default 5, quick 2)"
+    )
+    add_out_argument(parser)
     args = parser.parse_args(argv)
     config = QUICK if args.quick else Config()
     changes = {k: getattr(args, k) for k in ("device", "threads", "repeats") if getattr(args, k)}

@@ -62,13 +62,15 @@ def _callback_class() -> type:
         def __init__(self) -> None:
             self.start: float | None = None
             self.end: float | None = None
+            self.cpu_start = self.cpu_end = 0.0
+            self.first_loss_at = 0.0
             self.losses: list[torch.Tensor] = []
 
         def on_train_batch_start(
             self, trainer: Any, module: Any, batch: Any, batch_idx: int
         ) -> None:
             if self.start is None and trainer.global_step == 1:
-                self.start = time.perf_counter()
+                self.start, self.cpu_start = time.perf_counter(), time.process_time()
 
         def on_train_batch_end(
             self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int
@@ -76,7 +78,8 @@ def _callback_class() -> type:
             self.losses.append(outputs["loss"].detach())
             if module.device.type == "cuda":
                 torch.cuda.synchronize(module.device)
-            self.end = time.perf_counter()
+            self.end, self.cpu_end = time.perf_counter(), time.process_time()
+            self.first_loss_at = self.first_loss_at or self.end
 
     return StepTimer
 
@@ -129,10 +132,13 @@ class LightningTrainer(Runner):
     def run(self, n: int) -> float:
         timer = self._fit(n + 1)
         assert timer.start is not None and timer.end is not None
+        self.last_cpu_s = timer.cpu_end - timer.cpu_start
         return timer.end - timer.start
 
     def first_losses(self, k: int) -> list[float]:
-        return [float(loss) for loss in self._fit(k).losses]
+        timer = self._fit(k)
+        self.first_loss_at = self.first_loss_at or timer.first_loss_at
+        return [float(loss) for loss in timer.losses]
 
     def state_bytes(self) -> int:
         # Lightning builds a fresh optimizer per fit; count AdamW's two moments.

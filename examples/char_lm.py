@@ -1,7 +1,7 @@
 """A character-level transformer language model on the Python standard library's own source.
 
-    python examples/char_lm.py                       # full run (see the result below)
-    python examples/char_lm.py --steps 20 --no-compile --sample-chars 40   # a smoke run
+    python examples/char_lm.py            # full run (see the result below)
+    python examples/char_lm.py --smoke    # a short check of the whole script
 
 Data: the bytes of the running Python's standard-library `.py` files (first
 1 MB in file-name order; nothing is downloaded), cut into windows of
@@ -9,8 +9,8 @@ Data: the bytes of the running Python's standard-library `.py` files (first
 pre-norm decoder-only transformer over the 256 byte values. Training: AdamW
 with a linear warm-up then cosine decay, gradient clipping at global norm 1,
 bf16-mixed precision where the hardware has bfloat16 (CUDA with bf16, or a
-CPU with AVX512-BF16 / AMX; else fp32), checkpoints under `--run-dir`, and
-`lf.fit` for the progress bar and logs. At the end it reports validation
+CPU with AVX512-BF16 / AMX; else fp32), and `lf.fit` for the progress bar,
+logs and checkpoints (under `--run-dir`/version_N). At the end it reports validation
 loss in bits per byte and samples text from a prompt.
 
 Measured (2 vCPU AMD EPYC with AVX512-BF16, torch 2.13 CPU, bf16-mixed,
@@ -116,23 +116,38 @@ def sample(model: torch.nn.Module, state: lf.TrainState, prompt: str, n: int, se
 
 
 def main(argv: list[str] | None = None) -> float:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("--width", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=3)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--dropout", type=float, default=0.0)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--warmup", type=int, default=50)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--steps", type=int, default=600, help="train steps")
+    parser.add_argument("--batch-size", type=int, default=32, help="windows per step")
+    parser.add_argument("--seq", type=int, default=64, help="bytes of context")
+    parser.add_argument("--width", type=int, default=128, help="model width")
+    parser.add_argument("--layers", type=int, default=3, help="transformer blocks")
+    parser.add_argument("--heads", type=int, default=4, help="attention heads")
+    parser.add_argument("--dropout", type=float, default=0.0, help="dropout after each MLP")
+    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    parser.add_argument("--warmup", type=int, default=50, help="linear warm-up steps")
     parser.add_argument("--bytes", type=int, default=1_000_000, help="training text size")
     parser.add_argument("--precision", default="auto", help="auto: bf16-mixed if native, else fp32")
-    parser.add_argument("--no-compile", dest="compile", action="store_false")
-    parser.add_argument("--run-dir", default="runs/char_lm")
-    parser.add_argument("--sample-chars", type=int, default=300)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--no-compile", dest="compile", action="store_false", help="run eagerly (compile: True)"
+    )
+    parser.add_argument(
+        "--run-dir", default="runs/char_lm", help="runs go here, one version_N each"
+    )
+    parser.add_argument("--sample-chars", type=int, default=300, help="bytes to sample at the end")
+    parser.add_argument("--seed", type=int, default=0, help="data order, init, sampling")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a short check: 20 steps of a tiny eager model on 20 kB, 40 bytes sampled",
+    )
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.steps, args.bytes, args.width, args.layers, args.seq = 20, 20_000, 32, 1, 32
+        args.batch_size, args.compile, args.sample_chars = 8, False, 40
 
     lf.seed_everything(args.seed)
     data = windows(stdlib_text(args.bytes), args.seq)
@@ -191,7 +206,7 @@ def main(argv: list[str] | None = None) -> float:
         eval_every=max(args.steps // 3, 1),
         default_root_dir=args.run_dir,
         log_every_n_steps=max(args.steps // 20, 1),
-        callbacks=[lf.callbacks.ModelCheckpoint(f"{args.run_dir}/best", monitor="val_loss")],
+        hparams=vars(args),
     )
     seconds = time.perf_counter() - start
     bpb = float(final.eval_metrics["bits_per_byte"]) if final.eval_metrics else float("nan")

@@ -1,21 +1,26 @@
 """Classify handwritten digits with an MLP: a pure train step, compiled, in lightfunc's loop.
 
     make demo                                  # sets up .venv, then runs this
-    python examples/digits.py --epochs 30      # the same, by hand
+    python examples/digits.py --smoke          # a short check of the whole script
     python examples/digits.py --no-compile     # eager, to compare
     python examples/digits.py --precision bf16-mixed   # or 16-mixed, bf16-true, ...
-    tensorboard --logdir runs/digits/logs      # the curves
+    python examples/digits.py --help           # every option, with its default
+    tensorboard --logdir runs/digits           # the curves, one run per version_N
 
 Data: scikit-learn's `load_digits`, 1,797 real 8x8 grey-scale digits that ship
 inside the package (nothing is downloaded), split 80/20, stratified. Model:
 64 -> 256 -> 256 -> 10 with dropout, AdamW with a cosine-decayed learning
-rate. Defaults reach about 0.97-0.98 test accuracy in well under a minute on
-2 CPU cores, most of it the one-off compile.
+rate. Measured on a 2-core machine shared with other jobs: early stopping
+ends the run at epoch 17 (step 396) with 0.975 test accuracy, in 60 s of
+which 30 s compiling (at a load average of 15, the same run took 355 s).
 
 `lf.fit` runs it like Lightning's `Trainer`: a progress bar, a model
-summary, TensorBoard logs and checkpoints under `runs/digits/` (the best by
-validation accuracy, and `last`), and early stopping on validation accuracy.
-Run it again with `--resume` to continue from `runs/digits/checkpoints`.
+summary, TensorBoard logs (curves, learning rate, the options below as
+hyper-parameters) and the last checkpoint under `runs/digits/version_N/`,
+early stopping on validation accuracy, and a summary at the end: why it
+stopped, the best validation accuracy and its step, where the time and the
+files went. Run it again with `--resume` to continue the newest run that
+has a checkpoint.
 
 `digits_torch.py` beside this file is the same run written as a plain
 PyTorch loop: diff the two to see what lightfunc replaces.
@@ -63,23 +68,37 @@ def make_model(hidden: int = 256, dropout: float = 0.2) -> torch.nn.Module:
 
 
 def main(argv: list[str] | None = None) -> float:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--weight-decay", type=float, default=1e-2)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--epochs", type=int, default=30, help="at most this many epochs")
+    parser.add_argument("--batch-size", type=int, default=64, help="examples per step")
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (cosine decay)")
+    parser.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW's weight decay")
+    parser.add_argument("--seed", type=int, default=0, help="data split, init, order, dropout")
+    parser.add_argument(
+        "--no-compile", dest="compile", action="store_false", help="run eagerly (compile: True)"
+    )
     parser.add_argument(
         "--precision", default="32-true", help="32-true, bf16-mixed, 16-mixed, bf16-true, ..."
     )
-    parser.add_argument("--limit-train-batches", type=int, default=None, help="for smoke tests")
-    parser.add_argument("--run-dir", default="runs/digits", help="logs and checkpoints go here")
     parser.add_argument(
-        "--resume", action="store_true", help="continue from the run directory's last checkpoint"
+        "--limit-train-batches", type=int, default=None, help="batches per epoch (None: all)"
+    )
+    parser.add_argument("--run-dir", default="runs/digits", help="runs go here, one version_N each")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the newest run that has a checkpoint"
     )
     parser.add_argument("--patience", type=int, default=10, help="early stopping, in epochs")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a short check: 2 epochs of 5 batches, eager (overrides those options)",
+    )
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.epochs, args.limit_train_batches, args.compile = 2, 5, False
 
     lf.seed_everything(args.seed)
     train_set, test_set = load_data(args.seed)
@@ -130,13 +149,9 @@ def main(argv: list[str] | None = None) -> float:
         default_root_dir=args.run_dir,
         enable_model_summary=model,
         log_every_n_steps=steps_per_epoch,
-        callbacks=[
-            lf.callbacks.EarlyStopping("val_acc", mode="max", patience=args.patience),
-            lf.callbacks.ModelCheckpoint(
-                f"{args.run_dir}/best", monitor="val_acc", mode="max", save_last=False
-            ),
-        ],
+        callbacks=[lf.callbacks.EarlyStopping("val_acc", mode="max", patience=args.patience)],
         ckpt_path="last" if args.resume else None,
+        hparams=vars(args),
     )
     seconds = time.perf_counter() - start
     accuracy = float(final.eval_metrics["acc"]) if final.eval_metrics else float("nan")

@@ -114,18 +114,33 @@ def epsilon(q: float, noise_multiplier: float, steps: int, delta: float) -> floa
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-2)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--epochs", type=int, default=30, help="training epochs")
+    parser.add_argument("--batch-size", type=int, default=64, help="examples per batch")
+    parser.add_argument("--lr", type=float, default=1e-2, help="learning rate")
     parser.add_argument("--clip", type=float, default=0.5, help="per-example gradient norm bound")
     parser.add_argument(
         "--noise-multiplier", type=float, default=1.5, help="sigma, in units of clip"
     )
     parser.add_argument("--no-clip", action="store_true", help="plain training, no DP (baseline)")
-    parser.add_argument("--delta", type=float, default=1e-5)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument(
+        "--delta",
+        type=float,
+        default=1e-5,
+        help="the delta of the (epsilon, delta) privacy guarantee",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="random seed (data order, init, dropout)"
+    )
+    parser.add_argument(
+        "--no-compile",
+        dest="compile",
+        action="store_false",
+        help="run eagerly instead of torch.compile",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny settings, eager (for tests)")
     args = parser.parse_args(argv)
     if args.smoke:

@@ -129,19 +129,29 @@ def sample_tasks(
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ways", type=int, default=5)
-    parser.add_argument("--shots", type=int, default=5)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--ways", type=int, default=5, help="classes per task")
+    parser.add_argument("--shots", type=int, default=5, help="examples per class per task")
     parser.add_argument("--queries", type=int, default=10, help="query examples per class")
-    parser.add_argument("--meta-steps", type=int, default=1500)
+    parser.add_argument("--meta-steps", type=int, default=1500, help="meta-training steps")
     parser.add_argument("--meta-batch", type=int, default=16, help="tasks per outer step")
-    parser.add_argument("--inner-steps", type=int, default=5)
-    parser.add_argument("--inner-lr", type=float, default=0.5)
+    parser.add_argument("--inner-steps", type=int, default=5, help="inner SGD steps per task")
+    parser.add_argument("--inner-lr", type=float, default=0.5, help="inner SGD learning rate")
     parser.add_argument("--lr", type=float, default=1e-3, help="outer (Adam) learning rate")
-    parser.add_argument("--test-tasks", type=int, default=500)
+    parser.add_argument("--test-tasks", type=int, default=500, help="unseen tasks to evaluate on")
     parser.add_argument("--eval-every", type=int, default=250, help="meta-steps between tests")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="random seed (data order, init, dropout)"
+    )
+    parser.add_argument(
+        "--no-compile",
+        dest="compile",
+        action="store_false",
+        help="run eagerly instead of torch.compile",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny settings, eager (for tests)")
     args = parser.parse_args(argv)
     if args.smoke:

@@ -49,6 +49,7 @@ from ._func import apply as apply
 from ._func import buffers_of as buffers_of
 from ._func import params_of as params_of
 from ._func import value_and_grad as value_and_grad
+from ._lightning_ckpt import from_lightning_checkpoint as from_lightning_checkpoint
 from ._loop import evaluate as evaluate
 from ._loop import loop as loop
 from ._loop import predict as predict

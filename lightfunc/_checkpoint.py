@@ -9,7 +9,13 @@ File layout (a plain safetensors file; `safetensors.safe_open` reads it without 
   "lightfunc.checkpoint", ``format_version``, ``lightfunc_version``,
   ``torch_version``, and JSON documents: ``leaves``, with the values of
   ints, floats, bools, strings and `RngKey`s; ``aliases``; ``checksums``,
-  a CRC-32 per tensor; ``user_metadata``; ``treespec``).
+  a CRC-32 per tensor; ``user_metadata``; ``treespec``; ``header_crc32``, a
+  CRC-32 over all of the header, counters included).
+
+What a load checks, before any tensor is read: the container (every
+tensor's declared byte range lies inside the file), the header's own CRC-32,
+its format and version, and the template (paths, kinds, shapes, dtypes).
+Then each tensor's CRC-32 as it is read.
 
 Only the leaves are stored: the structure, and static fields such as
 `TrainState.tx`, come from the template given to `load`. No pickle is
@@ -19,6 +25,7 @@ written or read. The same header is what a parameters file
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from os import PathLike
 from pathlib import Path
@@ -133,7 +140,9 @@ def load(
 def verify(path: str | PathLike[str]) -> None:
     """Check that `path` is a complete, uncorrupted checkpoint, without a template.
 
-    Reads every tensor and compares its CRC-32 with the saved one.
+    Checks the header (its CRC-32 and structure), then reads every tensor
+    in chunks of at most `CHUNK_BYTES` and compares its CRC-32 with the
+    saved one: memory stays bounded whatever the file declares.
 
     Raises:
         FileNotFoundError, CheckpointError: as `load`.
@@ -141,7 +150,30 @@ def verify(path: str | PathLike[str]) -> None:
     with TensorFile(Path(path)) as f:
         header = Header.read(f)
         for name in f.names:
-            f.read(name, header.checksums[name])
+            f.check(name, header.checksums[name])
+
+
+def read_header(path: str | PathLike[str]) -> tuple[Header, dict[str, TensorInfo]]:
+    """The checked header of the checkpoint at `path`, and each stored tensor's shape, dtype, size.
+
+    Reads no tensor data: cheap enough to list what a directory holds.
+
+    Raises:
+        FileNotFoundError, CheckpointError: as `load`.
+    """
+    with TensorFile(Path(path)) as f:
+        header = Header.read(f)
+        infos = {n: TensorInfo(f.shape(n), f.dtype(n), f.nbytes(n)) for n in f.names}
+        return header, infos
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    """What a checkpoint's header says about one stored tensor."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype | str  # the safetensors code when this torch lacks the dtype
+    nbytes: int  # bytes in the file
 
 
 def read_metadata(path: str | PathLike[str]) -> Any:

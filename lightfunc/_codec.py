@@ -28,7 +28,13 @@ The header (safetensors metadata: every value a string):
   another path (tied weights): stored once, restored as one object;
 - ``checksums``: JSON {stored name: CRC-32 of its bytes};
 - ``user_metadata``: the JSON document given as `metadata` (or null);
-- ``treespec``: the tree structure as text, for readers (loading uses the template).
+- ``treespec``: the tree structure as text, for readers (loading uses the template);
+- ``header_crc32`` (version 2 on): the CRC-32, as 8 hex digits, of every other
+  key and value above in canonical JSON (sorted keys, ASCII, no spaces). The
+  tensors have their own CRC-32s; this one covers the rest of what changes a
+  resume: the step / epoch / batch counters, the `RngKey`s, every non-tensor
+  leaf, the paths, the aliases and the tensors' checksums themselves. A
+  CRC-32 catches every single-bit flip and every burst of up to 32 bits.
 
 Only leaves are encoded: the structure and static fields (`TrainState.tx`,
 `LoopState.strategy`) come from the template given to `restore`.
@@ -39,6 +45,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import zlib
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
@@ -54,7 +61,9 @@ from ._version import __version__
 CHECKPOINT_FORMAT = "lightfunc.checkpoint"
 PARAMS_FORMAT = "params"
 #: The newest header version this lightfunc writes and reads (older ones are read too).
-FORMAT_VERSION = 1
+#: 2: the header carries ``header_crc32``; 1: it did not (still read, unchecked).
+FORMAT_VERSION = 2
+HEADER_CRC = "header_crc32"
 _PY_KINDS = {bool: "bool", int: "int", float: "float", str: "str"}
 
 
@@ -260,7 +269,7 @@ class Header:
     def encode(self) -> dict[str, str]:
         """The header as safetensors metadata (string values); the one place it is built."""
         entries = [_leaf_json(leaf) for leaf in self.leaves.values()]
-        return {
+        meta = {
             "format": self.fmt,
             "format_version": str(FORMAT_VERSION),
             "lightfunc_version": self.lightfunc_version,
@@ -271,6 +280,7 @@ class Header:
             "user_metadata": json.dumps(self.user),
             "treespec": self.treespec,
         }
+        return {**meta, HEADER_CRC: header_crc32(meta)}
 
     @classmethod
     def decode(
@@ -304,13 +314,15 @@ class Header:
         if fmt == PARAMS_FORMAT and "format_version" not in meta:
             return cls._params_v0(meta, source, tensors)
         _check_version(meta, source)
+        if int(meta["format_version"]) >= 2:
+            _check_header_crc(meta, source)
         raw_leaves, raw_aliases = _json(meta, "leaves", source), _json(meta, "aliases", source)
         raw_checksums = _json(meta, "checksums", source)
         try:
             leaves = {str(e["path"]): _leaf_of(e) for e in raw_leaves}
             aliases = {str(a): str(s) for a, s in raw_aliases.items()}
             sums = {str(n): int(c) for n, c in raw_checksums.items()}
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as e:
             problem = f"the `leaves`/`aliases`/`checksums` metadata is invalid ({e!r})"
             raise _malformed(source, problem) from e
         header = cls(
@@ -344,7 +356,7 @@ class Header:
         """A parameters file of lightfunc <= 0.1.0.dev0: only ``checksums``, no leaves."""
         try:
             sums = {str(n): int(c) for n, c in _json(meta, "checksums", source).items()}
-        except (AttributeError, TypeError, ValueError) as e:
+        except (AttributeError, TypeError, ValueError, RecursionError) as e:
             raise CheckpointError(
                 f"The parameters file '{source}' has a malformed `checksums` metadata entry "
                 f"({e!r}); it was edited or corrupted."
@@ -476,9 +488,32 @@ def _leaf_of(entry: Mapping[str, Any]) -> Leaf:
     return Leaf(str(entry["path"]), list(entry["keys"]), kind, value)
 
 
+def header_crc32(meta: Mapping[str, str]) -> str:
+    """The CRC-32 of `meta` (without ``header_crc32``) in canonical JSON, as 8 hex digits."""
+    body = {k: v for k, v in meta.items() if k != HEADER_CRC}
+    text = json.dumps(body, sort_keys=True, ensure_ascii=True, separators=(",", ":"))
+    return f"{zlib.crc32(text.encode()):08x}"
+
+
+def _check_header_crc(meta: Mapping[str, str], source: Path) -> None:
+    stored = meta.get(HEADER_CRC)
+    if stored is None:
+        raise _malformed(source, f"the metadata key {HEADER_CRC!r} is missing")
+    actual = header_crc32(meta)
+    if stored != actual:
+        raise CheckpointError(
+            f"The checkpoint '{source}' has a damaged header: its CRC-32 is {actual}, the one "
+            f"stored is {stored!r}. The step / epoch counters, RNG keys or other non-tensor "
+            f"values may have changed since it was written, so it cannot be trusted to resume "
+            f"from; use another checkpoint."
+        )
+
+
 def _check_version(meta: Mapping[str, str], source: Path) -> None:
     version = meta.get("format_version", "")
-    if not isinstance(version, str) or not version.isdigit() or int(version) < 1:
+    if not (isinstance(version, str) and version.isascii() and version.isdigit()) or not (
+        1 <= len(version) <= 6 and int(version) >= 1
+    ):
         raise _malformed(source, f"`format_version` is {version!r}, expected an integer >= 1")
     if int(version) > FORMAT_VERSION:
         raise CheckpointError(
@@ -518,8 +553,8 @@ def _json(meta: Mapping[str, str], key: str, source: Path) -> Any:
         raise _malformed(source, f"the metadata key {key!r} is missing")
     try:
         return json.loads(meta[key])
-    except (TypeError, json.JSONDecodeError) as e:
-        raise _malformed(source, f"the metadata key {key!r} is not valid JSON ({e})") from e
+    except (TypeError, ValueError, RecursionError) as e:  # also over-long ints, deep nesting
+        raise _malformed(source, f"the metadata key {key!r} is not valid JSON ({e!r:.200})") from e
 
 
 def _some(items: list[str], limit: int = 8) -> str:

@@ -16,6 +16,8 @@ Defaults, and why:
 from __future__ import annotations
 
 import dataclasses
+import sys
+import time
 import types
 from collections.abc import Callable
 from typing import Any, Literal
@@ -119,3 +121,123 @@ def compile_counts() -> dict[str, int]:
         "graphs": int(counters["stats"]["unique_graphs"]),
         "frames": int(counters["frames"]["ok"]),
     }
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileEvent:
+    """One compile `torch.compile` ran (a first compile or a recompile).
+
+    Attributes:
+        name: the compiled function's name (`"train_step"`), or "a step" when unknown.
+        seconds: wall time from the start to the end of the compile.
+        cached: True when inductor's caches served every graph it needed (a warm cache).
+        started: `time.perf_counter()` at the start.
+    """
+
+    name: str
+    seconds: float
+    cached: bool
+    started: float
+
+
+class CompileWatch:
+    """Observe the compiles `torch.compile` runs while this watch is open.
+
+    What the progress bar and the run summary use to say "compiling
+    train_step ... 14.2 s" and to keep compile time out of the speed. It
+    registers start / end callbacks with dynamo's callback handler (torch's
+    own hook for this) and reads inductor's cache counters around each
+    compile. Nothing is registered when `torch._dynamo` was never imported
+    (an eager run builds no compiled step, so nothing can compile).
+
+    Args:
+        on_start: called with the function's name when a compile starts.
+        on_end: called with the `CompileEvent` when it ends.
+
+    Attributes:
+        events: the compiles seen so far, oldest first.
+    """
+
+    def __init__(
+        self,
+        on_start: Callable[[str], None] | None = None,
+        on_end: Callable[[CompileEvent], None] | None = None,
+    ) -> None:
+        self.events: list[CompileEvent] = []
+        self._on_start, self._on_end = on_start, on_end
+        self._open: tuple[str, float, int, int] | None = None  # name, start, hits, misses
+        self._handler: Any = None
+        if "torch._dynamo" in sys.modules:
+            from torch._dynamo.callback import callback_handler
+
+            self._handler = callback_handler
+            callback_handler.register_start_callback(self._started)
+            callback_handler.register_end_callback(self._ended)
+
+    @property
+    def seconds(self) -> float:
+        """Total compile time seen so far."""
+        return sum(e.seconds for e in self.events)
+
+    def close(self) -> None:
+        """Stop watching (idempotent)."""
+        if self._handler is not None:
+            self._handler.remove_start_callback(self._started)
+            self._handler.remove_end_callback(self._ended)
+            self._handler = None
+
+    def _started(self, *args: Any) -> None:
+        name = _compiling_name()
+        hits, misses = _cache_counts()
+        self._open = (name, time.perf_counter(), hits, misses)
+        if self._on_start is not None:
+            self._on_start(name)
+
+    def _ended(self, *args: Any) -> None:
+        if self._open is None:
+            return
+        name, start, hits, misses = self._open
+        self._open = None
+        new_hits, new_misses = _cache_counts()
+        cached = new_hits > hits and new_misses == misses
+        event = CompileEvent(name, time.perf_counter() - start, cached, start)
+        self.events.append(event)
+        if self._on_end is not None:
+            self._on_end(event)
+
+
+def _compiling_name() -> str:
+    """The name of the step being compiled, read off the stack.
+
+    Dynamo's callbacks only get a compile id. Up the stack is the built step
+    that called its compiled function (a `lightfunc.Step`: a `self` with a
+    `kind` and the user's `__name__`, "train_step"); failing that, the name
+    of the code dynamo compiles (a transform's wrapper, for a built step).
+    """
+    frame: types.FrameType | None = sys._getframe(1)
+    code_name = "a step"
+    while frame is not None:
+        if frame.f_code.co_name == "_compile" and "convert_frame" in frame.f_code.co_filename:
+            code = frame.f_locals.get("code")
+            if isinstance(code, types.CodeType) and code_name == "a step":
+                code_name = code.co_name
+        owner = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames else None
+        if getattr(owner, "kind", None) in ("train", "eval"):
+            name = getattr(owner, "__name__", None)
+            if isinstance(name, str):
+                return name
+        frame = frame.f_back
+    return code_name
+
+
+def _cache_counts() -> tuple[int, int]:
+    """(hits, misses) of inductor's FX graph cache and AOTAutograd's cache so far."""
+    from torch._dynamo.utils import counters
+
+    hits = (
+        counters["inductor"]["fxgraph_cache_hit"] + counters["aot_autograd"]["autograd_cache_hit"]
+    )
+    misses = (
+        counters["inductor"]["fxgraph_cache_miss"] + counters["aot_autograd"]["autograd_cache_miss"]
+    )
+    return int(hits), int(misses)

@@ -113,6 +113,16 @@ class Strategy(Protocol):
         """Raise `lightfunc.CheckpointError` unless `path` is a complete, uncorrupted checkpoint."""
         ...
 
+    def agree_to_stop(self, flag: bool) -> bool:
+        """True on every rank when `flag` is True on any rank; every rank calls it.
+
+        How the ranks agree to stop at a step boundary when a signal reached
+        only some of them (`loop` calls it after every step while a callback
+        handles interrupts, so that all of them save and stop together). One
+        process returns `flag`; several reduce it with one small collective.
+        """
+        ...
+
 
 @dataclasses.dataclass(frozen=True)
 class LoopState:

@@ -12,14 +12,19 @@ restores the module's own flags afterwards.
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.distributed._functional_collectives as funcol
 from torch.func import functional_call
+from torch.nn.utils.stateless import _reparametrize_module
+from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 
 from ._precision import LossScale
-from ._tree import PyTree
+from ._tree import PyTree, tree_flatten, tree_leaves, tree_map, tree_unflatten
 
 Params = dict[str, torch.Tensor]
 Buffers = dict[str, torch.Tensor]
@@ -74,7 +79,11 @@ def apply(
     for m in modules:
         m.training = train
     try:
-        out = functional_call(module, (params, new_buffers), args, kwargs, strict=False)
+        if _has_shards(params):  # FSDP: gathered one unit at a time (see the end of this file)
+            with _paused():
+                out = _apply_sharded(module, params, new_buffers, args, kwargs)
+        else:
+            out = functional_call(module, (params, new_buffers), args, kwargs, strict=False)
     finally:
         for m, flag in zip(modules, previous, strict=True):
             m.training = flag
@@ -135,7 +144,7 @@ def value_and_grad(
             f"got {type(loss_scale).__name__}."
         )
     if loss_scale is None:
-        grad_fn = torch.func.grad_and_value(checked, argnums=argnums, has_aux=has_aux)
+        grad_fn = _grad_and_value(checked, argnums, has_aux)
 
         def wrapped(*args: Any, **kwargs: Any) -> tuple[Any, PyTree]:
             grads, value = grad_fn(*args, **kwargs)
@@ -149,7 +158,7 @@ def value_and_grad(
         out: Any = checked(*args, **kwargs)
         return scale.scale_loss(out[0] if has_aux else out), out
 
-    scaled_grad_fn = torch.func.grad_and_value(scaled, argnums=argnums, has_aux=True)
+    scaled_grad_fn = _grad_and_value(scaled, argnums, True)
 
     def wrapped_scaled(*args: Any, **kwargs: Any) -> tuple[Any, PyTree]:
         grads, (_, value) = scaled_grad_fn(*args, **kwargs)
@@ -182,3 +191,430 @@ def _describe(x: Any) -> str:
     if isinstance(x, tuple):
         return f"a tuple of length {len(x)}"
     return f"{type(x).__name__}"
+
+
+# ---- Sharded parameters (FSDP): gathered one unit at a time ----------------------------------
+#
+# Under `lightfunc.distributed.FSDP` the parameters a step sees are `DTensor` row
+# shards (`Shard(0)`). `apply` and `value_and_grad` recognise them (data-driven:
+# no flag, no global) and never build the whole model's parameters at once in
+# an eager step:
+#
+# - `apply` gathers the parameters that belong to no unit once, then each unit's
+#   (default: every child of an `nn.ModuleList` and every Transformer layer; set
+#   with `lightfunc.distributed.set_units`) in a forward pre-hook, right before
+#   the unit runs, and drops them after it. The gather is an autograd Function
+#   whose backward reduce-scatters (averages) the unit's gradients into shards.
+#   While the unit runs, saved-tensor hooks replace any tensor autograd would
+#   keep that lives in the gathered storage (a weight, or a view of it) by a
+#   token, and the backward re-gathers the unit once when it first needs one.
+# - `value_and_grad` differentiates with `torch.autograd.grad` over the shards
+#   (`torch.func.grad` cannot differentiate through DTensor, and functorch
+#   disables saved-tensor hooks), and returns averaged `DTensor` shard gradients.
+#
+# Under `torch.compile` (dynamo traces neither module hooks registered in the
+# region nor saved-tensor hooks) the step gathers all of it at once instead:
+# one all-gather, `torch.func` on the full tensors, one reduce-scatter.
+
+
+def _dtensor_type() -> Any:
+    """`DTensor`, if torch.distributed.tensor is loaded (else no DTensor can exist)."""
+    if "torch.distributed.tensor" not in sys.modules:
+        return None
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+def _is_row_shard(x: Any) -> bool:
+    dtensor = _dtensor_type()
+    return (
+        dtensor is not None
+        and isinstance(x, dtensor)
+        and any(getattr(p, "dim", None) == 0 for p in x.placements)
+    )
+
+
+def _has_shards(tree: Any) -> bool:
+    dtensor = _dtensor_type()
+    return dtensor is not None and any(isinstance(x, dtensor) for x in tree_leaves(tree))
+
+
+def _chunk(rows: int, world_size: int, rank: int) -> tuple[int, int]:
+    """(rows per chunk, rows of `rank`'s chunk): torch.chunk's layout, as `Shard(0)`."""
+    chunk = -(-rows // world_size) if rows else 0
+    start = min(rank * chunk, rows)
+    return chunk, min(start + chunk, rows) - start
+
+
+def _wait(t: torch.Tensor) -> torch.Tensor:
+    if isinstance(t, funcol.AsyncCollectiveTensor):
+        return t.wait()
+    return funcol.wait_tensor(t)
+
+
+def _gather_rows(locals_: Sequence[torch.Tensor], shards: Sequence[Any]) -> list[torch.Tensor]:
+    """The full tensors of the row shards `locals_` (of DTensors `shards`): one all-gather.
+
+    Each full tensor is copied out of the gathered buffer into its own
+    storage, so the buffer is freed at once and each tensor can be recognised
+    by its storage.
+    """
+    mesh, world = shards[0].device_mesh, shards[0].device_mesh.size()
+    padded = []
+    for x, d in zip(locals_, shards, strict=True):
+        chunk, _ = _chunk(d.shape[0], world, 0)
+        pad = (
+            x
+            if x.shape[0] == chunk
+            else torch.cat([x, x.new_zeros(chunk - x.shape[0], *x.shape[1:])])
+        )
+        padded.append(pad)
+    table = _wait(funcol.all_gather_single(torch.cat([p.reshape(-1) for p in padded]), 0, mesh))
+    parts = table.view(world, -1).split([p.numel() for p in padded], dim=1)
+    return [
+        part.reshape(-1, *d.shape[1:])[: d.shape[0]].contiguous()
+        for part, d in zip(parts, shards, strict=True)
+    ]
+
+
+def _scatter_rows(fulls: Sequence[torch.Tensor], shards: Sequence[Any]) -> list[torch.Tensor]:
+    """Each rank's averaged row chunk of the per-rank `fulls`: one reduce-scatter."""
+    mesh, world = shards[0].device_mesh, shards[0].device_mesh.size()
+    rank = mesh.get_local_rank()
+    tables = []
+    for g, d in zip(fulls, shards, strict=True):
+        chunk, _ = _chunk(d.shape[0], world, 0)
+        pad = chunk * world - g.shape[0]
+        g = torch.cat([g, g.new_zeros(pad, *g.shape[1:])]) if pad else g
+        tables.append(g.reshape(world, -1))
+    flat = torch.cat(tables, dim=1).reshape(-1)
+    parts = _wait(funcol.reduce_scatter_single(flat, "avg", 0, mesh)).split(
+        [t.shape[1] for t in tables]
+    )
+    return [
+        part.view(-1, *d.shape[1:])[: _chunk(d.shape[0], world, rank)[1]]
+        for part, d in zip(parts, shards, strict=True)
+    ]
+
+
+class _Gather(torch.autograd.Function):
+    """Row shards in, full tensors out; the backward reduce-scatters (averages) the gradients."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, shards: Sequence[Any], *locals_: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        ctx.shards = shards  # DTensors: the layout, and the state's own shards (no copy)
+        return tuple(_gather_rows(locals_, shards))
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:
+        return (None, *_scatter_rows(grads, ctx.shards))
+
+
+def _gather(shards: Sequence[Any]) -> list[torch.Tensor]:
+    """Full tensors of DTensor row shards; differentiable when the shards require grad."""
+    locals_ = [d.to_local() for d in shards]
+    if torch.is_grad_enabled() and any(x.requires_grad for x in locals_):
+        return list(_Gather.apply(tuple(shards), *locals_))
+    return _gather_rows([x.detach() for x in locals_], shards)
+
+
+def _whole(x: Any) -> Any:
+    """A replicated DTensor's local value, its gradient averaged over the ranks."""
+    from torch.distributed.tensor import Partial
+
+    return x.to_local(grad_placements=[Partial("avg")])
+
+
+def unit_names(module: torch.nn.Module) -> list[str]:
+    """Qualified names of the sub-modules whose sharded parameters are gathered together.
+
+    Set with `lightfunc.distributed.set_units`; by default every child of an
+    `nn.ModuleList` and every `nn.TransformerEncoderLayer` /
+    `nn.TransformerDecoderLayer` (the outermost ones: units do not nest).
+    """
+    chosen = getattr(module, "_lightfunc_units", None)
+    if chosen is not None:
+        return list(chosen)
+    layers = (torch.nn.TransformerEncoderLayer, torch.nn.TransformerDecoderLayer)
+    out: list[str] = []
+
+    def walk(prefix: str, m: torch.nn.Module) -> None:
+        for name, child in m.named_children():
+            if isinstance(m, torch.nn.ModuleList) or isinstance(child, layers):
+                out.append(prefix + name)
+            else:
+                walk(f"{prefix}{name}.", child)
+
+    walk("", module)
+    return out
+
+
+class _Token:
+    """What a unit's saved-tensor hook keeps instead of a view of a gathered parameter."""
+
+    __slots__ = ("index", "offset", "size", "stride")
+
+    def __init__(self, index: int, t: torch.Tensor) -> None:
+        self.index, self.size, self.stride, self.offset = (
+            index,
+            t.size(),
+            t.stride(),
+            t.storage_offset(),
+        )
+
+
+def _unit_hooks(
+    unit: torch.nn.Module, names: list[str], local_names: list[str], params: Params
+) -> list[Any]:
+    """Forward hooks on `unit` that gather its shards before it runs and release them after."""
+    shards = [params[n] for n in names]
+    stacks: list[contextlib.ExitStack] = []
+
+    def before(_: torch.nn.Module, __: Any) -> None:
+        full = _gather(shards)
+        stack = contextlib.ExitStack()
+        stack.enter_context(_reparametrize_module(unit, dict(zip(local_names, full, strict=True))))
+        if torch.is_grad_enabled():
+            storages = {t.untyped_storage().data_ptr(): i for i, t in enumerate(full)}
+            stack.enter_context(
+                torch.autograd.graph.saved_tensors_hooks(*_releasing(storages, shards))
+            )
+        stacks.append(stack)
+
+    def after(*_: Any) -> None:
+        stacks.pop().close()
+
+    return [
+        unit.register_forward_pre_hook(before),
+        unit.register_forward_hook(after, always_call=True),
+    ]
+
+
+def _releasing(storages: dict[int, int], shards: list[Any]) -> tuple[Callable[..., Any], ...]:
+    """Saved-tensor hooks: gathered storage is kept as a token and re-gathered once in backward."""
+    regathered: list[list[torch.Tensor]] = []
+
+    def pack(t: torch.Tensor) -> Any:
+        index = storages.get(t.untyped_storage().data_ptr()) if t.layout == torch.strided else None
+        return t if index is None else _Token(index, t)
+
+    def unpack(saved: Any) -> torch.Tensor:
+        if not isinstance(saved, _Token):
+            return saved
+        if not regathered:  # the unit's backward: one all-gather for all of its nodes
+            with torch.no_grad():
+                regathered.append(_gather_rows([d.to_local().detach() for d in shards], shards))
+        full = regathered[0][saved.index]
+        return full.as_strided(saved.size, saved.stride, saved.offset)
+
+    return pack, unpack
+
+
+class GatherOnUse(TorchFunctionMode):
+    """Outside `apply`, a DTensor shard used by any torch op is its full tensor, gathered once.
+
+    What lets a sharded step use parameters directly (a temperature, an
+    offset added to the logits) as a one-process step does. The gradient
+    flows back through the gather (reduce-scattered, averaged).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.paused = 0  # > 0 inside `apply`, which gathers per unit itself
+        self.full: dict[int, tuple[Any, torch.Tensor]] = {}
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        dtensor = _dtensor_type()
+        if self.paused or not any(isinstance(x, dtensor) for x in tree_leaves((args, kwargs))):
+            return func(*args, **kwargs)
+        args, kwargs = tree_map(self._full, (args, kwargs))
+        return func(*args, **kwargs)
+
+    def _full(self, x: Any) -> Any:
+        if not isinstance(x, _dtensor_type()):
+            return x
+        if id(x) not in self.full:
+            self.full[id(x)] = (x, _gather([x])[0] if _is_row_shard(x) else _whole(x))
+        return self.full[id(x)][1]
+
+
+@contextlib.contextmanager
+def _paused() -> Any:
+    modes = [m for m in _get_current_function_mode_stack() if isinstance(m, GatherOnUse)]
+    for m in modes:
+        m.paused += 1
+    try:
+        yield
+    finally:
+        for m in modes:
+            m.paused -= 1
+
+
+def _apply_sharded(
+    module: torch.nn.Module, params: Params, buffers: Buffers, args: Any, kwargs: Any
+) -> Any:
+    """`functional_call` with DTensor shards: the non-unit parameters at once, units one by one."""
+    dtensor = _dtensor_type()
+    rows = [n for n, p in params.items() if _is_row_shard(p)]
+    units: dict[str, list[str]] = {}
+    claimed: set[str] = set()
+    if not torch.compiler.is_compiling():
+        for unit in sorted(unit_names(module), key=len, reverse=True):  # the deepest first
+            units[unit] = [n for n in rows if n.startswith(unit + ".") and n not in claimed]
+            claimed.update(units[unit])
+    root = [n for n in rows if n not in claimed]
+    plain = {
+        n: _whole(p) if dtensor is not None and isinstance(p, dtensor) else p
+        for n, p in params.items()
+        if n not in rows
+    }
+    if root:
+        plain.update(zip(root, _gather([params[n] for n in root]), strict=True))
+    handles: list[Any] = []
+    try:
+        for unit, names in units.items():
+            if names:
+                local = [n[len(unit) + 1 :] for n in names]
+                handles += _unit_hooks(module.get_submodule(unit), names, local, params)
+        return functional_call(module, (plain, buffers), args, kwargs, strict=False)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _grad_and_value(
+    fn: Callable[..., Any], argnums: int | tuple[int, ...], has_aux: bool
+) -> Callable[..., tuple[Any, Any]]:
+    """`torch.func.grad_and_value(fn)`, or over DTensor shards, gathered per unit (see above)."""
+    func_grad = torch.func.grad_and_value(fn, argnums=argnums, has_aux=has_aux)
+
+    def call(*args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        nums = (argnums,) if isinstance(argnums, int) else argnums
+        if not _has_shards([args[i] for i in nums]):
+            return func_grad(*args, **kwargs)
+        if torch.compiler.is_compiling():
+            return _grad_gathered(func_grad, argnums, args, kwargs)
+        return _grad_sharded(fn, argnums, has_aux, args, kwargs)
+
+    return call
+
+
+def _grad_sharded(
+    fn: Callable[..., Any],
+    argnums: int | tuple[int, ...],
+    has_aux: bool,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> tuple[Any, Any]:
+    """Eager: `torch.autograd.grad` over leaf copies of the shards (same storage, no copy)."""
+    nums = (argnums,) if isinstance(argnums, int) else argnums
+    args_l = list(args)
+    leaves: list[torch.Tensor] = []
+    specs = []
+    for i in nums:
+        flat, spec = tree_flatten(args_l[i])
+        flat = [
+            x.detach().requires_grad_()
+            if isinstance(x, torch.Tensor) and x.is_floating_point()
+            else x
+            for x in flat
+        ]
+        leaves += [x for x in flat if isinstance(x, torch.Tensor) and x.requires_grad]
+        specs.append((spec, flat))
+        args_l[i] = tree_unflatten(spec, flat)
+    with torch.enable_grad(), GatherOnUse():
+        out = fn(*args_l, **kwargs)
+    loss = out[0] if has_aux else out
+    found = torch.autograd.grad(loss, leaves, allow_unused=True)
+    by_leaf = {id(x): _reduced(x, g) for x, g in zip(leaves, found, strict=True)}
+    grads = [tree_unflatten(spec, [by_leaf.get(id(x), x) for x in flat]) for spec, flat in specs]
+    value = (loss.detach(), tree_map(_detached, out[1])) if has_aux else loss.detach()
+    return (grads[0] if isinstance(argnums, int) else tuple(grads)), value
+
+
+def _reduced(leaf: torch.Tensor, grad: Any) -> Any:
+    """A leaf's gradient, averaged over the ranks: row shards are already, partial ones now."""
+    if grad is None:
+        return torch.zeros_like(leaf)
+    if _is_row_shard(grad) or not hasattr(grad, "placements"):
+        return grad
+    from torch.distributed.tensor import Replicate
+
+    return grad.redistribute(placements=[Replicate()] * len(grad.placements))
+
+
+def _detached(x: Any) -> Any:
+    return x.detach() if isinstance(x, torch.Tensor) else x
+
+
+def _full_leaves(leaves: list[Any]) -> list[Any]:
+    """DTensor leaves as full plain tensors (row shards in one all-gather), others as they are."""
+    rows = [x for x in leaves if _is_row_shard(x)]
+    gathered = iter(_gather_rows([x.to_local() for x in rows], rows) if rows else [])
+    dtensor = _dtensor_type()
+    return [
+        next(gathered) if _is_row_shard(x) else x.to_local() if isinstance(x, dtensor) else x
+        for x in leaves
+    ]
+
+
+def gathered(tree: Any) -> Any:
+    """`tree` with every DTensor leaf replaced by its full plain tensor (one all-gather)."""
+    leaves, spec = tree_flatten(tree)
+    return tree_unflatten(spec, _full_leaves(leaves))
+
+
+def _grad_gathered(
+    func_grad: Callable[..., tuple[Any, Any]],
+    argnums: int | tuple[int, ...],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> tuple[Any, Any]:
+    """Compiled: every shard gathered at once, `torch.func` on full tensors, one reduce-scatter."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate
+
+    nums = (argnums,) if isinstance(argnums, int) else argnums
+    args_l = list(args)
+    flats = [tree_flatten(args_l[i]) for i in nums]
+    every = [x for flat, _ in flats for x in flat]
+    rows = [x for x in every if _is_row_shard(x)]
+    plain = _full_leaves(every)
+    start = 0
+    for i, (flat, spec) in zip(nums, flats, strict=True):
+        args_l[i] = tree_unflatten(spec, plain[start : start + len(flat)])
+        start += len(flat)
+    grads, value = func_grad(*args_l, **kwargs)
+    g_flats = [tree_flatten(g)[0] for g in ((grads,) if isinstance(argnums, int) else grads)]
+    g_rows = [
+        g
+        for (flat, _), gs in zip(flats, g_flats, strict=True)
+        for x, g in zip(flat, gs, strict=True)
+        if _is_row_shard(x)
+    ]
+    scattered = iter(_scatter_rows(g_rows, rows) if rows else [])
+
+    def shard(x: Any, g: torch.Tensor) -> Any:
+        if _is_row_shard(x):
+            return DTensor.from_local(
+                next(scattered),
+                x.device_mesh,
+                x.placements,
+                run_check=False,
+                shape=x.shape,
+                stride=x.stride(),
+            )
+        if isinstance(x, DTensor):
+            n = len(x.placements)
+            partial = DTensor.from_local(g, x.device_mesh, [Partial("avg")] * n, run_check=False)
+            return partial.redistribute(placements=[Replicate()] * n)
+        return g
+
+    out = [
+        tree_unflatten(spec, [shard(x, g) for x, g in zip(flat, gs, strict=True)])
+        for (flat, spec), gs in zip(flats, g_flats, strict=True)
+    ]
+    return (out[0] if isinstance(argnums, int) else tuple(out)), value

@@ -39,7 +39,7 @@ from ._device import resolve_device, to_device
 from ._metrics import MetricTotals, batch_size
 from ._precision import Policy
 from ._tree import tree_leaves
-from ._validate import check_positive_ints, is_int
+from ._validate import check_positive_int, check_positive_ints, is_int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +49,7 @@ class _Limits:
     train_batches: int | float | None
     eval_batches: int | float | None
     eval_every: int | None
+    eval_every_n_epochs: int = 1
 
 
 def loop(
@@ -61,6 +62,7 @@ def loop(
     eval_step: Step[Any] | Callable[..., Any] | None = None,
     eval_data: Iterable[Any] | None = None,
     eval_every: int | None = None,
+    check_val_every_n_epoch: int = 1,
     limit_train_batches: int | float | None = None,
     limit_eval_batches: int | float | None = None,
     fast_dev_run: bool | int = False,
@@ -91,6 +93,8 @@ def loop(
             options, precision and strategy).
         eval_data: batches for `eval_step`.
         eval_every: also evaluate every this many steps.
+        check_val_every_n_epoch: evaluate at the end of every n-th epoch only
+            (Lightning's name; the end of the run always evaluates).
         limit_train_batches: batches per epoch: an int count or a float fraction.
         limit_eval_batches: batches per evaluation: an int count or a float fraction.
         fast_dev_run: True (or n): run 1 (or n) train batches and 1 (or n) eval
@@ -132,8 +136,32 @@ def loop(
     limits = _limits(
         max_steps, max_epochs, limit_train_batches, limit_eval_batches, eval_every, fast_dev_run
     )
+    check_positive_int("check_val_every_n_epoch", check_val_every_n_epoch, optional=False)
+    limits = dataclasses.replace(limits, eval_every_n_epochs=check_val_every_n_epoch)
+    # An empty train_data is reported by the run, which names it too.
+    check_data("train_data", train_data, allow_empty=True)
     if (eval_step is None) != (eval_data is None):
-        raise ValueError("`eval_step` and `eval_data` go together: give both or neither.")
+        given, missing = (
+            ("eval_step", "eval_data") if eval_data is None else ("eval_data", "eval_step")
+        )
+        raise ValueError(
+            f"`eval_step` and `eval_data` go together: `{given}` was given without `{missing}`. "
+            f"Give both, or neither."
+        )
+    if eval_step is None:
+        for name, value in (("eval_every", eval_every), ("limit_eval_batches", limit_eval_batches)):
+            if value is not None:
+                raise ValueError(
+                    f"`{name}={value!r}` was given without `eval_step` / `eval_data`, so nothing "
+                    f"would be evaluated. Pass `eval_step=...` and `eval_data=...`, or drop `{name}`."
+                )
+        if check_val_every_n_epoch != 1:
+            raise ValueError(
+                f"`check_val_every_n_epoch={check_val_every_n_epoch}` was given without "
+                f"`eval_step` / `eval_data`. Pass both, or drop it."
+            )
+    else:
+        check_data("eval_data", eval_data)
     train = as_train_step(
         step,
         precision=precision,
@@ -190,7 +218,10 @@ def _run(
             cb.load_state_dict(ls.callbacks[cb.state_key])
         cb.on_start(ls)
     last = ls
-    with _StopRequest(enabled=any(cb.handles_interrupts for cb in callbacks)) as stop:
+    # The ranks agree once whether any of them listens for signals; then all of them take
+    # part in the per-step agreement (a rank without such a callback still stops with the rest).
+    listening = train.strategy.agree_to_stop(any(cb.handles_interrupts for cb in callbacks))
+    with _StopRequest(listening, train.strategy) as stop:
         while not _done(ls, limits):
             _set_epoch(train_data, ls.epoch)
             it = _epoch_batches(train_data, ls, n_train)
@@ -204,7 +235,9 @@ def _run(
                 batch = to_device(upcoming, device, non_blocking=True)
                 try:
                     state, metrics = train(ls.state, batch)
-                except Exception:
+                except (Exception, KeyboardInterrupt):
+                    # A KeyboardInterrupt that escapes the step (a second Ctrl-C, or no
+                    # interrupt-handling callback) is an "exception" interrupt too.
                     if ls.step > 0:  # the last completed step, for callbacks that save it
                         _interrupt(callbacks, ls, "exception")
                     raise
@@ -236,9 +269,10 @@ def _run(
                 # while the caller has it (set after, it kept the previous one alive too).
                 last = ls
                 yield ls
-                if stop.requested:
+                stopping = stop.agreed()
+                if stopping:
                     _interrupt(callbacks, ls, "sigterm")
-                if stop.requested or stop_asked or (end_of_run and not end_of_epoch):
+                if stopping or stop_asked or (end_of_run and not end_of_epoch):
                     _end(callbacks, ls)
                     return
             ls = ls.replace(epoch=ls.epoch + 1, batch_idx=0, epoch_end=False)
@@ -246,8 +280,38 @@ def _run(
 
 
 def _evaluates(ls: LoopState, limits: _Limits, boundary: bool) -> bool:
-    """Whether evaluation runs after this step: at an epoch's or the run's end, or every n steps."""
-    return boundary or bool(limits.eval_every and ls.step % limits.eval_every == 0)
+    """Whether evaluation runs after this step: at an epoch's or the run's end, or every n steps.
+
+    With `check_val_every_n_epoch=n`, an epoch's end evaluates only on every n-th epoch;
+    a run that stops before its epoch ends still evaluates there.
+    """
+    if limits.eval_every and ls.step % limits.eval_every == 0:
+        return True
+    if ls.epoch_end and limits.eval_every_n_epochs > 1:
+        return (ls.epoch + 1) % limits.eval_every_n_epochs == 0
+    return boundary
+
+
+def check_data(name: str, data: Any, *, allow_empty: bool = False) -> None:
+    """Raise unless `data` can be iterated (a DataLoader, a list of batches, a Loader, ...)
+    and, unless `allow_empty`, has batches when it has a length."""
+    if data is None or isinstance(data, str | bytes) or not isinstance(data, Iterable):
+        raise TypeError(
+            f"`{name}` must be an iterable of batches (a DataLoader, a list, a lightfunc.Loader), "
+            f"got {type(data).__name__}{'' if data is None else f' ({data!r:.60})'}. Pass e.g. "
+            f"`torch.utils.data.DataLoader(dataset, batch_size=32)`."
+        )
+    try:
+        n = len(data)  # type: ignore[arg-type]
+    except TypeError:
+        return
+    if n == 0 and not allow_empty:
+        raise ValueError(
+            f"`{name}` is empty (len 0): there is nothing to "
+            f"{'train on' if name == 'train_data' else 'evaluate'}. Check the dataset's length "
+            f"and the DataLoader's `batch_size` / `drop_last` (a batch_size larger than the "
+            f"dataset with drop_last=True yields no batch)."
+        )
 
 
 def _run_callbacks(callbacks: list[Callback], ls: LoopState) -> tuple[LoopState, bool]:
@@ -289,29 +353,57 @@ def _epoch_batches(train_data: Iterable[Any], ls: LoopState, n_train: int | None
     return itertools.islice(batches, ls.batch_idx, None)
 
 
-class _StopRequest:
-    """While active (main thread, a callback that handles interrupts), SIGTERM asks the loop to stop.
+# SIGUSR1: what SLURM sends before a job's time runs out (`--signal=USR1@90`, then requeue).
+_STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
 
-    The loop then calls `on_interrupt(ls, "sigterm")` on every callback with
-    the last completed step (a checkpoint manager saves it) and returns, so a
-    preempted job exits cleanly instead of dying mid-step.
+
+class _StopRequest:
+    """While a callback handles interrupts, SIGTERM, SIGINT or SIGUSR1 asks the loop to stop.
+
+    The handler only sets a flag. After each step every rank calls
+    `agreed()`: one `strategy.agree_to_stop` (a small all-reduce on several
+    processes), so a signal that reached one rank stops all of them at the
+    same step. The loop then calls `on_interrupt(ls, "sigterm")` on every
+    callback with that completed step (a checkpoint manager saves it; a
+    sharded save is collective, so every rank must reach it), `on_end`, and
+    returns: a preempted job exits cleanly instead of dying mid-step.
+
+    A second SIGINT while a stop is pending raises `KeyboardInterrupt` at
+    once (Ctrl-C twice force-quits). Handlers are installed in the main
+    thread only (Python delivers signals there); the previous ones are put
+    back on exit. `listening` must be the same on every rank (`_run` agrees
+    on it first): it decides whether the per-step collective runs at all.
     """
 
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+    def __init__(self, listening: bool, strategy: Strategy) -> None:
+        self.listening = listening
+        self.strategy = strategy
+        self.installs = listening and threading.current_thread() is threading.main_thread()
         self.requested = False
+        self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self.requested:
+            raise KeyboardInterrupt
         self.requested = True
 
+    def agreed(self) -> bool:
+        """Whether the ranks stop after this step (a collective on every rank while listening)."""
+        return self.listening and self.strategy.agree_to_stop(self.requested)
+
     def __enter__(self) -> _StopRequest:
-        if self.enabled:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        if self.installs:
+            for name in _STOP_SIGNALS:
+                number = getattr(signal, name, None)  # no SIGUSR1 on Windows
+                if number is not None:
+                    self._previous[number] = signal.signal(number, self._handle)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.enabled:
-            signal.signal(signal.SIGTERM, self._previous)
+        for number, previous in self._previous.items():
+            # None: the previous handler was not set from Python; the default is the nearest.
+            signal.signal(number, signal.SIG_DFL if previous is None else previous)
+        self._previous.clear()
 
 
 _END = object()

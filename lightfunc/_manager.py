@@ -9,15 +9,24 @@ Like Lightning's ModelCheckpoint: save every n steps and/or at the end of
 every n epochs (and after each evaluation when the monitored metric is an
 evaluation metric); keep the `save_top_k` best by `monitor` (or the
 `keep_last_n` newest without one); `save_last` keeps a `last` pointer at the
-newest state. `index.json` (written atomically) lists what is where;
-`latest()` returns the newest checkpoint that verifies and falls back, with
-a warning, past a corrupt one.
+newest state. The end of a run is a save point too (`on_end`), as are a
+preemption (`on_interrupt(ls, "sigterm")`, which SIGTERM and Ctrl-C raise)
+and, with `save_on_exception=True`, a failing step (`"exception"`).
 
-The manager is a `Callback`, and `loop(checkpoint=manager)` is shorthand for
-`loop(callbacks=[..., manager])`: `on_step_end` saves at the save points,
-`on_interrupt(ls, "sigterm")` saves the last completed step when the job is
-preempted, and `on_interrupt(ls, "exception")` saves it before a failing
-step's exception propagates, with `save_on_exception=True`.
+`index.json` (written atomically) lists what is where, but it is a cache:
+the checkpoints' own headers (checksummed) say which step each holds. When
+the index is missing, truncated or garbage, or lists files that are gone,
+the manager finds the checkpoints in the directory by their headers, with a
+warning. `latest()` and `restore()` try them newest step first and fall back,
+with a warning naming the file and the problem, past any that fails a check.
+
+The directory is the boundary. The manager reads and deletes only plain
+names inside it (an index entry "../x" or "/etc/x" is ignored), never
+follows a link out of it, and deletes only checkpoints it listed itself
+(pruning) and the temporary files of writers of this host that are dead.
+A manager that only reads (`latest`, `restore`, a monitoring script) writes
+nothing: it creates no directory and removes no file, so it can run beside
+a training process, or on a read-only copy.
 
 Saving goes through the run's strategy (`ls.strategy`; `SingleProcess()`
 when None), so one manager serves one process, DDP and FSDP alike:
@@ -27,10 +36,12 @@ when None), so one manager serves one process, DDP and FSDP alike:
   DDP's writes on rank 0 and waits for it);
 - only the writer (`strategy.is_writer`, global rank 0) writes `index.json`
   and the `last` pointer, and prunes (removing a pruned directory whole);
-- `latest()` and `restore()` check a checkpoint with `strategy.verify`.
+- `latest()` checks a checkpoint with `strategy.verify`; `restore()` loads
+  it with `strategy.load`, which checks it against the template before
+  reading a tensor, then every tensor's checksum.
 
-The `last` pointer is recorded in `index.json` (`"last"`), and `latest()`
-resolves it first. How it points depends on what a checkpoint is:
+The `last` pointer is recorded in `index.json` (`"last"`). How it points
+depends on what a checkpoint is:
 - a single file: `last.safetensors`, a hard link to the newest file (a copy
   where the filesystem has no links). It keeps the data after the file it
   links to is pruned, and tools that open `last.safetensors` find it;
@@ -41,7 +52,9 @@ resolves it first. How it points depends on what a checkpoint is:
 A checkpoint holds the resumable part of a `LoopState`: the user state, the
 step / epoch / batch counters, the RNG key and the callbacks' states. The
 last metrics are not saved (the next step recomputes them), so
-`LoopState(state=template)` is a valid template to load into.
+`LoopState(state=template)` is a valid template to load into. A callback
+whose state the checkpoint holds but the run lacks is dropped, and one the
+checkpoint lacks starts fresh, each with a warning naming it.
 """
 
 from __future__ import annotations
@@ -52,28 +65,33 @@ import os
 import shutil
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from ._atomic import atomic_write
+from . import _checkpoint
+from ._atomic import atomic_write, remove_orphans, temp_name
 from ._callback import Callback, InterruptReason, callback_states
+from ._codec import Header
 from ._contract import LoopState, Strategy
 from ._strategy import SingleProcess
-from ._tensorfile import CheckpointError
+from ._tensorfile import CheckpointError, write_error
 from ._validate import check_positive_ints, is_int
 
 LAST = "last"
+INDEX = "index.json"
 _FILE_SUFFIX = ".safetensors"
+_CALLBACKS = "callbacks"  # the `LoopState` field holding callback states
 
 
 class CheckpointManager(Callback):
     """Writes, prunes and finds checkpoints of a run in one directory.
 
     Args:
-        directory: where checkpoints and `index.json` live (created if missing).
+        directory: where checkpoints and `index.json` live (created at the
+            first save; reading never creates or changes anything).
         every_n_steps: save every this many steps.
         every_n_epochs: save at the end of every this many epochs. If neither
             this nor `every_n_steps` is given, every epoch.
@@ -90,6 +108,10 @@ class CheckpointManager(Callback):
             and the monitored metric's name, e.g. "{epoch:02d}-{val_loss:.3f}".
         save_on_exception: when the step raises inside `lf.loop`, save the
             last completed state before the exception propagates.
+        save_on_end: save the last state when the run ends between save
+            points (`max_steps` mid-epoch, an early stop), so a resume never
+            repeats steps. On by default when the newest state is kept
+            (`save_last`, or no `monitor`).
 
     Raises:
         ValueError: for inconsistent arguments.
@@ -108,6 +130,7 @@ class CheckpointManager(Callback):
         keep_last_n: int | None = None,
         filename: str = "step={step}",
         save_on_exception: bool = False,
+        save_on_end: bool | None = None,
     ) -> None:
         check_positive_ints(
             every_n_steps=every_n_steps, every_n_epochs=every_n_epochs, keep_last_n=keep_last_n
@@ -129,13 +152,15 @@ class CheckpointManager(Callback):
         self.monitor, self.mode, self.save_top_k = monitor, mode, save_top_k
         self.save_last, self.keep_last_n = save_last, keep_last_n
         self.filename, self.save_on_exception = filename, save_on_exception
+        self.save_on_end = (save_last or monitor is None) if save_on_end is None else save_on_end
         # The strategy of the states saved or restored last (how to verify a checkpoint).
         self._strategy: Strategy = SingleProcess()
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._remove_orphans()
+        self._saved_step: int | None = None  # the step saved or restored last
+        self._prepared = False  # directory created and dead writers' debris removed
+        self._warned: set[str] = set()  # problems already warned about (a poller warns once)
         self.entries: list[dict[str, Any]] = []  # kept checkpoints, oldest step first
         self.last: dict[str, Any] | None = None  # the `last` pointer's entry, or None
-        self._read_index()
+        self.entries, self.last = self._read_index()
 
     def describe(self) -> str:
         return str(self.directory)
@@ -149,9 +174,14 @@ class CheckpointManager(Callback):
         self.update(ls)
 
     def on_interrupt(self, ls: LoopState, reason: InterruptReason) -> None:
-        """Save `ls`, the last completed step: always on SIGTERM, on an exception with `save_on_exception`."""
-        if reason == "sigterm" or self.save_on_exception:
+        """Save `ls`, the last completed step: always on SIGTERM / Ctrl-C, on an exception with `save_on_exception`."""
+        if (reason == "sigterm" or self.save_on_exception) and ls.step != self._saved_step:
             self.save(ls, reason=reason)
+
+    def on_end(self, ls: LoopState) -> None:
+        """The end of a run is a save point: save `ls` unless it is saved already."""
+        if self.save_on_end and ls.step > 0 and ls.step != self._saved_step:
+            self.save(ls, reason="end")
 
     # -- deciding -------------------------------------------------------------
 
@@ -177,9 +207,14 @@ class CheckpointManager(Callback):
         Every rank of a multi-process run calls this (the strategy's save may
         be collective); only the writer rank updates the index, the `last`
         pointer and prunes. Every rank gets the same path back.
+
+        Raises:
+            CheckpointError: the checkpoint or the index could not be written,
+                saying why (the disk is full, the directory is read-only).
         """
         strategy = ls.strategy if ls.strategy is not None else SingleProcess()
         self._strategy = strategy
+        self._prepare(writer=strategy.is_writer)
         score = self._score(ls)
         fields: dict[str, Any] = {"step": ls.step, "epoch": ls.epoch, "batch_idx": ls.batch_idx}
         if self.monitor is not None:
@@ -203,7 +238,20 @@ class CheckpointManager(Callback):
             "reason": reason,
         }
         self._record(entry, writer=strategy.is_writer)
+        self._saved_step = ls.step
         return path
+
+    def _prepare(self, *, writer: bool) -> None:
+        """Before the first save: create the directory, remove what dead writers left."""
+        if self._prepared:
+            return
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise write_error(self.directory, error) from error
+        if writer:
+            remove_orphans(self.directory)
+        self._prepared = True
 
     def _record(self, entry: dict[str, Any], *, writer: bool) -> None:
         """Add `entry`, move `last`, prune; the files are touched on the writer rank only."""
@@ -215,15 +263,18 @@ class CheckpointManager(Callback):
         dropped = self._prune()
         if not writer:
             return
-        if self.save_last and is_file:
-            self._link_last(self.directory / entry["path"])
-        protected = {e["path"] for e in self.entries}
-        if self.last is not None:
-            protected.add(self.last["path"])
-        for old in [*dropped, *([previous_last] if previous_last else [])]:
-            if old["path"] not in protected:
-                _remove(self.directory / old["path"])
-        self._write_index()
+        try:
+            if self.save_last and is_file:
+                self._link_last(self.directory / entry["path"])
+            protected = {e["path"] for e in self.entries}
+            if self.last is not None:
+                protected.add(self.last["path"])
+            for old in [*dropped, *([previous_last] if previous_last else [])]:
+                if old["path"] not in protected:
+                    _remove(self._inside(old["path"]))
+            self._write_index()
+        except OSError as error:
+            raise write_error(self.directory / INDEX, error) from error
 
     def _score(self, ls: LoopState) -> float | None:
         if self.monitor is None:
@@ -268,8 +319,47 @@ class CheckpointManager(Callback):
             return None
         return self.directory / min(self.entries, key=self._rank_key)["path"]
 
+    def candidates(self) -> list[Path]:
+        """Every checkpoint in the directory, newest step first, as their headers say.
+
+        The index's entries and `last` pointer, and every file or directory
+        whose header reads as a lightfunc `LoopState` checkpoint (so a lost or
+        damaged index loses nothing), each once. A checkpoint whose header
+        cannot be read is left out with a warning. Reads headers only.
+        """
+        entries, last = self._read_index()
+        named = [e["path"] for e in entries] + ([last["path"]] if last else [])
+        claimed = {e["path"]: e["step"] for e in [*entries, *([last] if last else [])]}
+        try:
+            present = sorted(p.name for p in self.directory.iterdir())
+        except OSError:
+            present = []
+        found: dict[str, int] = {}
+        for name in dict.fromkeys([*named, *present]):
+            if not _safe_name(name) or name == INDEX:
+                continue
+            path = self.directory / name
+            if not self._contained(path):
+                continue
+            step = self._header_step(path, claimed.get(name), listed=name in named)
+            if step is not None:
+                found[name] = step
+        unlisted = sorted(set(found) - set(named))
+        if unlisted and (entries or not self._index_path().exists()):
+            self._warn_once(
+                f"checkpoints in {self.directory} not listed in its index were found by their "
+                f"headers: {', '.join(unlisted)}"
+            )
+        # Newest step first; at one step, the `last` pointer, then the index's order.
+        order = {name: i for i, name in enumerate(reversed(named))}
+        ranked = sorted(found, key=lambda n: (-found[n], order.get(n, len(order)), n))
+        return [self.directory / name for name in ranked]
+
     def latest(self, *, strategy: Strategy | None = None) -> Path | None:
-        """The newest checkpoint that verifies, falling back past corrupt ones with a warning.
+        """The newest checkpoint that verifies, falling back past damaged ones with a warning.
+
+        Verifying reads every tensor (in bounded chunks for a single file)
+        and checks its checksum. Nothing is written.
 
         Args:
             strategy: the strategy to verify with (default: that of the last
@@ -280,19 +370,11 @@ class CheckpointManager(Callback):
                 writes single files, or the other way round.
         """
         strategy = strategy if strategy is not None else self._strategy
-        newest_first = sorted(self.entries, key=lambda e: e["step"], reverse=True)
-        last = self.directory / (self.last["path"] if self.last else LAST + _FILE_SUFFIX)
-        paths = [last, *(self.directory / e["path"] for e in newest_first)]
-        for path in dict.fromkeys(paths):  # `last` may name a kept directory too
-            if not path.exists():
-                continue
-            _check_kind(path, strategy)
+        for path in self._of_kind(strategy):
             try:
                 strategy.verify(path)
-            except CheckpointError as error:
-                warnings.warn(
-                    f"skipping corrupt checkpoint {path}: {error}", RuntimeWarning, stacklevel=2
-                )
+            except (CheckpointError, FileNotFoundError) as error:
+                self._skip(path, error)
                 continue
             return path
         return None
@@ -306,59 +388,166 @@ class CheckpointManager(Callback):
     ) -> LoopState | None:
         """Load the newest good checkpoint into `like`'s structure, or None when there is none.
 
+        Each checkpoint, newest step first, is checked against the template
+        before any tensor is read (a header declaring other shapes costs
+        nothing), then loaded with every checksum checked; one that fails
+        is skipped with a warning.
+
         Args:
             like: the run's initial state as its step prepares it
                 (`step.prepare(state)`: a `TrainState` or any state), or a
                 `LoopState` (whose `strategy` is then used).
             callbacks: the run's callbacks, when the checkpoint holds their
-                state (their fresh `state_dict()`s give its structure).
+                state (their fresh `state_dict()`s give its structure). State
+                for a callback the run lacks is dropped, and a callback the
+                checkpoint lacks starts fresh, each with a warning.
             strategy: the step's strategy (`step.strategy`), to read a
                 checkpoint it wrote; default `like.strategy` for a
                 `LoopState`, else `SingleProcess()`.
 
         Returns:
-            A `LoopState` carrying `strategy`, or None.
+            A `LoopState` carrying `strategy`, or None when the directory holds
+            no checkpoint.
+
+        Raises:
+            CheckpointError: there are checkpoints, but none can be restored
+                (each one's problem is listed): never a silent fresh start.
+            ValueError: a checkpoint is of the other kind (file / directory)
+                than `strategy` reads.
         """
         template = like if isinstance(like, LoopState) else LoopState(state=like)
         if strategy is None:
             strategy = template.strategy if template.strategy is not None else SingleProcess()
         self._strategy = strategy
-        path = self.latest(strategy=strategy)
-        if path is None:
-            return None
         template = template.replace(
-            metrics={},
-            eval_metrics=None,
-            eval_at_step=-1,
-            callbacks=callback_states(callbacks),
-            strategy=strategy,
+            metrics={}, eval_metrics=None, eval_at_step=-1, strategy=strategy
         )
-        restored: LoopState = strategy.load(path, like=template)
-        return restored
+        failures = []
+        for path in self._of_kind(strategy):
+            try:
+                restored = _load(path, template, callbacks, strategy)
+            except (CheckpointError, FileNotFoundError) as error:
+                self._skip(path, error)
+                failures.append(f"{path.name}: {error}")
+                continue
+            self._saved_step = restored.step
+            return restored
+        if failures:
+            raise CheckpointError(
+                f"None of the {len(failures)} checkpoints in '{self.directory}' can be restored "
+                f"into this run's state, so resuming would start over:\n  "
+                + "\n  ".join(failures)
+                + "\nBuild the state as the saved run did (same model, optimizer, precision), "
+                "or move the directory away to start fresh."
+            )
+        return None
+
+    def _of_kind(self, strategy: Strategy) -> Iterator[Path]:
+        for path in self.candidates():
+            if path.exists():
+                _check_kind(path, strategy)
+                yield path
+
+    def _skip(self, path: Path, error: BaseException) -> None:
+        warnings.warn(
+            f"skipping corrupt checkpoint {path}, falling back to an older one: {error}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+    def _warn_once(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+    def _header_step(self, path: Path, claimed: int | None, *, listed: bool) -> int | None:
+        """The step `path`'s header says it holds; None if it is no LoopState checkpoint."""
+        try:
+            if path.is_dir():
+                header = _sharded_header(path)
+            elif path.name.endswith(_FILE_SUFFIX) and not path.name.startswith("."):
+                header, _ = _checkpoint.read_header(path)
+            else:
+                return None
+        except FileNotFoundError:
+            return None  # pruned meanwhile by the process that writes here
+        except (CheckpointError, OSError) as error:
+            if listed or path.name.endswith(_FILE_SUFFIX):
+                self._warn_once(f"skipping corrupt checkpoint {path}: {error}")
+            return None
+        if header is None:  # a sharded checkpoint whose index this version cannot parse
+            return claimed
+        step = header.leaves.get("step")
+        if step is None or step.kind != "int" or "epoch" not in header.leaves:
+            return None  # a lightfunc file, but not of a LoopState (a TrainState, params)
+        value: int = step.value
+        return value
 
     # -- bookkeeping ----------------------------------------------------------
 
     def _index_path(self) -> Path:
-        return self.directory / "index.json"
+        return self.directory / INDEX
 
-    def _read_index(self) -> None:
+    def _read_index(self) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+        """The index's valid entries (present, plain names inside the directory) and `last`.
+
+        Any problem with the file (missing keys, not JSON, a directory, too
+        deep, unreadable) warns and gives no entries: the checkpoints are
+        then found by their headers (`candidates`).
+        """
         path = self._index_path()
-        if not path.exists():
-            return
+        if not path.exists() and not path.is_symlink():
+            return [], None
         try:
             document = json.loads(path.read_text())
-            entries = [e for e in document["checkpoints"] if (self.directory / e["path"]).exists()]
+            raw = document["checkpoints"]
             last = document.get("last")  # absent in indexes written before the pointer existed
-            if last is not None and not (self.directory / last["path"]).exists():
-                last = None
-        except (ValueError, KeyError, TypeError, AttributeError) as error:
-            warnings.warn(
-                f"ignoring unreadable checkpoint index {path}: {error}",
-                RuntimeWarning,
-                stacklevel=3,
+            if not isinstance(raw, list):
+                raise TypeError(f"`checkpoints` is a {type(raw).__name__}, expected a list")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as error:
+            self._warn_once(
+                f"ignoring unreadable checkpoint index {path} ({type(error).__name__}: "
+                f"{error!s:.200}); looking for checkpoints by their headers instead"
             )
-            return
-        self.entries, self.last = entries, last
+            return [], None
+        entries = [e for e in raw if self._valid_entry(e)]
+        if len(entries) != len(raw):
+            bad = [repr(e)[:80] for e in raw if not self._valid_entry(e)]
+            self._warn_once(f"ignoring invalid entries of the checkpoint index {path}: {bad}")
+        entries = [e for e in entries if (self.directory / e["path"]).exists()]
+        if last is not None and not (
+            self._valid_entry(last) and (self.directory / last["path"]).exists()
+        ):
+            last = None
+        return entries, last
+
+    def _valid_entry(self, entry: Any) -> bool:
+        """An index entry with a plain file name inside the directory and a numeric step."""
+        return (
+            isinstance(entry, dict)
+            and _safe_name(entry.get("path"))
+            and entry.get("path") != INDEX
+            and is_int(entry.get("step"))
+            and isinstance(entry.get("epoch", 0), int)
+            and (entry.get("score") is None or isinstance(entry.get("score"), int | float))
+            and self._contained(self.directory / entry["path"])
+        )
+
+    def _contained(self, path: Path) -> bool:
+        """Whether `path` (a name in the directory) stays inside it once links are resolved."""
+        try:
+            return path.resolve().parent == self.directory.resolve()
+        except (OSError, RuntimeError):
+            return False
+
+    def _inside(self, name: str) -> Path:
+        """`name` in the directory; raises if it could name anything outside it."""
+        path = self.directory / name
+        if not (_safe_name(name) and self._contained(path)):
+            raise ValueError(
+                f"refusing to touch {name!r}: not a plain name inside {self.directory}"
+            )
+        return path
 
     def _write_index(self) -> None:
         document = {
@@ -377,21 +566,16 @@ class CheckpointManager(Callback):
     def _link_last(self, path: Path) -> None:
         # A hard link, not a second write: `last` keeps the data even after
         # `path` is pruned. Swapped in atomically; copied where links fail.
-        tmp = self.directory / f".{LAST}.{os.getpid()}.tmp"
-        tmp.unlink(missing_ok=True)
+        tmp = self.directory / temp_name(LAST + _FILE_SUFFIX)
         try:
-            os.link(path, tmp)
-        except OSError:
-            shutil.copyfile(path, tmp)
-        os.replace(tmp, self.directory / (LAST + _FILE_SUFFIX))
-
-    def _remove_orphans(self) -> None:
-        # What writes that were killed half-way leave: ours end in ".tmp",
-        # safetensors' own (inside `save`) are named ".tmpXXXXXX", a sharded
-        # save's are directories ".<name>.sharded.tmp" / ".<name>.sharded.old".
-        for pattern in (".*.tmp", ".tmp*", ".*.sharded.old"):
-            for orphan in self.directory.glob(pattern):
-                _remove(orphan)
+            try:
+                os.link(path, tmp)
+            except OSError:
+                shutil.copyfile(path, tmp)
+            os.replace(tmp, self.directory / (LAST + _FILE_SUFFIX))
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     @staticmethod
     def _check_template(filename: str, monitor: str | None) -> None:
@@ -409,6 +593,96 @@ class CheckpointManager(Callback):
             raise ValueError(
                 f"`filename={filename!r}` must be a plain file name (no '{os.sep}', not starting with '.')."
             )
+
+
+def _safe_name(name: Any) -> bool:
+    """A plain, visible name of an entry of the directory: no separator, not '..', not absolute."""
+    return (
+        isinstance(name, str)
+        and 0 < len(name) <= 255
+        and not name.startswith(".")
+        and "/" not in name
+        and "\\" not in name
+        and "\0" not in name
+        and not os.path.isabs(name)
+        and Path(name).name == name
+    )
+
+
+def _sharded_header(directory: Path) -> Header | None:
+    """The codec header of a sharded checkpoint's index, checked; None if not one we can parse.
+
+    Raises:
+        CheckpointError, OSError: the index is damaged.
+    """
+    index = directory / INDEX
+    if not index.is_file():
+        return None
+    try:
+        doc = json.loads(index.read_text())
+        meta, tensors = doc["header"], list(doc["tensors"])
+    except (ValueError, KeyError, TypeError, RecursionError) as error:
+        raise CheckpointError(
+            f"the sharded index {index} is unreadable ({error!r:.200})"
+        ) from error
+    return Header.decode(meta, index, tensors=tensors, checksummed=False)
+
+
+def _load(
+    path: Path, template: LoopState, callbacks: Sequence[Callback], strategy: Strategy
+) -> LoopState:
+    """`path` loaded into `template`, the run's callbacks' states matched to the file's."""
+    fresh = callback_states(callbacks)
+    saved = _saved_callback_states(path)
+    if saved is None:  # the file's callbacks are not known: load them as the run has them
+        loaded: LoopState = strategy.load(path, like=template.replace(callbacks=fresh))
+        return loaded
+    states = {k: v for k, v in fresh.items() if k in saved}
+    dropped = {k: v for k, v in saved.items() if k not in fresh}
+    for key in dropped:
+        warnings.warn(
+            f"the checkpoint {path} holds state for the callback {key!r}, which this run does "
+            f"not have; that state is dropped",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    for key in sorted(set(fresh) - set(saved)):
+        warnings.warn(
+            f"the checkpoint {path} holds no state for the callback {key!r}; it starts fresh",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    loaded = strategy.load(path, like=template.replace(callbacks={**states, **dropped}))
+    return loaded.replace(callbacks={k: v for k, v in loaded.callbacks.items() if k in fresh})
+
+
+def _saved_callback_states(path: Path) -> dict[str, dict[str, Any]] | None:
+    """The callback states a single-file checkpoint holds, as a template (None for a directory).
+
+    Non-tensor values are the file's; a tensor is an empty meta tensor of
+    the file's shape and dtype (the load reads it, and it is then dropped or
+    replaced by the run's callback).
+
+    Raises:
+        CheckpointError, FileNotFoundError: the header is unreadable.
+    """
+    if path.is_dir():
+        return None
+    header, infos = _checkpoint.read_header(path)
+    states: dict[str, dict[str, Any]] = {}
+    for leaf in header.leaves.values():
+        if len(leaf.keys) < 2 or leaf.keys[0] != _CALLBACKS:
+            continue
+        if len(leaf.keys) != 3:
+            return None  # nested callback state: the run's own structure is the template
+        if leaf.kind == "tensor":
+            info = infos[header.aliases.get(leaf.path, leaf.path)]
+            dtype = info.dtype if isinstance(info.dtype, torch.dtype) else torch.uint8
+            value: Any = torch.empty(info.shape, dtype=dtype, device="meta")
+        else:
+            value = leaf.value
+        states.setdefault(str(leaf.keys[1]), {})[str(leaf.keys[2])] = value
+    return states
 
 
 def _check_kind(path: Path, strategy: Strategy) -> None:

@@ -14,6 +14,7 @@ from ._precision import LossScale, Policy, parse_precision
 from ._rng import RngKey
 from ._tree import NAMESPACE, PyTree, register_dataclass, tree_leaves
 from .optim._base import GradientTransformation, OptState, apply_updates
+from .optim._masking import is_trainable_only, trainable_only
 from .optim._wrappers import ApplyIfFiniteState, apply_if_finite, find_state
 
 
@@ -56,8 +57,17 @@ class TrainState:
         precision: str | int | Policy | None = None,
         skip_nonfinite: bool = False,
         loss_scale: LossScale | None = None,
+        skip_unused: bool = True,
     ) -> TrainState:
         """A fresh state from a module (or a dict of parameters) and an optimizer.
+
+        What the module says holds, as with torch.optim: parameters with
+        `requires_grad=False` are kept in `params` (so `lf.apply` uses them)
+        but never moved, and carry no optimizer state; a parameter whose
+        gradient is exactly zero (what `torch.func` gives for a parameter the
+        loss does not reach, where torch.optim sees `grad=None`) is left
+        alone that step: no weight decay, no moment update. Both come from
+        wrapping `tx` in `lightfunc.optim.trainable_only`.
 
         Args:
             model: an `nn.Module` whose parameters and buffers are copied (the
@@ -79,6 +89,11 @@ class TrainState:
             loss_scale: the initial scale to install with them instead of
                 the default (`LossScale.create()`: 2**16, grown every 2000
                 good steps; `LossScale.fixed()` when no scaling is needed).
+            skip_unused: leave a parameter whose gradient is all zeros
+                untouched that step, as torch.optim leaves a `grad=None`
+                one (costs an `any()` per parameter and a `where` per
+                update and moment, every step; False turns it off and
+                applies the update, weight decay included).
 
         Returns:
             A `TrainState` at step 0.
@@ -95,14 +110,18 @@ class TrainState:
                 f"got {type(tx).__name__}. torch.optim optimizers hold mutable state and cannot be used "
                 f"in a pure step."
             )
+        frozen: tuple[str, ...] = ()
         if isinstance(model, torch.nn.Module):
             params, bufs = params_of(model), buffers_of(model)
+            frozen = tuple(n for n, p in model.named_parameters() if not p.requires_grad)
         elif isinstance(model, dict):
             params, bufs = dict(model), dict(buffers or {})
         else:
             raise TypeError(
                 f"`model` must be an nn.Module or a dict of tensors, got {type(model).__name__}."
             )
+        if (frozen or skip_unused) and not is_trainable_only(tx):
+            tx = trainable_only(tx, frozen, skip_unused=skip_unused)
         device = next(iter(params.values())).device if params else torch.device("cpu")
         if precision is not None:
             pol = parse_precision(precision)

@@ -78,6 +78,10 @@ class SingleProcess:
     def verify(self, path: Path) -> None:
         _checkpoint.verify(path)
 
+    def agree_to_stop(self, flag: bool) -> bool:
+        """`flag`: one process decides alone (each process of a group training on its own, too)."""
+        return flag
+
     def __repr__(self) -> str:
         return "SingleProcess()"
 

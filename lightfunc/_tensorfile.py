@@ -6,10 +6,19 @@ bytes, bad header) is raised as `CheckpointError` naming the file; a missing
 file stays a `FileNotFoundError`. Tensors are read with `pread` into memory
 the caller owns (not a lazy memory map), so a checksum computed on them has
 read every byte from the file.
+
+Sizes are checked before anything is read: every tensor's byte range
+(from the container's own header, read here too) must lie inside the file,
+and `TensorFile.check` computes a tensor's CRC-32 in fixed-size chunks, so
+verifying a file never holds more than `CHUNK_BYTES` of it in memory,
+whatever its header declares.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import struct
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,7 +29,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ._atomic import atomic_write
+from ._atomic import atomic_write, describe_os_error
+
+#: The most bytes of a file `TensorFile.check` holds in memory at once.
+CHUNK_BYTES = 16 << 20
 
 
 class CheckpointError(ValueError):
@@ -119,19 +131,43 @@ def unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def write_file(
     tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path, *, fsync: bool
 ) -> Path:
-    """Atomically write `tensors` (contiguous, CPU, unshared) and `metadata` to `path`."""
+    """Atomically write `tensors` (contiguous, CPU, unshared) and `metadata` to `path`.
+
+    Raises:
+        CheckpointError: the file could not be written, saying why: the disk
+            is full, the directory is read-only, or safetensors refused the
+            header (over 100 MB).
+    """
 
     def write(tmp: Path) -> None:
-        try:
-            save_file(tensors, tmp, metadata=metadata)
-        except SafetensorError as e:
-            raise CheckpointError(
-                f"Cannot write the checkpoint '{path}': safetensors refused it ({e}). The header "
-                f"(metadata, paths and non-tensor leaves) must stay under 100 MB: pass less "
-                f"`metadata` or keep large data in tensors."
-            ) from e
+        save_file(tensors, tmp, metadata=metadata)
 
-    return atomic_write(path, write, fsync=fsync)
+    try:
+        return atomic_write(path, write, fsync=fsync)
+    except (SafetensorError, OSError) as e:
+        if isinstance(e, IsADirectoryError):
+            raise
+        raise write_error(path, e) from e
+
+
+def write_error(path: Path, error: BaseException) -> CheckpointError:
+    """A `CheckpointError` saying why writing `path` failed (disk full, read-only, ...)."""
+    cause = describe_os_error(error)
+    if cause is not None:
+        return CheckpointError(
+            f"Cannot write the checkpoint '{path}': {cause} ({error}). Nothing was replaced: "
+            f"the previous checkpoints are intact. Free space or write to another directory."
+        )
+    if isinstance(error, SafetensorError) and "header" in str(error).lower():
+        return CheckpointError(
+            f"Cannot write the checkpoint '{path}': safetensors refused it ({error}). The header "
+            f"(metadata, paths and non-tensor leaves) must stay under 100 MB: pass less "
+            f"`metadata` or keep large data in tensors."
+        )
+    return CheckpointError(
+        f"Cannot write the checkpoint '{path}': {error}. Nothing was replaced: the previous "
+        f"checkpoints are intact."
+    )
 
 
 class TensorFile:
@@ -167,6 +203,60 @@ class TensorFile:
                 self._owned = False
             self.metadata: dict[str, str] = self._file.metadata() or {}
             self.names: list[str] = list(self._file.keys())
+            self._ranges = self._byte_ranges()
+
+    def _byte_ranges(self) -> dict[str, tuple[int, int]]:
+        """Each tensor's absolute (start, end) byte offsets, checked to lie inside the file.
+
+        Read from the container's own header, before any tensor is: a header
+        declaring more bytes than the file holds is rejected here, not found
+        out by reading (or allocating) what it declares.
+        """
+        with open(self.path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            (length,) = struct.unpack("<Q", f.read(8))
+            table = json.loads(f.read(length))
+        start = 8 + length
+        ranges = {}
+        for name in self.names:
+            begin, end = (int(x) for x in table[name]["data_offsets"])
+            if not start <= start + begin <= start + end <= size:
+                raise OSError(
+                    f"tensor `{name}` declares bytes {begin}..{end} of the data section, but the "
+                    f"file holds {size - start} data bytes"
+                )
+            ranges[name] = (start + begin, start + end)
+        return ranges
+
+    def nbytes(self, name: str) -> int:
+        """The bytes tensor `name` takes in the file."""
+        begin, end = self._ranges[name]
+        return end - begin
+
+    def check(self, name: str, checksum: int) -> None:
+        """Compare tensor `name`'s CRC-32 with `checksum`, reading at most `CHUNK_BYTES` at a time.
+
+        Raises:
+            CheckpointError: the checksum differs, or the file cannot be read.
+        """
+        begin, end = self._ranges[name]
+        actual = 0
+        with self._errors(f"read tensor `{name}` from"):
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                offset = begin
+                while offset < end:
+                    chunk = os.pread(fd, min(CHUNK_BYTES, end - offset), offset)
+                    if not chunk:
+                        raise OSError(
+                            f"the file ends at byte {offset}, before tensor `{name}` does"
+                        )
+                    actual = zlib.crc32(chunk, actual)
+                    offset += len(chunk)
+            finally:
+                os.close(fd)
+        if actual != checksum:
+            raise _checksum_error(name, self.path, checksum, actual)
 
     def __enter__(self) -> TensorFile:
         return self
@@ -180,7 +270,17 @@ class TensorFile:
             yield
         except FileNotFoundError:
             raise
-        except (SafetensorError, OSError) as e:
+        except (
+            SafetensorError,
+            OSError,
+            ValueError,
+            KeyError,
+            TypeError,
+            RecursionError,
+            struct.error,
+        ) as e:
+            if isinstance(e, CheckpointError):
+                raise
             raise CheckpointError(
                 f"Cannot {what} the checkpoint '{self.path}': {e}. The file is truncated, "
                 f"corrupted, or not a safetensors file. Use another checkpoint, or save again."
@@ -209,9 +309,13 @@ class TensorFile:
         if checksum is not None:
             actual = crc32(tensor)
             if actual != checksum:
-                raise CheckpointError(
-                    f"Checksum mismatch for tensor `{name}` in '{self.path}': the file is corrupted "
-                    f"(stored crc32 {checksum:#010x}, the bytes read give {actual:#010x}). Load an "
-                    f"earlier checkpoint; `verify=False` skips this check and loads the damaged values."
-                )
+                raise _checksum_error(name, self.path, checksum, actual)
         return tensor
+
+
+def _checksum_error(name: str, path: Path, expected: int, actual: int) -> CheckpointError:
+    return CheckpointError(
+        f"Checksum mismatch for tensor `{name}` in '{path}': the file is corrupted "
+        f"(stored crc32 {expected:#010x}, the bytes read give {actual:#010x}). Load an "
+        f"earlier checkpoint; `verify=False` skips this check and loads the damaged values."
+    )

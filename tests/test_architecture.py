@@ -53,7 +53,13 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ),
     (
         "state and codec",
-        ("lightfunc._state", "lightfunc._codec", "lightfunc._checkpoint", "lightfunc._params_file"),
+        (
+            "lightfunc._state",
+            "lightfunc._codec",
+            "lightfunc._checkpoint",
+            "lightfunc._params_file",
+            "lightfunc._lightning_ckpt",  # reads a Lightning .ckpt (weights_only) into a TrainState
+        ),
     ),
     (
         "transforms",
@@ -69,7 +75,13 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("loop", ("lightfunc._device", "lightfunc._data", "lightfunc._loop", "lightfunc._compose")),
     (
         "around the loop",
-        ("lightfunc._manager", "lightfunc.callbacks.*", "lightfunc.loggers.*", "lightfunc._fit"),
+        (
+            "lightfunc._manager",
+            "lightfunc._run_dir",  # versioned run directories, for `fit`
+            "lightfunc.callbacks.*",
+            "lightfunc.loggers.*",
+            "lightfunc._fit",
+        ),
     ),
     ("command line", ("lightfunc.__main__",)),
 )

@@ -71,9 +71,116 @@ def test_report_renders_a_table_and_a_chart(tmp_path):
         "records": [record],
     }
     table = report.markdown(results)
-    assert "| mlp | raw_eager | 100.0 | 10% | 1.00x" in table
+    assert (
+        "| mlp | raw_eager | 100.0 (10%) | 1.00 | - | - | - | - | 0.0 | - / - | 2.0 (1.0 + 1.0) |"
+        in table
+    )
+    ours = {**record, "impl": "lightfunc_compiled", "ratio_to_raw_eager": 1.5, "ratio_min": 1.2,
+            "ratio_max": 1.8, "cpu_ratio_to_raw_eager": 1.4, "cpu_ratio_min": 1.3,
+            "cpu_ratio_max": 1.6, "ratio_to_lightning": 2.0, "ratio_to_lightning_barebones": 1.7,
+            "time_to_first_step_s": 9.5, "cpu_ratio_to_limit": 1.05, "cpu_ratio_to_limit_min": 0.98,
+            "cpu_ratio_to_limit_max": 1.1}  # fmt: skip
+    results["records"].append(ours)
+    table = report.markdown(results)
+    assert (
+        "| lightfunc_compiled | 100.0 (10%) | 1.50 (1.20-1.80) | 1.40 (1.30-1.60) | 1.05 (0.98-1.10) | 2.00 | 1.70 | 9.5 |"
+        in table
+    )
     report.chart(results, tmp_path / "r.png")
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_chart_colours_group_implementations_by_family():
+    impls = ["raw_eager", "raw_compiled_functional", "lightfunc_eager", "lightfunc_compiled",
+             "lightning_trainer", "lightning_barebones"]  # fmt: skip
+    colours = report.family_colours(impls)
+    assert len(set(colours.values())) == len(impls)  # no colour repeats
+    for a, b in [(0, 1), (2, 3), (4, 5)]:  # same family: same hue, different shade
+        ra, ga, ba, _ = colours[impls[a]]
+        rb, gb, bb, _ = colours[impls[b]]
+        assert (ra >= ba) == (rb >= bb) and (ba >= ga) == (bb >= gb)
+    assert colours["lightfunc_eager"][2] > colours["lightfunc_eager"][0]  # Blues
+    assert colours["lightning_trainer"][0] > colours["lightning_trainer"][2]  # Oranges
+
+
+class _ReplacesItsState(RawEager):
+    """A step that allocates one new 1 MB state and drops the old one, nothing else."""
+
+    def __init__(self, workload):
+        super().__init__(workload)
+        self.state = torch.zeros(2**18)
+
+    def step(self):
+        self.state = self.state + 1
+        return self.state[0]
+
+    def state_bytes(self):
+        return self.state.numel() * 4
+
+
+def test_step_peak_counts_a_replaced_state_once():
+    # During the step the old and the new state are both alive: the peak above
+    # the state held between steps is exactly one state. Profiling a window
+    # whose input state was allocated before it began would miss the old
+    # state's free and report two.
+    from bench.harness import step_peak_bytes
+
+    runner = _ReplacesItsState(make_workload("mlp"))
+    assert 2**20 <= step_peak_bytes(runner) < 2**20 + 1024  # plus a few bytes of bookkeeping
+
+
+def _parser_of(main, monkeypatch):
+    """The ArgumentParser a bench `main` builds (captured at parse_args)."""
+    import argparse
+
+    seen = []
+
+    def capture(self, args=None, namespace=None):
+        seen.append(self)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    with pytest.raises(SystemExit):
+        main([])
+    return seen[0]
+
+
+@pytest.mark.parametrize(
+    "module", ["bench.__main__", "bench.precision", "bench.checkpoint_io", "bench.kernels"]
+)
+def test_every_bench_option_has_help_and_results_go_to_a_scratch_folder(module, monkeypatch):
+    import importlib
+
+    parser = _parser_of(importlib.import_module(module).main, monkeypatch)
+    for action in parser._actions:
+        assert action.help, f"{module}: {action.option_strings} has no help"
+    out = next(a for a in parser._actions if "--out" in a.option_strings)
+    assert out.default == report.SCRATCH
+    assert "bench/results" not in str(out.default)
+
+
+def test_replot_redraws_an_earlier_run_without_measuring(tmp_path):
+    from bench.__main__ import main
+
+    record = {
+        "workload": "mlp", "impl": "raw_eager", "steps_per_s": 100.0, "steps_per_s_spread": 0.1,
+        "ratio_to_raw_eager": 1.0, "ratio_spread": 0.0, "compile_s": 0.0, "peak_mem_mb": 2.0,
+        "state_mb": 1.0, "step_peak_mb": 1.0, "model_gflops_per_s": 3.0,
+    }  # fmt: skip
+    machine = {
+        "torch": "2.13",
+        "lightfunc": "0",
+        "cpu": "c",
+        "cpus": 2,
+        "threads": 1,
+        "device": "cpu",
+    }
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps({"machine": machine, "matmul_peak_gflops": 1.0, "seconds": 1.0,
+                                   "records": [record]}))  # fmt: skip
+    main(["--replot", str(earlier), "--out", str(tmp_path / "out"), "--title", "Fit overhead"])
+    assert (tmp_path / "out" / "results.png").exists()
+    assert "| mlp | raw_eager |" in (tmp_path / "out" / "results.md").read_text()
 
 
 @pytest.mark.slow
@@ -102,6 +209,10 @@ def test_quick_benchmark_runs_end_to_end(tmp_path):
             "compile_s",
             "ratio_to_raw_eager",
             "fraction_of_matmul_peak",
+            "cpu_ratio_to_raw_eager",
+            "time_to_first_step_s",
+            "ratio_min",
+            "ratio_max",
         ):
             assert key in record
     assert (tmp_path / "results.md").exists() and (tmp_path / "results.png").exists()

@@ -288,7 +288,7 @@ def test_progress_plain_output_is_one_line_per_interval_and_per_evaluation():
     assert lines[0].startswith("epoch 0 step 4/20 ") and "step/s" in lines[0]
     assert "eta " in lines[0] and "eta " not in lines[-1]
     assert lines[0].endswith("loss=0.25 acc=0.5")
-    assert lines[1].endswith("loss=0.1667 acc=0.5 val_loss=2")
+    assert lines[1].endswith("loss=0.1667 val_loss=2 acc=0.5")
     assert lines[-1].startswith("epoch 1 step 20/20")
 
 

@@ -1,3 +1,4 @@
+import errno
 import json
 import math
 import os
@@ -16,6 +17,7 @@ import lightfunc as lf
 import lightfunc._tensorfile
 from lightfunc import CheckpointError
 from lightfunc._checkpoint import verify
+from lightfunc._codec import HEADER_CRC, header_crc32
 from lightfunc.testing import assert_trees_close
 
 # -- helpers --------------------------------------------------------------------
@@ -66,8 +68,12 @@ def _header(data):
     return n, json.loads(data[8 : 8 + n])
 
 
-def _rewrite_metadata(path, **changes):
-    """Rewrite the safetensors header of `path` with some metadata keys changed (None: removed)."""
+def _rewrite_metadata(path, *, sign=True, **changes):
+    """Rewrite the safetensors header of `path` with some metadata keys changed (None: removed).
+
+    The header's CRC-32 is recomputed (`sign`), so what is tested is the
+    check behind it; `sign=False` leaves it, as a random corruption would.
+    """
     data = path.read_bytes()
     n, header = _header(data)
     meta = header["__metadata__"]
@@ -76,6 +82,8 @@ def _rewrite_metadata(path, **changes):
             meta.pop(key)
         else:
             meta[key] = value
+    if sign:
+        meta[HEADER_CRC] = header_crc32(meta)
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
@@ -403,10 +411,10 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, mon
     def half_write(tensors, filename, metadata):
         with open(filename, "wb") as f:
             f.write(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(lightfunc._tensorfile, "save_file", half_write)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError, match=r"Cannot write the checkpoint .*the disk is full"):
         lf.save({"w": torch.zeros(2)}, path)
     assert os.listdir(tmp_path) == ["ckpt.safetensors"]
     assert torch.equal(lf.load(path, like={"w": torch.zeros(2)})["w"], torch.ones(2))

@@ -16,11 +16,13 @@ from lightfunc import CheckpointError
 from lightfunc._codec import (
     CHECKPOINT_FORMAT,
     FORMAT_VERSION,
+    HEADER_CRC,
     PARAMS_FORMAT,
     Header,
     encode,
     flatten,
     flatten_named,
+    header_crc32,
     place,
     user_metadata,
 )
@@ -130,7 +132,11 @@ def test_one_header_for_a_file_a_params_file_and_a_shard_index(tmp_path):
         assert f.metadata() == header
     directory = save_sharded(tree, tmp_path / "sharded", metadata={"run": 1})
     index = json.loads((directory / "index.json").read_text())
-    assert index["header"] == header | {"checksums": "{}"}
+    unsigned = {k: v for k, v in header.items() if k != HEADER_CRC}
+    assert index["header"] == unsigned | {
+        "checksums": "{}",
+        HEADER_CRC: header_crc32(unsigned | {"checksums": "{}"}),
+    }
     with safetensors.safe_open(export_full(directory, tmp_path / "full.safetensors"), "pt") as f:
         assert f.metadata() == header
 
@@ -189,13 +195,20 @@ def test_unencodable_trees_are_named_by_path():
 # -- headers that are not ours, newer, or damaged ------------------------------------------
 
 
-def _header(**changes: str | None) -> tuple[dict[str, str], list[str]]:
+def _header(sign: bool = True, **changes: str | None) -> tuple[dict[str, str], list[str]]:
+    """A valid header with `changes` made, re-signed (its CRC-32 recomputed) unless `sign=False`.
+
+    Re-signed edits check what the header's own checks catch behind the
+    CRC-32 (what a version-1 file, which has none, relies on).
+    """
     tensors, header = encode(flatten({"w": torch.ones(2), "rng": lf.RngKey(1)}, "`tree`"))
     for key, value in changes.items():
         if value is None:
             header.pop(key)
         else:
             header[key] = value
+    if sign:
+        header[HEADER_CRC] = header_crc32(header)
     return header, list(tensors)
 
 
@@ -205,7 +218,7 @@ def _header(**changes: str | None) -> tuple[dict[str, str], list[str]]:
         ({"format": "params"}, r"is a parameters file written by lightfunc\.save_params"),
         ({"format": "pt"}, r"`format` is 'pt'.*not written by lightfunc\.save"),
         ({"format_version": "0"}, r"`format_version` is '0', expected an integer >= 1"),
-        ({"format_version": "2"}, r"format version 2, written by lightfunc .*Upgrade lightfunc"),
+        ({"format_version": "3"}, r"format version 3, written by lightfunc .*Upgrade lightfunc"),
         ({"aliases": None}, r"the metadata key 'aliases' is missing"),
         ({"user_metadata": "{"}, r"the metadata key 'user_metadata' is not valid JSON"),
         (
@@ -233,7 +246,52 @@ def test_decode_checks_the_format_asked_for_and_the_tensors_present():
     with pytest.raises(CheckpointError, match="tensors do not match the `leaves`"):
         Header.decode(header, SOURCE, tensors=[*names, "extra"])
     # a sharded index keeps no per-tensor checksums: its chunks carry them
-    header["checksums"] = "{}"
+    header, names = _header(checksums="{}")
     with pytest.raises(CheckpointError, match="tensors do not match the `leaves` and `checksums`"):
         Header.decode(header, SOURCE, tensors=names)
     assert Header.decode(header, SOURCE, tensors=names, checksummed=False).checksums == {}
+
+
+# -- the header's own checksum ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"leaves": '[{"path": "w", "keys": ["w"], "kind": "tensor"}, '
+         '{"path": "rng", "keys": ["rng"], "kind": "rng", "value": {"seed": 1, "counter": 1}}]'},
+        {"treespec": "edited"},
+        {"user_metadata": '{"step": 3}'},
+        {"lightfunc_version": "0.0.1"},
+        {"extra": "added"},
+    ],
+)  # fmt: skip
+def test_any_edit_of_a_signed_header_fails_its_crc(changes):
+    header, names = _header(sign=False, **changes)
+    with pytest.raises(CheckpointError, match=r"has a damaged header: its CRC-32 is [0-9a-f]{8}"):
+        Header.decode(header, SOURCE, tensors=names)
+
+
+def test_a_header_without_its_crc_is_malformed_from_version_2_and_read_at_version_1():
+    header, names = _header(sign=False, header_crc32=None)
+    with pytest.raises(CheckpointError, match=r"the metadata key 'header_crc32' is missing"):
+        Header.decode(header, SOURCE, tensors=names)
+    header["format_version"] = "1"  # written before the header carried a CRC-32
+    assert Header.decode(header, SOURCE, tensors=names).leaves["rng"].value == lf.RngKey(1)
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"user_metadata": "[" * 100_000 + "]" * 100_000}, r"'user_metadata' is not valid JSON"),
+        ({"user_metadata": "1" * 5000}, r"'user_metadata' is not valid JSON"),
+        ({"checksums": '{"w": ' + "7" * 5000 + "}"}, r"'checksums' is not valid JSON"),
+        ({"format_version": "1" * 5000}, r"`format_version` is '1111.*expected an integer"),
+        ({"format_version": "\u00b2"}, r"`format_version` is .*expected an integer"),
+    ],
+)
+def test_deep_or_huge_json_is_a_checkpoint_error_not_a_crash(changes, match):
+    # No RecursionError, no ValueError from int() escapes: each is a CheckpointError.
+    header, names = _header(**changes)
+    with pytest.raises(CheckpointError, match=match):
+        Header.decode(header, SOURCE, tensors=names)

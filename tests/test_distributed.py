@@ -694,7 +694,7 @@ def metrics_step(state: Any, batch: Any) -> Any:
     }
     if state is None:
         return None, metrics
-    grads = {k: torch.zeros_like(v) for k, v in state.params.items()}
+    grads = {k: torch.ones_like(v) for k, v in state.params.items()}  # sgd(0.0): no movement
     return state.apply_gradients(grads), metrics
 
 

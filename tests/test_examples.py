@@ -1,11 +1,15 @@
-"""Every example runs, with tiny settings."""
+"""Every example runs, with tiny settings; `--smoke` and `--help` do what the README says."""
 
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+import lightfunc as lf
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
 
@@ -14,10 +18,20 @@ def test_digits_example_runs_eagerly(capsys, tmp_path):
 
     accuracy = digits.main(["--epochs", "2", "--no-compile", "--run-dir", str(tmp_path)])
     assert 0.5 < accuracy <= 1.0
-    assert "test accuracy:" in capsys.readouterr().out
-    assert (tmp_path / "checkpoints" / "last.safetensors").exists()
-    assert list((tmp_path / "best").glob("step=*.safetensors"))
-    assert list((tmp_path / "logs").rglob("*"))  # TensorBoard event files
+    out = capsys.readouterr().out
+    assert "test accuracy:" in out
+    assert "Run stopped at step 44 (epoch 1): max_epochs=2 reached" in out
+    run = tmp_path / "version_0"
+    assert (run / "checkpoints" / "last.safetensors").exists()
+    assert list((run / "logs").glob("events.out.tfevents.*"))  # TensorBoard event files
+
+
+def test_digits_smoke_runs_two_short_epochs_eagerly(capsys, tmp_path):
+    import digits
+
+    digits.main(["--smoke", "--run-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "10 steps (eager)" in out  # 2 epochs of 5 batches
 
 
 def test_digits_example_resumes_from_its_last_checkpoint(capsys, tmp_path):
@@ -28,6 +42,7 @@ def test_digits_example_resumes_from_its_last_checkpoint(capsys, tmp_path):
     digits.main(["--epochs", "2", "--no-compile", "--run-dir", str(tmp_path), "--resume"])
     out = capsys.readouterr().out
     assert "44 steps (eager)" in out  # 22 batches per epoch; the second run only ran epoch 2
+    assert not (tmp_path / "version_1").exists()  # resumed in the same version
 
 
 @pytest.mark.compiled
@@ -38,7 +53,10 @@ def test_digits_example_runs_compiled(capsys, fresh_dynamo, tmp_path):
         ["--epochs", "1", "--limit-train-batches", "5", "--run-dir", str(tmp_path)]
     )
     assert 0.0 <= accuracy <= 1.0
-    assert "(compiled)" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "(compiled)" in captured.out
+    assert "compiling train_step ... " in captured.err  # the bar says what it compiles
+    assert "compile " in captured.out  # and the summary's time split has it
 
 
 def test_digits_torch_twin_runs(capsys):
@@ -48,14 +66,42 @@ def test_digits_torch_twin_runs(capsys):
     assert 0.5 < accuracy <= 1.0
 
 
-def test_char_lm_example_runs_and_samples(capsys, tmp_path):
+def test_char_lm_smoke_runs_and_samples(capsys, tmp_path):
     import char_lm
 
-    bits = char_lm.main(
-        ["--steps", "4", "--bytes", "20000", "--width", "32", "--layers", "1", "--seq", "32",
-         "--batch-size", "8", "--no-compile", "--sample-chars", "10", "--run-dir", str(tmp_path)]
-    )  # fmt: skip
+    bits = char_lm.main(["--smoke", "--run-dir", str(tmp_path)])
     assert 1.0 < bits < 8.5  # bits per byte: 8 is a uniform guess over 256 values
     out = capsys.readouterr().out
+    assert "20 steps (" in out and "eager) in" in out
     assert "--- sample ---\ndef " in out
-    assert list((tmp_path / "best").glob("*.safetensors"))
+    assert list((tmp_path / "version_0" / "checkpoints").glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("script", ["digits.py", "char_lm.py"])
+def test_example_help_shows_every_default_and_smoke(script):
+    text = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout
+    options_text = text.split("options:", 1)[1]
+    options = [line.split()[0].rstrip(",") for line in options_text.splitlines() if line.strip()]
+    options = [o for o in options if o.startswith("--") and o != "--help"]
+    assert "--smoke" in options
+    flat = " ".join(options_text.split())
+    for option in options:  # each option's help, up to the next option, states its default
+        section = flat.split(f" {option} ", 1)[1].split(" --", 1)[0]
+        assert "(default:" in section, f"{script} {option} shows no default: {section!r}"
+
+
+def test_lightfunc_version_flag():
+    out = subprocess.run(
+        [sys.executable, "-m", "lightfunc", "--version"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout
+    assert out.startswith(f"lightfunc {lf.__version__} (torch ")

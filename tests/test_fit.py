@@ -29,8 +29,8 @@ def test_fit_with_defaults_writes_logs_and_a_last_checkpoint(tmp_path, capsys):
                    default_root_dir=tmp_path, enable_model_summary=model, log_every_n_steps=1)  # fmt: skip
     assert final.step == 6 and final.evaluated
     files = _files(tmp_path)
-    assert "checkpoints/last.safetensors" in files
-    assert any(f.startswith("logs/") for f in files)
+    assert "version_0/checkpoints/last.safetensors" in files
+    assert any(f.startswith("version_0/logs/") for f in files)
     err = capsys.readouterr().err
     assert "step 6/6" in err and "\r" not in err  # plain progress lines off a terminal
 
@@ -104,7 +104,7 @@ def test_ckpt_path_resumes_from_a_given_checkpoint_file(tmp_path):
     data = make_data(n=96)
     first = lf.fit(step, state, data, max_epochs=1, default_root_dir=tmp_path, logger=False,
                    enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
-    checkpoint = tmp_path / "checkpoints" / "step=3.safetensors"
+    checkpoint = tmp_path / "version_0" / "checkpoints" / "step=3.safetensors"
     assert checkpoint.exists() and first.step == 3
     again = lf.fit(step, state, data, max_epochs=2, barebones=True, ckpt_path=checkpoint)
     straight = lf.fit(step, state, data, max_epochs=2, barebones=True)

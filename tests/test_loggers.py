@@ -75,22 +75,73 @@ def _event_accumulator(log_dir):
 # What is written ------------------------------------------------------------------------
 
 
-def test_tensorboard_event_files_hold_exactly_the_logged_scalars(tmp_path):
+def test_tensorboard_event_files_hold_exactly_the_logged_scalars_under_namespaced_tags(tmp_path):
     logger = TensorBoardLogger(tmp_path, name="tb", log_every_n_steps=2)
     states = _run([logger])  # 8 steps; evaluations at 3, 4, 6, 8; train logs at 2, 4, 6, 8
     expected = {}
-    for step, epoch, metrics in _expected(states, every=2):
-        for name, value in {**metrics, "epoch": float(epoch)}.items():
-            expected[(name, step)] = value
+    for step, _, metrics in _expected(states, every=2):
+        for name, value in metrics.items():
+            expected[(_tensorboard_logger.tensorboard_tag(name), step)] = value
     assert {step for _, step in expected} == {2, 3, 4, 6, 8}
 
     acc = _event_accumulator(tmp_path / "tb")
-    assert set(acc.Tags()["scalars"]) == {"loss", "epoch", "val_loss", "val_acc"}
+    # Two groups, train/ and val/ (TensorBoard opens the first two); no `epoch` scalar.
+    assert set(acc.Tags()["scalars"]) == {"train/loss", "val/loss", "val/acc"}
     assert acc.Tags()["tensors"] == []  # no hparams given, none written
     got = {(tag, e.step): e.value for tag in acc.Tags()["scalars"] for e in acc.Scalars(tag)}
     assert got.keys() == expected.keys()  # each (tag, step) once, nothing else
     for key, value in expected.items():
         assert got[key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_tensorboard_tags():
+    tag = _tensorboard_logger.tensorboard_tag
+    assert [tag(n) for n in ("loss", "lr", "val_loss", "val_acc", "grad/norm")] == [
+        "train/loss",
+        "train/lr",
+        "val/loss",
+        "val/acc",
+        "grad/norm",  # the user's own namespace is kept
+    ]
+
+
+def _hparams_plugin(log_dir):
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+    acc = _event_accumulator(log_dir)
+    return {
+        tag: HParamsPluginData.FromString(content)
+        for tag, content in acc.PluginTagToContent("hparams").items()
+    }
+
+
+def test_tensorboard_hparams_go_to_the_hparams_plugin_with_the_final_metrics(tmp_path):
+    params = {"lr": 0.1, "optim": {"name": "adamw", "betas": [0.9, 0.99]}, "seed": None}
+    logger = TensorBoardLogger(tmp_path, log_every_n_steps=2, hparams=params)
+    _run([logger])
+    plugin = _hparams_plugin(logger.log_dir)
+    assert set(plugin) == {
+        "_hparams_/session_start_info",
+        "_hparams_/experiment",
+        "_hparams_/session_end_info",
+    }
+    start = plugin["_hparams_/session_start_info"].session_start_info.hparams
+    assert start["lr"].number_value == 0.1
+    assert start["optim/name"].string_value == "adamw"
+    assert start["optim/betas"].string_value == "[0.9, 0.99]"
+    assert start["seed"].string_value == "None"
+    experiment = plugin["_hparams_/experiment"].experiment
+    # The metrics are the run's scalars, evaluation metrics first, then the train loss.
+    assert [m.name.tag for m in experiment.metric_infos] == ["val/loss", "val/acc", "train/loss"]
+    assert [h.name for h in experiment.hparam_infos] == ["lr", "optim/name", "optim/betas", "seed"]
+    assert plugin["_hparams_/session_end_info"].session_end_info.status == 1  # STATUS_SUCCESS
+
+
+def test_flatten_hparams():
+    flat = _tensorboard_logger.flatten_hparams(
+        {"a": {"b": 1, "c": {"d": True}}, "e": [1, 2], "f": None, "g": "x"}
+    )
+    assert flat == {"a/b": 1, "a/c/d": True, "e": "[1, 2]", "f": "None", "g": "x"}
 
 
 def test_tensorboard_hparams_are_written_once_and_read_back_as_json(tmp_path):
@@ -103,7 +154,7 @@ def test_tensorboard_hparams_are_written_once_and_read_back_as_json(tmp_path):
     events = acc.Tensors("hparams/text_summary")
     assert len(events) == 1 and events[0].step == 0
     assert json.loads(events[0].tensor_proto.string_val[0].decode()) == HPARAMS
-    assert [e.step for e in acc.Scalars("loss")] == [2, 4, 6, 8, 10, 12]
+    assert [e.step for e in acc.Scalars("train/loss")] == [2, 4, 6, 8, 10, 12]
 
 
 def test_tensorboard_log_hyperparams_writes_everything_logged_so_far(tmp_path):

@@ -103,12 +103,21 @@ def test_restore_returns_none_without_checkpoints(tmp_path):
     assert lf.CheckpointManager(tmp_path).restore({"w": torch.zeros(3)}) is None
 
 
-def test_orphaned_temporary_files_are_removed(tmp_path):
+def test_constructing_and_reading_change_nothing_on_disk(tmp_path):
+    # Temporary files may belong to a live writer: only the first save removes
+    # those of dead processes (tests/test_integrity.py).
     (tmp_path / ".step=5.safetensors.123.tmp").write_bytes(b"half a file")
     (tmp_path / ".tmpab12cd").write_bytes(b"half a file left by safetensors")
     (tmp_path / "notes.txt").write_text("kept")
-    lf.CheckpointManager(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    manager = lf.CheckpointManager(tmp_path / "new")
+    assert manager.latest() is None and manager.restore({"w": torch.zeros(3)}) is None
+    assert not (tmp_path / "new").exists()  # a reader creates no directory
+    lf.CheckpointManager(tmp_path).latest()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".step=5.safetensors.123.tmp",
+        ".tmpab12cd",
+        "notes.txt",
+    ]
 
 
 @pytest.mark.parametrize(

@@ -133,6 +133,46 @@ def test_adam_is_bit_identical_to_torch_adam():
     assert max_abs_diff(ours, theirs) == 0.0
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_adamw_is_bit_identical_to_torch_adamw(masked):
+    params, grads = make_params(), make_grads(make_params())
+    theirs = run_torch(
+        lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),
+        params,
+        grads,
+        groups=decay_groups if masked else None,
+    )
+    tx = lo.adamw(1e-2, weight_decay=0.1, mask=no_bias_mask if masked else None)
+    assert max_abs_diff(run_lightfunc(tx, params, grads), theirs) == 0.0
+
+
+def with_float64_leaf(params: Params) -> Params:
+    """`params` plus a float64 leaf: mixed dtypes send the eager update leaf by leaf."""
+    return {**params, "extra": torch.linspace(-1.0, 1.0, 5, dtype=torch.float64)}
+
+
+@pytest.mark.parametrize(
+    "make_tx",
+    [
+        lambda: lo.adamw(1e-2, weight_decay=0.1, mask=no_bias_mask),
+        lambda: lo.adam(lo.warmup_cosine_decay_schedule(0.0, 1e-2, 3, 20), weight_decay=0.1),
+        lambda: lo.chain(
+            lo.scale_by_adam(), lo.scale_by_learning_rate(lo.cosine_decay_schedule(1e-2, 20))
+        ),
+    ],
+)
+def test_multi_tensor_and_leaf_by_leaf_updates_agree_bit_for_bit(make_tx):
+    # One dtype: the eager `torch._foreach_*` path. A float64 leaf more: every
+    # leaf goes through the per-leaf code (the one torch.compile traces).
+    params = make_params()
+    mixed = with_float64_leaf(params)
+    grads = [{k: g.to(mixed[k].dtype) for k, g in grad.items()} for grad in make_grads(mixed, n=10)]
+    fast = run_lightfunc(make_tx(), params, [{k: g[k] for k in params} for g in grads])
+    slow = run_lightfunc(make_tx(), mixed, grads)
+    for k in params:
+        assert torch.equal(fast[k], slow[k]), k
+
+
 def test_adamw_with_cosine_schedule_matches_cosine_annealing_lr():
     params, grads = make_params(), make_grads(make_params())
     theirs = run_torch(
@@ -376,6 +416,30 @@ def test_compiled_adamw_update_matches_eager_and_compiles_once():
     assert max_abs_diff(comp_p, eager_p) <= TOL
     for a, b in zip(tree_leaves(comp_s), tree_leaves(eager_s), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=TOL)
+    torch._dynamo.reset()
+
+
+@pytest.mark.compiled
+def test_compiled_adam_computes_its_bias_corrections_once_per_step():
+    # Without `once_per_step` inductor inlines the float64 `b ** t` into every
+    # parameter's update loop (one `pow` pair per loop); with it, one pair in all.
+    from torch._inductor.utils import run_and_get_code
+
+    tx = lo.adamw(1e-2, weight_decay=0.1)
+    params = make_params()
+    grads = make_grads(params, n=1)[0]
+
+    def step(params: Params, grads: Params, state: Any) -> tuple[Params, Any]:
+        updates, state = tx.update(grads, state, params)
+        return lo.apply_updates(params, updates), state
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, dynamic=False)
+    (new_params, _), codes = run_and_get_code(compiled, params, grads, tx.init(params))
+    eager_params, _ = step(params, grads, tx.init(params))
+    code = "\n".join(codes)
+    assert code.count("std::pow(") == 2  # b1 ** t and b2 ** t, once
+    assert max_abs_diff(new_params, eager_params) <= TOL
     torch._dynamo.reset()
 
 

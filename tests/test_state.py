@@ -5,6 +5,7 @@ import torch
 from helpers import clone_tree, make_model
 
 import lightfunc as lf
+from lightfunc._tree import tree_structure
 from lightfunc.testing import assert_trees_close
 
 
@@ -71,3 +72,19 @@ def test_create_rejects_an_unknown_model_type():
         TypeError, match=r"`model` must be an nn.Module or a dict of tensors, got list"
     ):
         lf.TrainState.create([torch.zeros(2)], lf.optim.sgd(0.1))  # type: ignore[arg-type]
+
+
+def test_create_wraps_the_optimizer_so_states_created_alike_have_equal_structures():
+    model = make_model()
+    model[0].requires_grad_(False)
+    tx = lf.optim.adam(1e-3)
+    a, b = lf.TrainState.create(model, tx), lf.TrainState.create(model, tx)
+    assert tree_structure(a) == tree_structure(b)
+    assert a.tx == b.tx and a.tx != tx
+
+
+def test_trainable_only_rejects_a_torch_optimizer():
+    with pytest.raises(
+        TypeError, match=r"`inner` must be a lightfunc.optim GradientTransformation, got SGD"
+    ):
+        lf.optim.trainable_only(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1))

@@ -4,12 +4,17 @@ Pass them to `lightfunc.loop(..., callbacks=[...])` or `lightfunc.fit`. See
 `Callback` for the protocol (hooks, stopping, checkpointed state).
 """
 
+from ._anomaly import NonFiniteCheck as NonFiniteCheck
 from ._base import Callback as Callback
 from ._checkpoint import ModelCheckpoint as ModelCheckpoint
+from ._checkpoint import SaveHyperparameters as SaveHyperparameters
 from ._early_stopping import EarlyStopping as EarlyStopping
 from ._lr_monitor import LearningRateMonitor as LearningRateMonitor
 from ._profiler import ProfilerCallback as ProfilerCallback
 from ._progress import ProgressBar as ProgressBar
+from ._run_summary import RunReport as RunReport
+from ._run_summary import RunSummary as RunSummary
+from ._run_summary import summarize_run as summarize_run
 from ._summary import ModelSummary as ModelSummary
 from ._summary import summarize as summarize
 from ._timer import Timer as Timer

@@ -30,6 +30,15 @@ class EarlyStopping(Callback):
         stopping_threshold: stop as soon as the metric is better than this.
         divergence_threshold: stop as soon as the metric is worse than this.
         check_finite: stop when the metric is NaN or infinite.
+        verbose: print why the run stops when it does (rank 0 only with
+            `log_rank_zero_only`, Lightning's spelling).
+        strict: raise when `monitor` is not among the metrics (True, as
+            Lightning); False skips the check instead.
+        check_on_train_epoch_end: Lightning's switch, fixed by the metric in
+            lightfunc: None (the default), False for a `"val_..."` metric
+            (checked after every evaluation), True for a train metric
+            (checked at every epoch's end); the other combination raises.
+        log_rank_zero_only: with `verbose`, print on rank 0 only.
 
     Attributes:
         best: best value seen; `wait`: checks since it improved;
@@ -50,7 +59,23 @@ class EarlyStopping(Callback):
         stopping_threshold: float | None = None,
         divergence_threshold: float | None = None,
         check_finite: bool = True,
+        verbose: bool = False,
+        strict: bool = True,
+        check_on_train_epoch_end: bool | None = None,
+        log_rank_zero_only: bool = False,
     ) -> None:
+        evaluation = monitor.startswith("val_") if isinstance(monitor, str) else False
+        if check_on_train_epoch_end is not None and check_on_train_epoch_end == evaluation:
+            kind, when, other = (
+                ("an evaluation", "after every evaluation", "a train metric")
+                if evaluation
+                else ("a train", "at the end of every epoch", "a 'val_...' metric")
+            )
+            raise ValueError(
+                f"`check_on_train_epoch_end={check_on_train_epoch_end}` with `monitor={monitor!r}`: "
+                f"lightfunc checks {kind} metric {when}, when it is fresh. Drop "
+                f"`check_on_train_epoch_end`, or monitor {other}."
+            )
         if mode not in ("min", "max"):
             raise ValueError(f"`mode` must be 'min' or 'max', got {mode!r}.")
         check_non_negative_int("patience", patience)
@@ -64,6 +89,7 @@ class EarlyStopping(Callback):
             divergence_threshold,
         )
         self.check_finite = check_finite
+        self.verbose, self.strict, self.log_rank_zero_only = verbose, strict, log_rank_zero_only
         self.best = math.inf if mode == "min" else -math.inf
         self.wait = 0
         self.stopped_step = -1
@@ -89,6 +115,9 @@ class EarlyStopping(Callback):
         stop, self.reason = self._check(value)
         if stop:
             self.stopped_step = ls.step
+            rank = ls.strategy.rank if ls.strategy is not None else 0
+            if self.verbose and (rank == 0 or not self.log_rank_zero_only):
+                print(f"EarlyStopping: stopping at step {ls.step}: {self.reason}.", flush=True)
         return stop
 
     def _fresh_value(self, ls: LoopState) -> float | None:
@@ -97,13 +126,16 @@ class EarlyStopping(Callback):
         if not fresh:
             return None
         value = ls.metric(self.monitor)
+        if value is None and not self.strict:
+            return None
         if value is None:
             source = (ls.eval_metrics or {}) if evaluation else ls.metrics
             available = ", ".join(sorted(source)) or "none"
             raise KeyError(
                 f"EarlyStopping: `monitor={self.monitor!r}` is not among the "
                 f"{'evaluation' if evaluation else 'train'} metrics ({available}). "
-                f"Use 'val_<name>' for evaluation metrics."
+                f"Use 'val_<name>' for evaluation metrics, or pass `strict=False` to skip the "
+                f"check while the metric is missing."
             )
         return (
             float(value.detach().float().cpu()) if isinstance(value, torch.Tensor) else float(value)

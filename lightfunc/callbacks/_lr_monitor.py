@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from .._callback import Callback
+from .._validate import check_choice
 
 if TYPE_CHECKING:
     from .._contract import LoopState
@@ -24,9 +25,14 @@ class LearningRateMonitor(Callback):
         schedule: the learning-rate schedule given to the optimizer (a
             `lightfunc.optim` schedule), or a constant float.
         name: the metric's name.
+        logging_interval: "step" (Lightning's default: the rate at every
+            step, for the logger to read at its interval) or "epoch" (only on
+            the last step of each epoch, e.g. for a per-epoch schedule); None
+            is "step".
 
     Raises:
         TypeError: if `schedule` is neither callable nor a number.
+        ValueError: for another `logging_interval`.
 
     Example:
         >>> import lightfunc as lf
@@ -35,8 +41,14 @@ class LearningRateMonitor(Callback):
     """
 
     def __init__(
-        self, schedule: Callable[[torch.Tensor], torch.Tensor] | float, *, name: str = "lr"
+        self,
+        schedule: Callable[[torch.Tensor], torch.Tensor] | float,
+        *,
+        name: str = "lr",
+        logging_interval: Literal["step", "epoch"] | None = None,
     ) -> None:
+        check_choice("logging_interval", logging_interval, ("step", "epoch", None))
+        self.logging_interval = logging_interval or "step"
         if not callable(schedule) and not isinstance(schedule, int | float):
             raise TypeError(
                 f"`schedule` must be a lightfunc.optim schedule (a function of the step) or a number, "
@@ -48,6 +60,8 @@ class LearningRateMonitor(Callback):
         return self.name
 
     def extra_metrics(self, ls: LoopState) -> dict[str, Any]:
+        if self.logging_interval == "epoch" and not ls.epoch_end:
+            return {}
         step = getattr(ls.state, "step", None)
         if not isinstance(step, torch.Tensor):
             raise TypeError(

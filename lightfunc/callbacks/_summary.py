@@ -25,7 +25,9 @@ class ModelSummary(Callback):
     the trainable parameters and its `buffers` are counted apart. The module,
     if given, only supplies layer names and types, and the frozen parameters
     (those of the module that the state does not train). Without a module
-    the layers are read off the parameter names (`"0.weight"` -> layer `"0"`).
+    the layers are read off the parameter names (`"0.weight"` -> layer `"0"`)
+    and the table has no Type column (`fit(enable_model_summary=model)`
+    passes the module).
 
     Only rank 0 of a `torch.distributed` run prints (checked in `on_start`);
     the other ranks are silent.
@@ -174,7 +176,7 @@ def _layer_rows(
             parts = name.split(".")[:-1]
             for depth in range(1, len(parts) + 1):
                 prefixes.setdefault(".".join(parts[:depth]))
-        layers = [(n, "-") for n in prefixes]
+        layers = [(n, "") for n in prefixes]  # types unknown: the column is left out
     rows = []
     for name, kind in layers:
         if max_depth != -1 and name.count(".") + 1 > max_depth:
@@ -192,9 +194,15 @@ def _render(
 ) -> str:
     lines = []
     if rows:
+        typed = any(k for _, k, _ in rows)
         table = [("Name", "Type", "Params")] + [(n, k, _count(c)) for n, k, c in rows]
         name_w, type_w, count_w = (max(len(r[col]) for r in table) for col in range(3))
-        text = [f"{n:<{name_w}} | {k:<{type_w}} | {c:>{count_w}}" for n, k, c in table]
+        text = [
+            f"{n:<{name_w}} | {k:<{type_w}} | {c:>{count_w}}"
+            if typed
+            else f"{n:<{name_w}} | {c:>{count_w}}"
+            for n, k, c in table
+        ]
         rule = "-" * len(text[0])
         lines += [text[0], rule, *text[1:], rule]
     n_train, n_frozen, n_buf = (

@@ -37,10 +37,12 @@ if TYPE_CHECKING:
     from ._fsdp import fully_sharded as fully_sharded
     from ._fsdp import fully_sharded_eval as fully_sharded_eval
     from ._fsdp import gather_state as gather_state
+    from ._fsdp import set_units as set_units
     from ._fsdp import shard_state as shard_state
+    from ._sharded_init import init_sharded as init_sharded
 
 # The fully-sharded names import DTensor (about 1.4 s): only when first used.
-_FSDP = ("fully_sharded", "fully_sharded_eval", "gather_state", "shard_state")
+_FSDP = ("fully_sharded", "fully_sharded_eval", "gather_state", "set_units", "shard_state")
 
 
 def __getattr__(name: str) -> Any:
@@ -48,4 +50,8 @@ def __getattr__(name: str) -> Any:
         from . import _fsdp
 
         return getattr(_fsdp, name)
+    if name == "init_sharded":
+        from . import _sharded_init
+
+        return _sharded_init.init_sharded
     raise AttributeError(f"module 'lightfunc.distributed' has no attribute {name!r}")

@@ -5,15 +5,16 @@
     verify_sharded("runs/x/step=100")                  # complete and uncorrupted? no template
     export_full("runs/x/step=100", "model.safetensors")  # one file, for `lf.load` / inference
 
-A checkpoint is a directory: ``shard-RRRRR-of-WWWWW.safetensors``, one file
-per rank with the chunks of the tensors that rank holds, and ``index.json``,
-which holds the tree's header, encoded by `lightfunc._codec` exactly as
-`lf.save` encodes it (leaves, the values of ints, floats, strings and
-`RngKey`s, tied paths, user metadata), and every tensor's global shape,
-dtype and chunks (file, offsets, sizes, CRC-32). No pickle is written or
-read; the format is described in `_shard_format`. A DTensor's chunk is its
-local tensor (`__create_chunk_list__`, the protocol torch's DCP uses),
-written only by the ranks at coordinate 0 of the mesh dimensions it is
+A checkpoint is a directory: ``shard-RRRRR-of-WWWWW-GGGGGGGG.safetensors``, one
+file per rank with the chunks of the tensors that rank holds, and
+``index.json``, which holds the tree's header, encoded by `lightfunc._codec`
+exactly as `lf.save` encodes it (leaves, the values of ints, floats, strings
+and `RngKey`s, tied paths, user metadata), every tensor's global shape, dtype
+and chunks (file, offsets, sizes, CRC-32), and a CRC-32 of all of that. No
+pickle is written or read; the format, and why it is not torch's distributed
+checkpoint engine (measured), is described in `_shard_format`. A DTensor's
+chunk is its local tensor (`__create_chunk_list__`, the protocol torch's DCP
+uses), written only by the ranks at coordinate 0 of the mesh dimensions it is
 replicated over, so each element is stored once; plain tensors count as
 replicated and rank 0 writes them.
 
@@ -21,15 +22,27 @@ The same calls work in one process without a process group (a state of
 plain tensors: one shard file) and on a `LoopState` (its strategy is static,
 not saved), so a checkpoint manager needs no second code path.
 
-Writing is atomic: every rank writes into ``.<name>.sharded.tmp`` next to the
-destination; after all have written (a collective), rank 0 checks that the
-chunks tile every tensor exactly, writes the index, fsyncs, and renames the
-directory into place. An error on any rank makes every rank raise (no rank is
-left waiting in a collective). All ranks must see the same filesystem.
+Writing is atomic, and at every instant the path holds a complete checkpoint
+(the old one or the new one) once it held one. The commit is one rename:
+
+- a new path: every rank writes into a hidden temporary directory next to it
+  (named by `lightfunc._atomic.temp_name`, so only a dead writer's is ever
+  cleaned up); rank 0 checks that the chunks tile every tensor, writes the
+  index, fsyncs and renames the directory into place;
+- an existing checkpoint: every rank writes its shard under a new generation's
+  name beside the old files, and rank 0 atomically replaces ``index.json``
+  (write, fsync, rename): until that rename the old index and its files are
+  untouched, after it the new ones are complete. Only then are the files the
+  index does not list removed, so no save ever deletes the only good copy; a
+  crash at any point leaves a loadable checkpoint at the path, and the next
+  save removes the debris.
+
+An error on any rank makes every rank raise (no rank is left waiting in a
+collective). All ranks must see the same filesystem.
 
 Loading reads, on each rank, only the chunks overlapping the part of each
-tensor that the template (`like`) holds there, so a checkpoint saved by 2
-ranks loads on 1, 3 or 8, sharded or not, bit for bit.
+tensor that the template (`like`) holds there, checking each chunk's CRC-32,
+so a checkpoint saved by 2 ranks loads on 1, 3 or 8, sharded or not, bit for bit.
 """
 
 from __future__ import annotations
@@ -37,7 +50,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import secrets
 import shutil
+import warnings
 from collections.abc import Mapping
 from os import PathLike
 from pathlib import Path
@@ -45,7 +60,7 @@ from typing import Any
 
 import torch
 
-from .._atomic import atomic_write, fsync_dir
+from .._atomic import atomic_write, fsync_dir, remove_orphans, temp_name
 from .._codec import CHECKPOINT_FORMAT, Header, checksums, flatten, place, user_metadata
 from .._tensorfile import CheckpointError, to_writable, unshare, write_file
 from .._tree import PyTree
@@ -92,7 +107,6 @@ def save_sharded(
         tensor([1., 1., 1.])
     """
     final = Path(directory).absolute()
-    tmp = final.parent / f".{final.name}.sharded.tmp"
     flat = flatten(tree, "`tree`")
     stored = flat.tensors  # each tensor object once: tied paths are aliases in the header
     group = _Group.of([t for t in stored.values() if _is_dtensor(t)])
@@ -110,39 +124,58 @@ def save_sharded(
                 tensors[name] = to_writable(chunk[1], name)
         return unshare(tensors), chunks, header
 
-    def prepare() -> None:
-        if group.rank == 0:
-            _check_replaceable(final)
-            shutil.rmtree(tmp, ignore_errors=True)  # debris of a write that was killed
-            tmp.mkdir(parents=True)
+    def plan() -> str:
+        """Rank 0 decides where the shards go: beside an existing checkpoint, or into a new
+        temporary directory; and the save's generation (the shard files' name suffix)."""
+        if group.rank != 0:
+            return ""
+        _check_replaceable(final)
+        if (final / INDEX).is_file():
+            into = final
+        else:
+            into = final.parent / temp_name(final.name)
+            into.mkdir(parents=True)
+        return json.dumps({"into": str(into), "generation": secrets.token_hex(4)})
 
     def write_shard() -> None:
         meta = shard_header(group.rank, group.size, chunks, tensors)
-        write_file(tensors, meta, tmp / shard_name(group.rank, group.size), fsync=verify_fsync)
+        file = into / shard_name(group.rank, group.size, generation)
+        write_file(tensors, meta, file, fsync=verify_fsync)
 
     def commit() -> None:
         if group.rank != 0:
             return
-        text = json.dumps(build_index(tmp, group.size, stored, header), indent=1, allow_nan=False)
+        doc = build_index(into, group.size, generation, stored, header)
+        text = json.dumps(doc, indent=1, allow_nan=False)
 
         def write_index(path: Path) -> None:
             path.write_text(text)
 
-        atomic_write(tmp / INDEX, write_index, fsync=verify_fsync)
+        if into == final:  # the index's rename commits; then the old generation goes
+            atomic_write(final / INDEX, write_index, fsync=verify_fsync)
+            _sweep(final)
+            return
+        atomic_write(into / INDEX, write_index, fsync=verify_fsync)
         if verify_fsync:
-            fsync_dir(tmp)
-        _replace_directory(tmp, final)
+            fsync_dir(into)
+        if final.exists():  # a directory without an index (checked): it holds nothing loadable
+            shutil.rmtree(final)
+        os.replace(into, final)  # the directory's rename commits
         if verify_fsync:
             fsync_dir(final.parent)
 
     tensors, chunks, header = group.together(collect, f"save '{final}'")
-    group.together(prepare, f"prepare to write '{final}'")
+    where = json.loads(group.share(group.together(plan, f"prepare to write '{final}'")))
+    into, generation = Path(where["into"]), str(where["generation"])
     try:
         group.together(write_shard, f"write its shard of '{final}'")
         group.together(commit, f"commit '{final}'")
     except BaseException:
         if group.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if into == final:
+                _sweep(final)  # this generation's files, unless its index was committed
+            else:
+                shutil.rmtree(into, ignore_errors=True)
         raise
     return final
 
@@ -171,7 +204,7 @@ def load_sharded(directory: str | PathLike[str], *, like: PyTree, verify: bool =
             file is named), the index is malformed, or the checkpoint does
             not match `like` (paths, shapes, dtypes, kinds are named).
     """
-    directory = Path(directory)
+    directory = _resolve(Path(directory))
     index = Index.read(directory)
     flat = flatten(like, "`like`")
     dtensors = [leaf for leaf in flat.objects if _is_dtensor(leaf)]
@@ -201,9 +234,9 @@ def verify_sharded(directory: str | PathLike[str]) -> None:
         CheckpointError: naming the file (the index or a shard) that is
             missing, truncated, corrupted or malformed.
     """
-    index = Index.read(Path(directory))
+    index = Index.read(_resolve(Path(directory)))
     with ShardReader(index, verify=True) as reader:
-        reader.read_all()
+        reader.check_all()
 
 
 def export_full(
@@ -234,7 +267,7 @@ def export_full(
     Raises:
         FileNotFoundError, CheckpointError: as `load_sharded`.
     """
-    index = Index.read(Path(directory))
+    index = Index.read(_resolve(Path(directory)))
     with ShardReader(index, verify) as reader:
         tensors = {
             name: reader.assemble(name, [0] * len(shape), shape)
@@ -251,6 +284,9 @@ def _is_dtensor(x: Any) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(x, DTensor)
+
+
+_SHARE_BYTES = 4096  # `_Group.share`'s most bytes: a path and a generation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -304,6 +340,26 @@ class _Group:
             device = torch.device("cuda", torch.cuda.current_device())
         coordinate = tuple(mesh.get_coordinate() or ())
         return cls(group, dist.get_rank(group), dist.get_world_size(group), device, coordinate)
+
+    def share(self, text: str) -> str:
+        """Rank 0's `text` on every rank (a tensor collective: no pickle)."""
+        if self.group is None:
+            return text
+        import torch.distributed as dist
+
+        raw = text.encode()
+        if len(raw) > _SHARE_BYTES:
+            raise ValueError(
+                f"`directory` is too long for a sharded save: where the ranks write takes "
+                f"{len(raw)} bytes to tell them, at most {_SHARE_BYTES}. Use a shorter path."
+            )
+        buffer = torch.zeros(_SHARE_BYTES + 4, dtype=torch.uint8, device=self.device)
+        if self.rank == 0:
+            buffer[:4] = torch.tensor(list(len(raw).to_bytes(4, "little")), dtype=torch.uint8)
+            buffer[4 : 4 + len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        dist.all_reduce(buffer, group=self.group)  # the others add zeros
+        data = bytes(buffer.cpu().tolist())
+        return data[4 : 4 + int.from_bytes(data[:4], "little")].decode()
 
     def together(self, fn: Any, what: str) -> Any:
         """`fn()` on every rank, then agree: if it raised anywhere, raise everywhere.
@@ -375,9 +431,7 @@ def _check_replaceable(final: Path) -> None:
             f"Cannot save a sharded checkpoint at '{final}': it is an existing file. A sharded "
             f"checkpoint is a directory; give a new path (e.g. '{final.with_suffix('')}-sharded')."
         )
-    others = [
-        p.name for p in final.iterdir() if p.name != INDEX and not p.name.startswith("shard-")
-    ]
+    others = [p.name for p in final.iterdir() if not _belongs(p.name)]
     if others:
         raise FileExistsError(
             f"Cannot save a sharded checkpoint at '{final}': it is a directory holding other "
@@ -386,18 +440,44 @@ def _check_replaceable(final: Path) -> None:
         )
 
 
-def _replace_directory(tmp: Path, final: Path) -> None:
-    """Rename `tmp` to `final`; an existing `final` is moved aside first, then removed.
+def _belongs(name: str) -> bool:
+    """Whether a file named `name` is part of (or debris of) a sharded checkpoint directory:
+    the index, shard files, and the temporary files of their atomic writes."""
+    return name == INDEX or name.startswith(("shard-", f".{INDEX}.", ".shard-"))
 
-    Two renames: a crash between them leaves the new checkpoint at `tmp` and
-    the old one at ``.<name>.sharded.old``, and nothing at `final`.
-    """
-    old = final.parent / f".{final.name}.sharded.old"
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+
+def _sweep(directory: Path) -> None:
+    """Remove the shard files `directory`'s index does not list (an older generation, or a
+    save that did not commit) and dead writers' temporary files. With no valid index,
+    nothing: what is there may be the only copy."""
+    try:
+        keep = set(Index.read(directory).files)
+    except (OSError, CheckpointError):
+        return
+    for path in directory.iterdir():
+        if path.name.startswith("shard-") and path.name not in keep:
+            path.unlink(missing_ok=True)
+    remove_orphans(directory)
+
+
+def _resolve(directory: Path) -> Path:
+    """`directory`, or, when it is missing, the copy an interrupted save of lightfunc
+    0.1.0.dev0 left beside it (it renamed the old checkpoint to ``.<name>.sharded.old``,
+    then the new one from ``.<name>.sharded.tmp``; a crash between left neither at the path)."""
+    if directory.exists():
+        return directory
+    for kind in ("tmp", "old"):  # the new copy is complete once it has its index
+        copy = directory.parent / f".{directory.name}.sharded.{kind}"
+        if (copy / INDEX).is_file():
+            warnings.warn(
+                f"No sharded checkpoint at '{directory}': a save was interrupted while it "
+                f"renamed the new copy into place. Reading the surviving copy '{copy}'; rename "
+                f"it to '{directory}' to keep it.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return copy
+    return directory
 
 
 def _restore_tensor(reader: ShardReader, name: str, like: torch.Tensor) -> torch.Tensor:

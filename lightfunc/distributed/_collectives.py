@@ -1,5 +1,8 @@
 """Bucketed functional collectives: what `data_parallel` and `fully_sharded` put in a step's graph.
 
+(The per-unit all-gather and reduce-scatter of sharded parameters live in
+`lightfunc._func`, beside `apply`, which calls them.)
+
 Functional collectives (`torch.distributed._functional_collectives`) return
 new tensors instead of writing into their inputs, so they fit a pure step,
 and `torch.compile` traces them into the step's graph. Tensors are packed
@@ -79,44 +82,12 @@ def chunk_rows(rows: int, world_size: int, rank: int) -> tuple[int, int, int]:
     return chunk, start, min(start + chunk, rows) - start
 
 
-def all_gather_rows(
-    shards: Sequence[torch.Tensor], full_rows: Sequence[int], mesh: Mesh, cap_bytes: int
-) -> list[torch.Tensor]:
-    """The full tensors whose row chunks (`Shard(0)`) are `shards`: one all-gather per bucket.
-
-    Each shard is padded to its chunk's row count, the padded shards of a
-    bucket are concatenated, gathered as `(world_size, bucket)`, and each
-    tensor's column range is reassembled in rank order and cut to its rows.
-    """
-    world_size = mesh.world_size
-    padded = [
-        _pad_rows(s, chunk_rows(n, world_size, 0)[0])
-        for s, n in zip(shards, full_rows, strict=True)
-    ]
-    groups = buckets(padded, cap_bytes)
-    pending = [
-        funcol.all_gather_single(
-            torch.cat([padded[i].reshape(-1) for i in group]), 0, mesh.device_mesh
-        )
-        for group in groups
-    ]
-    out: list[torch.Tensor] = [torch.empty(0)] * len(shards)
-    for group, flat in zip(groups, pending, strict=True):
-        table = wait(flat).view(world_size, -1)
-        parts = table.split([padded[i].numel() for i in group], dim=1)
-        for i, part in zip(group, parts, strict=True):
-            rest = padded[i].shape[1:]
-            out[i] = part.reshape(-1, *rest)[: full_rows[i]]
-    return out
-
-
 def reduce_scatter_rows(
     fulls: Sequence[torch.Tensor], mesh: Mesh, op: str, cap_bytes: int
 ) -> list[torch.Tensor]:
     """Each rank's row chunk of `fulls` reduced over `mesh`: one reduce-scatter per bucket.
 
-    The inverse layout of `all_gather_rows`: each tensor is padded to
-    `world_size` whole chunks and laid out as `(world_size, chunk)`; a
+    Each tensor is padded to `world_size` whole chunks and laid out as `(world_size, chunk)`; a
     bucket concatenates those along dim 1, and the reduce-scatter hands
     rank `r` the reduced row `r`, which is split back and cut to its rows.
     """

@@ -1,51 +1,64 @@
-"""Fully-sharded data parallelism (ZeRO-3 storage) as a step transform.
+"""Fully-sharded data parallelism (ZeRO-3) as a step transform, gathered one unit at a time.
 
     state = lightfunc.distributed.shard_state(state, mesh)   # params + optimizer state as DTensors
     step = lightfunc.build(lightfunc.distributed.fully_sharded(train_step, mesh))
 
 Between steps every rank holds only its row chunk (`Shard(0)`) of each
-parameter and of each optimizer-state tensor, as `DTensor`s: 1/N of the
-memory. A step:
+parameter and of each optimizer-state tensor, as `DTensor`s whose local
+tensors own their storage: 1/N of the bytes. The user's step is unchanged
+and sees those shards as its parameters:
 
-1. all-gathers the parameters (one flat collective per bucket) into plain,
-   full tensors, and runs the user's step on them, unchanged:
-   `lightfunc.value_and_grad` differentiates plain tensors with `torch.func`;
-2. the optimizer it calls is wrapped: the full per-rank gradients are
-   reduce-scattered (averaged, one collective per bucket) into this rank's
-   chunks, and the real optimizer updates the chunks as `DTensor`s, so that
-   anything global in it (`clip_by_global_norm`'s norm) is reduced over the
-   ranks by DTensor, while elementwise math stays local;
-3. the updated chunks are kept; the rest of the full parameters is dropped.
+1. `lightfunc.apply` recognises sharded parameters and gathers them per
+   unit (default: each child of an `nn.ModuleList` and each Transformer
+   layer; `set_units` chooses others): the parameters outside every unit
+   once, at the start of the call, and each unit's in one all-gather right
+   before the unit runs; they are dropped after it. While a unit runs,
+   saved-tensor hooks keep a token instead of any tensor in the gathered
+   storage (a weight, or a view of it), and the unit is re-gathered once
+   when its backward first needs it.
+2. `lightfunc.value_and_grad` sees the sharded leaves and differentiates
+   with `torch.autograd.grad` over them; the gather's backward
+   reduce-scatters (averages) each unit's gradients: the gradients come
+   out as `DTensor` shards, already averaged over the ranks.
+3. The optimizer updates the shards as `DTensor`s: elementwise math stays
+   local; anything global (`clip_by_global_norm`'s norm) is reduced over the
+   ranks by DTensor. No full-size gradient, update or parameter is built.
 
-All of it is one graph under `torch.compile(fullgraph=True)`: all-gathers,
-the user's forward and backward, reduce-scatters, the sharded update.
+Why this way: `torch.func.grad` cannot differentiate through DTensor in
+torch 2.13, and functorch disables saved-tensor hooks, so the eager step
+uses `torch.autograd.grad`. The alternative that keeps `torch.func` (a
+gather Function that re-runs each unit in its backward, as activation
+checkpointing does) would cost a second forward of every unit and must
+replay dropout's random draws; it was not built. Keeping tokens instead of
+the gathered weights re-gathers but recomputes nothing. Measured
+(bench/results/distributed.md, 25.5M-parameter GPT): the state is 1/N per
+rank and the step's peak falls with N; see there for the comparison with
+torch FSDP2 and where the remaining difference comes from.
 
-Why not DTensor parameters inside the differentiated function (torchtitan's
-SimpleFSDP, gathering each parameter on use with
-`redistribute(Replicate).to_local(grad_placements=[Partial])`): in torch
-2.13 `torch.func.grad` cannot differentiate through DTensor or functional
-collective autograd functions, so it would need `torch.autograd.grad`
-inside `lightfunc.value_and_grad` and `trace_autograd_ops` for compiling.
-Gathering at the step's boundary keeps the user's step and
-`value_and_grad` as they are. The price: the full parameters and gradients
-exist together during the step (the memory of a replicated step, plus
-sharded optimizer state), instead of one layer's at a time.
+Under `torch.compile`, dynamo traces neither hooks registered inside the
+compiled region nor saved-tensor hooks, so a compiled step gathers all
+parameters in one all-gather, differentiates the full tensors with
+`torch.func`, and reduce-scatters all gradients in one collective, inside
+one graph. Its transient memory is the full parameters and gradients (as
+a replicated step); the state between steps is still 1/N.
 
-The user's step must treat parameters after the optimizer update
-elementwise (or leave them alone): rows outside this rank's chunk are not
-updated in the full tensors it sees, and are discarded.
+Inside the differentiated function, a parameter used by a torch op
+outside `lf.apply` (a temperature, an offset) is gathered on use
+(`GatherOnUse`); elsewhere in the step the parameters are `DTensor`s, with
+DTensor's global meaning (a norm is the whole parameter's norm).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
+from .._func import GatherOnUse, gathered
 from .._metrics import Reduction
 from .._state import TrainState, map_train_states
 from .._tree import PyTree, tree_flatten, tree_flatten_with_paths, tree_map, tree_unflatten
@@ -63,12 +76,13 @@ def shard_state(state: PyTree, mesh: Mesh) -> PyTree:
     """`state` with every `TrainState`'s params and optimizer state sharded over `mesh`.
 
     Tensors with at least one dimension become `DTensor`s sharded by rows
-    (`Shard(0)`, torch.chunk's layout: the last ranks may hold fewer rows);
-    0-d parameters become replicated `DTensor`s; 0-d optimizer-state tensors
-    (step counts) and buffers stay plain and replicated. Rank 0's values
-    are the ones kept (scattered from rank 0), so the ranks need not agree
-    on the initial state beforehand. Every rank must call it. On a
-    one-process mesh the state is returned unchanged.
+    (`Shard(0)`, torch.chunk's layout: the last ranks may hold fewer rows),
+    each rank's chunk in storage of its own; 0-d parameters become
+    replicated `DTensor`s; 0-d optimizer-state tensors (step counts) and
+    buffers stay plain and replicated. Rank 0's values are the ones kept
+    (scattered from rank 0), so the ranks need not agree on the initial
+    state beforehand. Tensors that are `DTensor`s already are kept. Every
+    rank must call it. On a one-process mesh the state is returned unchanged.
 
     Raises:
         TypeError: `mesh` is not a `Mesh`, or the state holds no `TrainState`.
@@ -85,13 +99,25 @@ def shard_state(state: PyTree, mesh: Mesh) -> PyTree:
             if not replicate_scalars:
                 return x
             return distribute_tensor(x, mesh.device_mesh, [Replicate()])
-        return distribute_tensor(x, mesh.device_mesh, [Shard(0)])
+        d = distribute_tensor(x, mesh.device_mesh, [Shard(0)])
+        return _as_dtensor(_owned(d.to_local()), d)
+
+    def like(template: Any, x: Any) -> Any:
+        """`x` laid out as the optimizer would make it for sharded params (`template`)."""
+        if not isinstance(x, torch.Tensor) or isinstance(x, DTensor):
+            return x
+        if isinstance(template, DTensor) and x.ndim == 0:  # a 0-d parameter's moment
+            return distribute_tensor(x, mesh.device_mesh, [Replicate()])
+        return shard(x, replicate_scalars=False)
 
     def shard_train_state(_: int, ts: TrainState) -> TrainState:
-        return ts.replace(
-            params=tree_map(functools.partial(shard, replicate_scalars=True), ts.params),
-            opt_state=tree_map(functools.partial(shard, replicate_scalars=False), ts.opt_state),
-        )
+        params = tree_map(functools.partial(shard, replicate_scalars=True), ts.params)
+        template = ts.tx.init(params)  # which 0-d entries the update makes DTensors
+        try:
+            opt_state = tree_map(like, template, ts.opt_state)
+        except ValueError:  # a state not shaped like a fresh one: the plain rule
+            opt_state = tree_map(functools.partial(shard, replicate_scalars=False), ts.opt_state)
+        return ts.replace(params=params, opt_state=opt_state)
 
     return map_train_states(shard_train_state, state)
 
@@ -109,6 +135,60 @@ def gather_state(state: PyTree) -> PyTree:
     return tree_map(full, state)
 
 
+def set_units(
+    module: torch.nn.Module, units: Iterable[torch.nn.Module | type[torch.nn.Module]]
+) -> torch.nn.Module:
+    """Choose which sub-modules of `module` gather their sharded parameters together.
+
+    `lightfunc.apply(module, sharded_params, ...)` all-gathers each unit's
+    parameters right before the unit runs and releases them after (see the
+    module doc). By default the units are the children of every
+    `nn.ModuleList` and every `nn.TransformerEncoderLayer` /
+    `nn.TransformerDecoderLayer`; parameters in no unit are gathered once for
+    the whole call. Bigger units mean fewer, larger collectives and more
+    memory at once.
+
+    Args:
+        module: the model (it is marked, not changed otherwise; a meta-device
+            model works).
+        units: sub-modules of `module`, or module classes (every instance is a
+            unit; an instance inside another unit is not). Empty: no units,
+            every parameter gathered at the start of the call.
+
+    Returns:
+        `module`, marked.
+
+    Raises:
+        TypeError: `module` is not an `nn.Module`.
+        ValueError: an entry is neither a sub-module of `module` nor a module class.
+    """
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(
+            f"`module` must be a torch.nn.Module (the model), got {type(module).__name__}."
+        )
+    names = {id(m): name for name, m in module.named_modules() if name}
+    wanted = list(units)
+    classes = tuple(u for u in wanted if isinstance(u, type) and issubclass(u, torch.nn.Module))
+    chosen: list[str] = []
+    for u in wanted:
+        if isinstance(u, type) and issubclass(u, torch.nn.Module):
+            continue
+        if not isinstance(u, torch.nn.Module) or id(u) not in names:
+            raise ValueError(
+                f"`units` must hold sub-modules of `module` or nn.Module classes, got "
+                f"{type(u).__name__ if not isinstance(u, type) else u.__name__}"
+                f"{' (not inside `module`)' if isinstance(u, torch.nn.Module) else ''}. "
+                f"Pass e.g. `model.blocks` children or a class such as `Block`."
+            )
+        chosen.append(names[id(u)])
+    for name, m in module.named_modules():
+        inside = any(name.startswith(c + ".") for c in chosen)
+        if name and classes and isinstance(m, classes) and not inside:
+            chosen.append(name)
+    object.__setattr__(module, "_lightfunc_units", tuple(chosen))  # read by lf.apply (unit_names)
+    return module
+
+
 def fully_sharded(
     train_step: StepFn,
     mesh: Mesh,
@@ -118,7 +198,7 @@ def fully_sharded(
     reduce_metrics: bool = True,
     metric_reductions: Mapping[str, Reduction] | None = None,
 ) -> StepFn:
-    """A train step on parameters and optimizer state sharded by `shard_state` (ZeRO-3 storage).
+    """A train step on parameters and optimizer state sharded by `shard_state` (ZeRO-3).
 
     Same contract as `data_parallel`: each rank calls it on its own batch,
     and with equal batch sizes the parameters after every step equal a
@@ -126,9 +206,11 @@ def fully_sharded(
 
     Args:
         train_step: `train_step(state, batch) -> (state, metrics)`, written for
-            one process (it sees plain, full parameters).
+            one process; it sees the sharded parameters, which `lf.apply` and
+            `lf.value_and_grad` gather and reduce.
         mesh: the ranks; on a one-process mesh the step is returned unchanged.
-        bucket_cap_mb: most megabytes per all-gather / reduce-scatter.
+        bucket_cap_mb: most megabytes per collective for buffers, metrics and
+            gradients that arrive as plain tensors.
         sync_buffers: average floating buffers over the ranks after the step.
         reduce_metrics: reduce metrics over the ranks (floats averaged,
             integers summed, booleans OR-ed).
@@ -149,25 +231,22 @@ def fully_sharded(
     @functools.wraps(train_step)
     def fsdp_step(state: PyTree, batch: Any) -> tuple[PyTree, Any]:
         originals = require_train_states(state, "fully_sharded")
-        fulls = _gather_params(originals, mesh, cap, "fully_sharded")
-        # A prepared state (`FSDP.prepare`) already updates its shards; an
-        # unprepared one gets the sharded update for this call only.
+        for ts in originals:
+            _check_params(ts.params, "fully_sharded")
+        # A prepared state (`FSDP.prepare`) already has the sharded update; an
+        # unprepared one gets it for this call only.
         inner = map_train_states(
-            lambda i, ts: ts.replace(
-                params=fulls[i],
-                tx=ts.tx
+            lambda i, ts: (
+                ts
                 if updates_shards(ts.tx)
-                else _sharded_update(ts.tx, _layout(ts.params), mesh, cap, mark=False),
+                else ts.replace(
+                    tx=_sharded_update(ts.tx, _layout(ts.params), mesh, cap, mark=False)
+                )
             ),
             state,
         )
         new_state, metrics = train_step(inner, batch)
-        new_state = map_train_states(
-            lambda i, ts: ts.replace(
-                params=_keep_own_rows(ts.params, originals[i].params, mesh), tx=originals[i].tx
-            ),
-            new_state,
-        )
+        new_state = map_train_states(lambda i, ts: ts.replace(tx=originals[i].tx), new_state)
         if sync_buffers:
             new_state = average_buffers(new_state, mesh, cap)
         if reduce_metrics:
@@ -184,10 +263,11 @@ def fully_sharded_eval(
     bucket_cap_mb: float = 25.0,
     metric_reductions: Mapping[str, Reduction] | None = None,
 ) -> StepFn:
-    """An eval (or predict) step on a sharded state: parameters gathered, metrics reduced.
+    """An eval (or predict) step on a sharded state: gathered per unit by `lf.apply`, metrics reduced.
 
-    The parameters are all-gathered for the call, as in `fully_sharded`;
-    metrics (a dict of 0-d tensors) are reduced over the ranks like
+    Eager, `lf.apply` gathers one unit at a time and parameters used outside
+    it are gathered on use; compiled, every parameter is gathered at the
+    start of the call. Metrics (a dict of 0-d tensors) are reduced over the ranks like
     `data_parallel_eval`'s; other outputs are returned as they are.
     """
     check_mesh(mesh, "fully_sharded_eval")
@@ -197,45 +277,29 @@ def fully_sharded_eval(
 
     @functools.wraps(eval_step)
     def fsdp_eval(state: PyTree, batch: Any) -> Any:
-        originals = require_train_states(state, "fully_sharded_eval")
-        fulls = _gather_params(originals, mesh, cap, "fully_sharded_eval")
-        inner = map_train_states(lambda i, ts: ts.replace(params=fulls[i]), state)
-        return _reduce(eval_step(inner, batch), batch, mesh, cap, metric_reductions)
+        for ts in require_train_states(state, "fully_sharded_eval"):
+            _check_params(ts.params, "fully_sharded_eval")
+        if torch.compiler.is_compiling():  # no hooks in a graph: every parameter at once
+            out = eval_step(
+                map_train_states(lambda _, ts: ts.replace(params=gathered(ts.params)), state), batch
+            )
+        else:
+            with GatherOnUse():  # parameters used outside `lf.apply` are gathered on use
+                out = eval_step(state, batch)
+        return _reduce(out, batch, mesh, cap, metric_reductions)
 
     return fsdp_eval
-
-
-def _gather_params(states: list[TrainState], mesh: Mesh, cap: int, transform: str) -> list[PyTree]:
-    """Every state's params as full plain tensors: one all-gather per bucket over all of them."""
-    specs, flat = [], []
-    for ts in states:
-        paths, leaves, spec = tree_flatten_with_paths(ts.params)
-        for path, leaf in zip(paths, leaves, strict=True):
-            _check_sharded(leaf, f"params.{path}", transform)
-        specs.append((spec, len(leaves)))
-        flat.extend(leaves)
-    rows = [i for i, x in enumerate(flat) if _is_row_sharded(x)]
-    gathered = _collectives.all_gather_rows(
-        [flat[i].to_local() for i in rows], [flat[i].shape[0] for i in rows], mesh, cap
-    )
-    full: list[torch.Tensor] = [x.to_local() for x in flat]  # replicated ones are whole already
-    for i, g in zip(rows, gathered, strict=True):
-        full[i] = g
-    out, start = [], 0
-    for spec, n in specs:
-        out.append(tree_unflatten(spec, full[start : start + n]))
-        start += n
-    return out
 
 
 def prepare_sharded_update(state: PyTree, mesh: Mesh, *, bucket_cap_mb: float = 25.0) -> PyTree:
     """`state` (sharded by `shard_state`) with every `TrainState`'s optimizer updating its shards.
 
     What `FSDP(mesh).prepare` does after sharding: the optimizer is wrapped
-    once for the run (idempotent), so that any wrapper put around it later
-    (gradient accumulation) sees the full gradients, reduce-scattered once
-    per update. The wrapper keeps only the parameters' layout (placements
-    and shapes), never their tensors.
+    once for the run (idempotent). Gradients from `lf.value_and_grad` arrive
+    as averaged shards and go straight to the optimizer; plain per-rank
+    gradients (a step that builds them itself, full-size) are averaged and
+    cut to this rank's rows first, bucketed. The wrapper keeps only the
+    parameters' layout (placements and shapes), never their tensors.
     """
     check_mesh(mesh, "prepare_sharded_update")
     cap = check_bucket_cap(bucket_cap_mb)
@@ -276,42 +340,18 @@ def _layout(sharded_params: PyTree) -> list[_Layout]:
 def _sharded_update(
     tx: GradientTransformation, layout: list[_Layout], mesh: Mesh, cap: int, *, mark: bool
 ) -> GradientTransformation:
-    """`tx` on this rank's chunks: full gradients in, reduce-scattered, updated, padded back out."""
+    """`tx` on this rank's shards; plain full gradients are averaged into shards first."""
 
     def update(
         updates: Updates, state: OptState, params: Params | None = None
     ) -> tuple[Updates, OptState]:
-        g_leaves, spec = tree_flatten(updates)  # the full, per-rank gradients
-        rows = [i for i, d in enumerate(layout) if _is_row_sharded(d)]
-        whole = [i for i, d in enumerate(layout) if not _is_row_sharded(d)]
-        local: list[torch.Tensor] = list(g_leaves)
-        if rows:
-            parts = _collectives.reduce_scatter_rows([g_leaves[i] for i in rows], mesh, "avg", cap)
-            for i, part in zip(rows, parts, strict=True):
-                local[i] = part
-        if whole:
-            parts = _collectives.all_reduce([g_leaves[i] for i in whole], mesh, "avg", cap)
-            for i, part in zip(whole, parts, strict=True):
-                local[i] = part
-        grads_sh = tree_unflatten(
-            spec, [_as_dtensor(x, d, mesh) for x, d in zip(local, layout, strict=True)]
-        )
-        params_sh = None
-        if params is not None:
-            p_leaves, p_spec = tree_flatten(params)
-            params_sh = tree_unflatten(
-                p_spec,
-                [
-                    _as_dtensor(_own_rows(p, d, mesh), d, mesh)
-                    for p, d in zip(p_leaves, layout, strict=True)
-                ],
-            )
-        updates_sh, state = tx.update(grads_sh, state, params_sh)
-        if updates_sh is None:  # a wrapped accumulation deferred
-            return None, state
-        u_leaves, u_spec = tree_flatten(updates_sh)
-        full = [_padded_update(u, d, mesh) for u, d in zip(u_leaves, layout, strict=True)]
-        return tree_unflatten(u_spec, full), state
+        g_leaves, spec = tree_flatten(updates)
+        plain = [i for i, g in enumerate(g_leaves) if not isinstance(g, DTensor)]
+        if plain:
+            g_leaves = list(g_leaves)
+            _average_plain(g_leaves, plain, layout, mesh, cap)
+            updates = tree_unflatten(spec, g_leaves)
+        return tx.update(updates, state, params)
 
     update.wraps = tx  # type: ignore[attr-defined]
     if mark:  # a wrapper for the whole run (`prepare_sharded_update`), not for one call
@@ -319,38 +359,29 @@ def _sharded_update(
     return GradientTransformation(tx.init, update)
 
 
-def _keep_own_rows(params: PyTree, sharded: PyTree, mesh: Mesh) -> PyTree:
-    """The new full params cut back to this rank's chunks, as DTensors laid out like `sharded`."""
-    leaves, spec = tree_flatten(params)
-    layout, _ = tree_flatten(sharded)
-    return tree_unflatten(
-        spec,
-        [_as_dtensor(_own_rows(p, d, mesh), d, mesh) for p, d in zip(leaves, layout, strict=True)],
-    )
+def _average_plain(
+    grads: list[Any], indices: list[int], layout: list[_Layout], mesh: Mesh, cap: int
+) -> None:
+    """Replace the plain, full per-rank gradients at `indices` by averaged DTensor shards."""
+    rows = [i for i in indices if _is_row_sharded(layout[i])]
+    whole = [i for i in indices if not _is_row_sharded(layout[i])]
+    parts = _collectives.reduce_scatter_rows([grads[i] for i in rows], mesh, "avg", cap)
+    parts += _collectives.all_reduce([grads[i] for i in whole], mesh, "avg", cap)
+    for i, part in zip(rows + whole, parts, strict=True):
+        grads[i] = _as_dtensor(part, layout[i])
 
 
-def _own_rows(full: torch.Tensor, like: DTensor | _Layout, mesh: Mesh) -> torch.Tensor:
-    if not _is_row_sharded(like):
-        return full
-    _, start, rows = _collectives.chunk_rows(like.shape[0], mesh.world_size, mesh.global_rank)
-    return full[start : start + rows]
+def _owned(local: torch.Tensor) -> torch.Tensor:
+    """`local` in storage of its own size (a chunk view would keep its whole source alive)."""
+    if local.untyped_storage().nbytes() > local.numel() * local.element_size():
+        return local.clone()
+    return local
 
 
-def _padded_update(u: Any, like: DTensor | _Layout, mesh: Mesh) -> torch.Tensor:
-    """This rank's chunk of an update, as a full-size tensor that is zero outside the chunk."""
-    if isinstance(u, DTensor):
-        u = u.redistribute(like.device_mesh, like.placements).to_local()
-    if not _is_row_sharded(like):
-        return u
-    _, start, rows = _collectives.chunk_rows(like.shape[0], mesh.world_size, mesh.global_rank)
-    after = like.shape[0] - start - rows
-    return torch.cat([u.new_zeros((start, *u.shape[1:])), u, u.new_zeros((after, *u.shape[1:]))])
-
-
-def _as_dtensor(local: torch.Tensor, like: DTensor | _Layout, mesh: Mesh) -> DTensor:
+def _as_dtensor(local: torch.Tensor, like: DTensor | _Layout) -> DTensor:
     return DTensor.from_local(
         local,
-        mesh.device_mesh,
+        like.device_mesh,
         like.placements,
         run_check=False,
         shape=like.shape,
@@ -360,6 +391,12 @@ def _as_dtensor(local: torch.Tensor, like: DTensor | _Layout, mesh: Mesh) -> DTe
 
 def _is_row_sharded(x: Any) -> bool:
     return isinstance(x, DTensor | _Layout) and any(isinstance(p, Shard) for p in x.placements)
+
+
+def _check_params(params: PyTree, transform: str) -> None:
+    paths, leaves, _ = tree_flatten_with_paths(params)
+    for path, leaf in zip(paths, leaves, strict=True):
+        _check_sharded(leaf, f"params.{path}", transform)
 
 
 def _check_sharded(leaf: Any, path: str, transform: str) -> None:

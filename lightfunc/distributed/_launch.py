@@ -2,19 +2,27 @@
 
     lightfunc run --nproc-per-node 2 train.py --lr 1e-3          # one machine, 2 processes
     lightfunc run --nnodes 2 --node-rank 0 --master-addr 10.0.0.1 --nproc-per-node 8 train.py
+    lightfunc run --nnodes 1:2 --rdzv-backend c10d --rdzv-endpoint 10.0.0.1:29400 train.py
     results = launch(train, nproc_per_node=2, args=(config,))      # from Python or a notebook
 
 Both build one `torch.distributed.launcher.api.LaunchConfig` and hand it to
 `elastic_launch`, the engine behind `torchrun`: it starts the workers, sets
 their `RANK` / `LOCAL_RANK` / `WORLD_SIZE` / `MASTER_ADDR` / `MASTER_PORT` /
 `TORCHELASTIC_RESTART_COUNT` environment, stops the others when one fails and,
-with `max_restarts`, restarts the whole group. This module only chooses the
-rendezvous and turns arguments and failures into clear messages.
+with `max_restarts`, restarts the whole group. `lightfunc run` is torchrun's
+command line: its options come from torchrun's own parser
+(`torch.distributed.run.get_args_parser`, both spellings, `$PET_*`
+defaults) and its `LaunchConfig` from torchrun's `config_from_args`. This
+module adds clear errors for bad values and unknown options (argparse alone
+took an unknown option's value for the script), `$NODE_RANK` /
+`$MASTER_ADDR` / `$MASTER_PORT` as defaults, SIGUSR1 among the signals
+forwarded to the workers, one rendezvous timeout for both backends
+(`--rdzv-conf timeout=S`), and messages for failed workers and rendezvous.
 
-Rendezvous: one node without a port -> torch's `c10d` rendezvous on a free
-local port (torchrun's `--standalone`); otherwise the `static` rendezvous at
-`master_addr:master_port`, where node 0 hosts the store (torchrun's default
-for several nodes).
+Rendezvous, as torchrun chooses it: one node without a port (or
+`--standalone`) -> `c10d` on a free local port with a fresh run id;
+otherwise the `static` rendezvous at `master_addr:master_port` (node 0 hosts
+the store), or the one `--rdzv-backend` / `--rdzv-endpoint` name.
 
 Restarts start every worker again from the top of the script, so a script
 that should continue where it stopped restores its newest checkpoint first.
@@ -40,7 +48,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")  # the ones torch's launcher takes over
+# The signals torch's launcher takes over (and forwards to the workers); SIGUSR1 is SLURM's
+# warning before a job's time runs out (`--signal=USR1@90`).
+_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1")
 DEFAULT_PORT = 29500  # torchrun's default port for the static rendezvous
 
 
@@ -118,6 +128,7 @@ class LaunchOptions:
             max_restarts=self.max_restarts,
             start_method=self.start_method,
             logs_specs=DefaultLogsSpecs(),
+            signals_to_handle=",".join(_SIGNALS),
         )
 
 
@@ -188,12 +199,13 @@ def launch(
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
 
-    with _launcher_environment(options):
+    with _launcher_environment(options.nproc_per_node):
         try:
             results: dict[int, Any] = elastic_launch(options.config(), fn)(*args)
         except ChildFailedError as error:
             name = getattr(fn, "__name__", repr(fn))
-            raise RuntimeError(_failure_message(error, name, options)) from None
+            message = _failure_message(error, name, options.nproc_per_node, options.max_restarts)
+            raise RuntimeError(message) from None
         except SignalException as error:
             if error.sigval == signal.SIGINT:  # Ctrl-C / a notebook's interrupt: workers stopped
                 raise KeyboardInterrupt from None
@@ -214,23 +226,48 @@ def run_script(
     output goes straight to this process's stdout and stderr.
 
     Returns:
-        0 when every worker exited with 0, else 1 (after printing which failed).
+        0 when every worker exited with 0, else 1 (after printing which
+        failed), or 128 + the signal number when the launcher was stopped by one.
     """
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import elastic_launch
-
     options = options or LaunchOptions(nproc_per_node=1)
     command = ["-u", *(["-m"] if module else []), script, *script_args]
-    with _launcher_environment(options):
-        try:
-            elastic_launch(options.config(), sys.executable)(*command)
-        except ChildFailedError as error:
-            print(f"lightfunc run: {_failure_message(error, script, options)}", file=sys.stderr)
-            return 1
-        except SignalException as error:
-            print(f"lightfunc run: stopped by {error.sigval.name}.", file=sys.stderr)
-            return 128 + int(error.sigval)
+    with _launcher_environment(options.nproc_per_node):
+        return run_config(options.config(), sys.executable, command, what=script)
+
+
+def run_config(config: Any, entrypoint: Any, args: Sequence[str], *, what: str) -> int:
+    """Launch `entrypoint(*args)` under a `LaunchConfig`; turn failures into a message and a code.
+
+    Returns:
+        0 when every worker exited with 0; 1 when one failed (after the
+        allowed restarts) or the rendezvous could not complete, after printing
+        why; 128 + the signal number when the launcher was stopped by a signal
+        (it forwards it to the workers first, so a `lightfunc.loop` with a
+        checkpoint manager saves and stops).
+    """
+    from torch.distributed import DistNetworkError, DistStoreError
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous import RendezvousError
+    from torch.distributed.launcher.api import elastic_launch
+
+    try:
+        elastic_launch(config, entrypoint)(*args)
+    except ChildFailedError as error:
+        message = _failure_message(error, what, config.nproc_per_node, config.max_restarts)
+        print(f"lightfunc run: {message}", file=sys.stderr)
+        return 1
+    except (RendezvousError, DistStoreError, DistNetworkError) as error:
+        # The workers' errors arrive as ChildFailedError: these are the launcher's own
+        # rendezvous (c10d: RendezvousTimeoutError; static: its TCP store timing out).
+        print(f"lightfunc run: {_rendezvous_message(error, config)}", file=sys.stderr)
+        return 1
+    except SignalException as error:
+        print(
+            f"lightfunc run: stopped by {error.sigval.name}, which was forwarded to the workers.",
+            file=sys.stderr,
+        )
+        return 128 + int(error.sigval)
     return 0
 
 
@@ -239,7 +276,7 @@ def _interactive() -> bool:
 
 
 @contextmanager
-def _launcher_environment(options: LaunchOptions) -> Iterator[None]:
+def _launcher_environment(nproc_per_node: int) -> Iterator[None]:
     """Launch with one thread per worker (torchrun's default); restore this process's state after.
 
     torch's launcher installs its own signal handlers and environment entries
@@ -254,7 +291,7 @@ def _launcher_environment(options: LaunchOptions) -> Iterator[None]:
         number = getattr(signal, name, None)
         if number is not None:
             handlers[number] = signal.getsignal(number)
-    if saved_env["OMP_NUM_THREADS"] is None and options.nproc_per_node > 1:
+    if saved_env["OMP_NUM_THREADS"] is None and nproc_per_node > 1:
         # N processes each with a thread per core would oversubscribe the CPU.
         os.environ["OMP_NUM_THREADS"] = "1"
     try:
@@ -270,7 +307,29 @@ def _launcher_environment(options: LaunchOptions) -> Iterator[None]:
                 signal.signal(number, handler)
 
 
-def _failure_message(error: Any, what: str, options: LaunchOptions) -> str:
+def _rendezvous_message(error: Any, config: Any) -> str:
+    """Why the nodes did not meet, and what to check."""
+    conf = config.rdzv_configs
+    # c10d waits `join_timeout` (torch's default 600 s); static, `timeout` (LaunchConfig's 900 s).
+    c10d = config.rdzv_backend == "c10d"
+    wait = conf.get("join_timeout", 600) if c10d else conf.get("timeout")
+    nodes = (
+        str(config.min_nodes)
+        if config.min_nodes == config.max_nodes
+        else f"{config.min_nodes} to {config.max_nodes}"
+    )
+    why = f"{type(error).__name__}: {error}".strip().rstrip(":")
+    return (
+        f"the rendezvous did not complete ({why}).\n"
+        f"It waited up to {wait} s for {nodes} nodes at {config.rdzv_endpoint} "
+        f"(--rdzv-backend {config.rdzv_backend}, --rdzv-id {config.run_id}). Start every node "
+        f"with the same --nnodes, --rdzv-backend, --rdzv-id and --rdzv-endpoint (or "
+        f"--master-addr and --master-port), check that this machine reaches that address, and "
+        f"change the wait with --rdzv-conf timeout=SECONDS."
+    )
+
+
+def _failure_message(error: Any, what: str, nproc_per_node: int, max_restarts: int) -> str:
     """Which workers failed and how, from a ChildFailedError: the cause first, then the stopped."""
     failures = sorted(error.failures.items())
     # Workers the launcher stopped because another failed end with its SIGTERM.
@@ -281,9 +340,9 @@ def _failure_message(error: Any, what: str, options: LaunchOptions) -> str:
         lines.append(
             f"  then stopped by the launcher: rank {', '.join(str(r) for r, _ in stopped)}"
         )
-    restarts = f" (after {options.max_restarts} restarts)" if options.max_restarts else ""
+    restarts = f" (after {max_restarts} restarts)" if max_restarts else ""
     return (
-        f"{what}: {len(causes)} of {options.nproc_per_node} workers on this node failed"
+        f"{what}: {len(causes)} of {nproc_per_node} workers on this node failed"
         f"{restarts}:\n"
         + "\n".join(lines)
         + "\nThe failing worker's traceback is in the output above."
@@ -305,131 +364,227 @@ def _how(failure: Any) -> str:
 
 # -- the command line ---------------------------------------------------------
 
+_NPROC_WORDS = ("auto", "cpu", "gpu", "xpu")
 
-def _int_at_least(low: int, what: str) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{what} must be an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{what} must be >= {low}, got {value}")
-        return value
 
-    return parse
+class _RunParser(argparse.ArgumentParser):
+    """`lightfunc run`'s parser: an unknown option before SCRIPT is an error that names it.
+
+    Plain argparse takes an unknown option's value for SCRIPT and hands the
+    rest to the script, then complains about something else.
+    """
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        if args is not None:
+            self._check_launcher_options(list(args))
+        return super().parse_known_args(args, namespace)
+
+    def _check_launcher_options(self, args: list[str]) -> None:
+        i = 0
+        while i < len(args) and args[i].startswith("-") and args[i] not in ("-", "--"):
+            i += self._option_width(args[i])
+
+    def _option_width(self, token: str) -> int:
+        """How many arguments option `token` spans (itself and its value); unknown: an error."""
+        name = token.split("=", 1)[0]
+        action = self._option_string_actions.get(name)
+        if action is not None:
+            return 1 if "=" in token or action.nargs == 0 else 2
+        short = None if name.startswith("--") else self._option_string_actions.get(name[:2])
+        if short is not None and short.nargs != 0:  # `-r3` is `-r 3`
+            return 1
+        self.error(
+            f"unrecognized option {name!r} before SCRIPT. `lightfunc run` takes torchrun's "
+            f"options (listed by `lightfunc run --help`); options for the script go after it."
+        )
 
 
 def add_run_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add the `run` command to `lightfunc`'s sub-command parsers."""
+    """Add the `run` command, with torchrun's options (`torch.distributed.run`'s parser)."""
+    from torch.distributed.run import get_args_parser
+
+    # argparse makes every sub-parser of the parent's class; this one needs its own.
+    parser_class = subparsers._parser_class
+    subparsers._parser_class = _RunParser
+    try:
+        parser: argparse.ArgumentParser = subparsers.add_parser(
+            "run",
+            parents=[get_args_parser()],
+            conflict_handler="resolve",  # both define -h
+            allow_abbrev=False,
+            help="start a training script in N processes per node (torchrun's options)",
+            description=(
+                "Start SCRIPT in --nproc-per-node processes on this node, with RANK, "
+                "LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT set for "
+                "torch.distributed: torch's elastic launcher, with torchrun's options (dashes or "
+                "underscores: --nproc-per-node or --nproc_per_node). For several nodes, run the "
+                "same command on each. Options after SCRIPT are passed to it."
+            ),
+            epilog=(
+                "examples:\n"
+                "  lightfunc run --nproc-per-node 2 train.py --lr 1e-3\n"
+                "  lightfunc run --nproc-per-node auto train.py      # one per GPU (else per CPU)\n"
+                "  # two nodes, static rendezvous at node 0:\n"
+                "  lightfunc run --nnodes 2 --node-rank 0 --master-addr 10.0.0.1 "
+                "--master-port 29500 --nproc-per-node 8 train.py\n"
+                "  # two nodes (or one to two: --nnodes 1:2), c10d rendezvous:\n"
+                "  lightfunc run --nnodes 2 --rdzv-backend c10d --rdzv-endpoint 10.0.0.1:29400 "
+                "--rdzv-id job42 --nproc-per-node 8 train.py\n"
+                "  lightfunc run --nproc-per-node 4 --max-restarts 3 train.py   "
+                "# restart all workers when one fails\n"
+                "\n"
+                "A rendezvous that cannot complete fails after --rdzv-conf timeout=SECONDS "
+                "(default: torch's, 600 s for c10d, 900 s for static). SIGTERM, SIGINT, SIGUSR1 "
+                "reach every worker; a lightfunc.loop with a CheckpointManager then saves and "
+                "stops at the next step."
+            ),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    finally:
+        subparsers._parser_class = parser_class
+    helps = {
+        "training_script": "the training script (or module, with -m)",
+        "training_script_args": "its arguments",
+        "node_rank": "this node's rank for the static rendezvous, 0 on the node at "
+        "--master-addr (default: $PET_NODE_RANK, $NODE_RANK or 0)",
+        "master_addr": "address of node 0 for the static rendezvous, required on the other "
+        "nodes (default: $PET_MASTER_ADDR or $MASTER_ADDR; 127.0.0.1 on node 0)",
+        "master_port": f"its port (default: $PET_MASTER_PORT or $MASTER_PORT; else "
+        f"{DEFAULT_PORT} for several nodes, a free port for one)",
+        "signals_to_handle": f"signals forwarded to the workers (default: {','.join(_SIGNALS)})",
+    }
+    for action in parser._actions:
+        action.help = helps.get(action.dest, action.help)
+        if action.dest == "training_script":
+            action.metavar = "SCRIPT"
+        elif action.dest == "training_script_args":
+            action.metavar = "..."
     env = os.environ
-    parser: argparse.ArgumentParser = subparsers.add_parser(
-        "run",
-        help="start a training script in N processes per node (torch's elastic launcher)",
-        description=(
-            "Start SCRIPT in --nproc-per-node processes on this node, with RANK, LOCAL_RANK, "
-            "WORLD_SIZE, MASTER_ADDR and MASTER_PORT set for torch.distributed. For several "
-            "nodes, run the same command on each with its own --node-rank. Options after "
-            "SCRIPT are passed to it."
-        ),
-        epilog=(
-            "examples:\n"
-            "  lightfunc run --nproc-per-node 2 train.py --lr 1e-3\n"
-            "  lightfunc run --nnodes 2 --node-rank 0 --master-addr 10.0.0.1 "
-            "--nproc-per-node 8 train.py   # node 0\n"
-            "  lightfunc run --nnodes 2 --node-rank 1 --master-addr 10.0.0.1 "
-            "--nproc-per-node 8 train.py   # node 1\n"
-            "  lightfunc run --nproc-per-node 4 --max-restarts 3 train.py   "
-            "# restart all workers when one fails"
-        ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "--nproc-per-node",
-        required=True,
-        type=_int_at_least(1, "--nproc-per-node"),
-        metavar="N",
-        help="processes to start on this node (usually one per GPU)",
-    )
-    parser.add_argument(
-        "--nnodes",
-        type=_int_at_least(1, "--nnodes"),
-        default=1,
-        metavar="N",
-        help="number of nodes (default: 1)",
-    )
-    parser.add_argument(
-        "--node-rank",
-        type=_int_at_least(0, "--node-rank"),
-        default=env.get("NODE_RANK", "0"),
-        metavar="R",
-        help="this node's rank, 0 on the node at --master-addr (default: $NODE_RANK or 0)",
-    )
-    parser.add_argument(
-        "--master-addr",
-        default=env.get("MASTER_ADDR"),
-        metavar="HOST",
-        help="address of node 0, required on the other nodes (default: $MASTER_ADDR; "
-        "127.0.0.1 on node 0)",
-    )
-    parser.add_argument(
-        "--master-port",
-        type=_int_at_least(1, "--master-port"),
-        default=env.get("MASTER_PORT"),
-        metavar="PORT",
-        help=(
-            f"port of the rendezvous on node 0 (default: $MASTER_PORT; else {DEFAULT_PORT} for "
-            f"several nodes, a free port for one)"
-        ),
-    )
-    parser.add_argument(
-        "--max-restarts",
-        type=_int_at_least(0, "--max-restarts"),
-        default=0,
-        metavar="K",
-        help="restart all workers up to K times when one fails (default: 0); the script "
-        "should resume from its newest checkpoint",
-    )
-    parser.add_argument(
-        "-m",
-        "--module",
-        action="store_true",
-        help="SCRIPT is a module name to run like `python -m` (e.g. examples.digits)",
-    )
-    parser.add_argument("script", metavar="SCRIPT", help="the training script (or module, with -m)")
-    parser.add_argument(
-        "script_args", nargs=argparse.REMAINDER, metavar="...", help="its arguments"
-    )
-    parser.set_defaults(handler=functools.partial(_run_command, parser=parser))
+    defaults: dict[str, Any] = {
+        "master_addr": env.get("PET_MASTER_ADDR", env.get("MASTER_ADDR")) or None
+    }
+    for dest, fallback in (("node_rank", "NODE_RANK"), ("master_port", "MASTER_PORT")):
+        if f"PET_{dest.upper()}" not in env and fallback in env:
+            defaults[dest] = env[fallback]
+    if "PET_SIGNALS_TO_HANDLE" not in env:
+        defaults["signals_to_handle"] = ",".join(_SIGNALS)  # torchrun's, plus SIGUSR1
+    parser.set_defaults(**defaults, handler=functools.partial(_run_command, parser=parser))
     return parser
 
 
 def _run_command(args: argparse.Namespace, *, parser: argparse.ArgumentParser) -> int:
-    if not args.module and not Path(args.script).is_file():
+    from torch.distributed.run import config_from_args
+
+    nproc = _check_run_arguments(args, parser)
+    with _launcher_environment(nproc):
+        config, entrypoint, entry_args = config_from_args(args)
+        return run_config(config, entrypoint, entry_args, what=args.training_script)
+
+
+def _check_run_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Check `lightfunc run`'s arguments (clear errors, exit 2) and choose the rendezvous as
+    torchrun does; returns the number of processes on this node."""
+    min_nodes, max_nodes = _nnodes(args.nnodes, parser)
+    nproc = _nproc(args.nproc_per_node, parser)
+    args.nproc_per_node = str(nproc)
+    if args.max_restarts < 0:
+        parser.error(f"--max-restarts must be >= 0, got {args.max_restarts}")
+    if args.master_port is not None and not 1 <= args.master_port <= 65535:
+        parser.error(f"--master-port must be in 1..65535, got {args.master_port}")
+    if args.node_rank < 0:
+        parser.error(f"--node-rank must be >= 0, got {args.node_rank}")
+    timeout = _rendezvous_timeout(args, parser)
+    if args.standalone and max_nodes > 1:
         parser.error(
-            f"no script file at '{args.script}' (working directory '{Path.cwd()}'); give the "
-            f"path of a Python file, or -m for a module name."
+            f"--standalone runs one node, but --nnodes is {args.nnodes}: drop --standalone and "
+            f"give the nodes a rendezvous (--rdzv-backend c10d --rdzv-endpoint HOST:PORT)."
         )
-    if args.master_port is not None and not args.master_port <= 65535:
-        parser.error(f"--master-port must be <= 65535, got {args.master_port}")
-    if args.node_rank >= args.nnodes:
+    static = args.rdzv_backend == "static"
+    if args.standalone or (
+        static and not args.rdzv_endpoint and args.master_port is None and max_nodes == 1
+    ):  # one node: c10d on a free local port, a fresh run id (torchrun's --standalone)
+        args.rdzv_backend, args.rdzv_endpoint = "c10d", "localhost:0"
+        args.rdzv_id, static = uuid.uuid4().hex, False
+    if static:
+        if min_nodes != max_nodes:
+            parser.error(
+                f"--nnodes {args.nnodes} (a range of nodes) needs an elastic rendezvous: add "
+                f"--rdzv-backend c10d --rdzv-endpoint HOST:PORT (the same on every node)."
+            )
+        if args.node_rank >= max_nodes:
+            parser.error(
+                f"--node-rank {args.node_rank} is out of range for --nnodes {args.nnodes}: give "
+                f"each node a rank in 0..{max_nodes - 1} (0 on the node at --master-addr)."
+            )
+        if args.master_addr is None and args.node_rank > 0 and not args.rdzv_endpoint:
+            parser.error(
+                f"--master-addr is required on node {args.node_rank}: give the address of node 0 "
+                f"(or set $MASTER_ADDR)."
+            )
+    elif not args.rdzv_endpoint:
         parser.error(
-            f"--node-rank {args.node_rank} is out of range for --nnodes {args.nnodes}: give each "
-            f"node a rank in 0..{args.nnodes - 1} (0 on the node at --master-addr)."
+            f"--rdzv-backend {args.rdzv_backend} needs --rdzv-endpoint HOST:PORT, the same on "
+            f"every node (the host runs the rendezvous store)."
         )
-    if args.node_rank > 0 and args.master_addr is None:
+    args.master_addr = args.master_addr or "127.0.0.1"
+    if args.master_port is None:
+        args.master_port = DEFAULT_PORT
+    if timeout is not None and args.rdzv_backend == "c10d" and "join_timeout" not in args.rdzv_conf:
+        # c10d waits `join_timeout` for the nodes; `timeout` is the one knob for both backends.
+        args.rdzv_conf = f"{args.rdzv_conf},join_timeout={timeout}".lstrip(",")
+    if not (args.module or args.no_python) and not Path(args.training_script).is_file():
         parser.error(
-            f"--master-addr is required on node {args.node_rank}: give the address of node 0 "
-            f"(or set $MASTER_ADDR)."
+            f"no script file at '{args.training_script}' (working directory '{Path.cwd()}'); "
+            f"give the path of a Python file, or -m for a module name."
+        )
+    return nproc
+
+
+def _nnodes(text: str, parser: argparse.ArgumentParser) -> tuple[int, int]:
+    """`--nnodes N` or `MIN:MAX`, as (min, max)."""
+    parts = str(text).split(":")
+    try:
+        low, high = (int(parts[0]), int(parts[-1])) if len(parts) <= 2 else (0, 0)
+    except ValueError:
+        low = high = 0
+    if not 1 <= low <= high:
+        parser.error(
+            f"--nnodes must be N or MIN:MAX with 1 <= MIN <= MAX, got {text!r}; e.g. --nnodes 2, "
+            f"or --nnodes 1:4 for an elastic run (with --rdzv-backend c10d)."
+        )
+    return low, high
+
+
+def _nproc(text: str, parser: argparse.ArgumentParser) -> int:
+    """`--nproc-per-node`: an int >= 1, or auto / cpu / gpu / xpu (torchrun's words)."""
+    from torch.distributed.run import determine_local_world_size
+
+    if str(text).strip().lstrip("-").isdigit():
+        if int(text) < 1:
+            parser.error(f"--nproc-per-node must be >= 1, got {text}")
+        return int(text)
+    if text not in _NPROC_WORDS:
+        parser.error(
+            f"--nproc-per-node must be an integer >= 1 or one of {', '.join(_NPROC_WORDS)}, got "
+            f"{text!r}"
         )
     try:
-        options = LaunchOptions(
-            nproc_per_node=args.nproc_per_node,
-            nnodes=args.nnodes,
-            node_rank=args.node_rank,
-            master_addr=args.master_addr,
-            master_port=args.master_port,
-            max_restarts=args.max_restarts,
-        )
+        return int(determine_local_world_size(text))
+    except ValueError as error:  # gpu / xpu asked for, none available
+        parser.error(f"--nproc-per-node {text}: {error}")
+
+
+def _rendezvous_timeout(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int | None:
+    """`--rdzv-conf`'s `timeout`, checked (None when not given)."""
+    from torch.distributed.elastic.rendezvous.utils import _parse_rendezvous_config
+
+    try:
+        conf = _parse_rendezvous_config(args.rdzv_conf)
     except ValueError as error:
-        parser.error(str(error))
-    return run_script(args.script, args.script_args, options, module=args.module)
+        parser.error(f"--rdzv-conf {args.rdzv_conf!r}: {error}")
+    if "timeout" not in conf:
+        return None
+    text = conf["timeout"]
+    if not text.isdigit() or int(text) < 1:
+        parser.error(f"--rdzv-conf timeout must be whole seconds >= 1, got {text!r}")
+    return int(text)

@@ -46,6 +46,10 @@ class _MeshStrategy:
     def is_writer(self) -> bool:
         return self.mesh.is_global_zero
 
+    def agree_to_stop(self, flag: bool) -> bool:
+        """True on every rank when `flag` is on any: one all-reduce (max) of one int, on the CPU."""
+        return self.mesh.any(flag)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(world_size={self.world_size})"
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from ._base import Logger
 
-# The tag of the hyper-parameters' text summary (TensorBoard's Text tab shows it).
+# The tag of the hyper-parameters' text summary (TensorBoard's Text tab shows it exactly).
 HPARAMS_TAG = "hparams"
 
 
@@ -18,18 +18,28 @@ def tensorboard_available() -> bool:
 
 
 class TensorBoardLogger(Logger):
-    """Write metrics as TensorBoard scalars under `save_dir/name/`.
+    """Write metrics as TensorBoard scalars, and hyper-parameters for its HParams tab.
 
-    Each metric is a scalar tagged by its name (`loss`, `val_loss`, ...) at
-    the train step; `epoch` is a scalar too. Hyper-parameters go to the Text
-    tab under the tag `hparams`, as indented JSON (a code block there), so
-    they read back exactly with `json.loads`; each `log_hyperparams` call
-    adds one text event holding all of them. (TensorBoard's HParams plugin is
-    not used: it takes only flat scalar values and wants a metric to plot
-    against.) Events are flushed at every logging step.
+    Tags are namespaced so that TensorBoard shows two groups, both open:
+    train metrics under `train/` (`train/loss`, and the learning rate as
+    `train/lr`) and evaluation metrics under `val/` (`val/loss`, from
+    `val_loss`); a name that already holds a `/` is kept as it is
+    (`tensorboard_tag`). TensorBoard opens only the first two groups (in
+    alphabetical order) of its Time Series page, so nothing else gets a
+    group: the epoch is not written here (CSV and JSONL records carry it).
+    CSV and JSONL logs keep the plain names (`loss`, `val_loss`).
+
+    Hyper-parameters go to the HParams tab (flattened to `a/b` keys; lists
+    and None as text) with the run's final metrics beside them (the last
+    value of each scalar; evaluation metrics listed first, as TensorBoard
+    shows the first five columns), and, exactly, as indented JSON in the
+    Text tab under the tag `hparams`, which `json.loads` reads back. Events
+    are flushed at every logging step.
 
     A second run in the same directory (a resumed run) adds a new event file
-    beside the old ones; TensorBoard reads them as one run.
+    beside the old ones; TensorBoard reads them as one run. `lightfunc.fit`
+    gives every run its own `version_N/logs` directory, so TensorBoard lists
+    runs as `version_0/logs`, `version_1/logs`, ...
 
     Needs the `tensorboard` package (`pip install tensorboard`); it is
     imported at the first write, not with lightfunc.
@@ -53,6 +63,7 @@ class TensorBoardLogger(Logger):
                 "(or `lightfunc[logging]`), or use lightfunc.loggers.CSVLogger / JSONLLogger."
             )
         self._writer: Any = None  # a SummaryWriter, opened at the first write
+        self._tags: dict[str, None] = {}  # the scalar tags written, in order of first write
 
     def _open(self) -> Any:
         if self._writer is None:
@@ -64,19 +75,76 @@ class TensorBoardLogger(Logger):
     def write_metrics(self, step: int, epoch: int | None, metrics: dict[str, float]) -> None:
         writer = self._open()
         for name, value in metrics.items():
-            writer.add_scalar(name, value, step)
-        if epoch is not None:
-            writer.add_scalar("epoch", float(epoch), step)
+            tag = tensorboard_tag(name)
+            self._tags.setdefault(tag)
+            writer.add_scalar(tag, value, step)
         writer.flush()
 
     def write_hparams(self, params: dict[str, Any]) -> None:
+        from torch.utils.tensorboard.summary import hparams
+
         text = json.dumps(params, indent=2)
         # Indented four spaces: a code block in TensorBoard's markdown, still valid JSON.
         writer = self._open()
         writer.add_text(HPARAMS_TAG, "\n".join("    " + line for line in text.splitlines()), 0)
+        # The HParams tab: a session start with the values now; the experiment (which
+        # hyper-parameters and metrics are columns) at `close`, once the metrics are known.
+        _, session_start, _ = hparams(flatten_hparams(params), {})
+        writer._get_file_writer().add_summary(session_start)
         writer.flush()
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        if self._writer is None:
+            return
+        if self._hparams:
+            from torch.utils.tensorboard.summary import hparams
+
+            # Evaluation metrics first: the HParams table shows its first five columns.
+            tags = sorted(self._tags, key=lambda t: (not t.startswith("val/"), t != "train/loss"))
+            experiment, _, session_end = hparams(
+                flatten_hparams(self._hparams), dict.fromkeys(tags, 0.0)
+            )
+            file_writer = self._writer._get_file_writer()
+            file_writer.add_summary(experiment)
+            file_writer.add_summary(session_end)  # status: success
+        self._writer.close()
+        self._writer = None
+
+
+def tensorboard_tag(name: str) -> str:
+    """The TensorBoard tag of a logged metric: `val/<m>` for `val_<m>`, else `train/<name>`.
+
+    A name that already holds a `/` is the user's own namespacing, kept as it is.
+
+    Example:
+        >>> tensorboard_tag("val_acc"), tensorboard_tag("loss"), tensorboard_tag("lr")
+        ('val/acc', 'train/loss', 'train/lr')
+    """
+    if "/" in name:
+        return name
+    if name.startswith("val_"):
+        return f"val/{name[4:]}"
+    return f"train/{name}"
+
+
+def flatten_hparams(
+    params: dict[str, Any], prefix: str = ""
+) -> dict[str, bool | int | float | str]:
+    """`params` as one flat dict of the types TensorBoard's HParams tab takes.
+
+    Nested mappings become `outer/inner` keys; lists, None and anything else become text.
+
+    Example:
+        >>> flatten_hparams({"optim": {"lr": 0.1}, "layers": [2, 3], "tag": None})
+        {'optim/lr': 0.1, 'layers': '[2, 3]', 'tag': 'None'}
+    """
+    flat: dict[str, bool | int | float | str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten_hparams(value, prefix=f"{name}/"))
+        elif isinstance(value, bool | int | float | str):
+            flat[name] = value
+        else:
+            flat[name] = json.dumps(value) if isinstance(value, list | tuple) else str(value)
+    return flat

@@ -28,6 +28,7 @@ from ._masking import MultiTransformState as MultiTransformState
 from ._masking import freeze as freeze
 from ._masking import masked as masked
 from ._masking import multi_transform as multi_transform
+from ._masking import trainable_only as trainable_only
 from ._schedules import constant_schedule as constant_schedule
 from ._schedules import cosine_decay_schedule as cosine_decay_schedule
 from ._schedules import join_schedules as join_schedules

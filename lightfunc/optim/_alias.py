@@ -9,7 +9,7 @@ the order in which torch applies the same operations.
 from __future__ import annotations
 
 from ._base import GradientTransformation, ScalarOrSchedule
-from ._fused import check_fused, fused_adam
+from ._fused import check_fused, foreach_adam, fused_adam
 from ._masking import MaskOrFn
 from ._transforms import (
     chain,
@@ -108,7 +108,7 @@ def adam(
     parts.append(scale_by_adam(b1, b2, eps, learning_rate=lr))
     if check_fused(fused):
         return fused_adam(chain(*parts), lr, b1, b2, eps, weight_decay, None, decoupled=False)
-    return chain(*parts)
+    return foreach_adam(chain(*parts), lr, b1, b2, eps, weight_decay, None, decoupled=False)
 
 
 def adamw(
@@ -160,7 +160,7 @@ def adamw(
         parts.append(add_decoupled_weight_decay(lr, weight_decay, mask))
     if check_fused(fused):
         return fused_adam(chain(*parts), lr, b1, b2, eps, weight_decay, mask, decoupled=True)
-    return chain(*parts)
+    return foreach_adam(chain(*parts), lr, b1, b2, eps, weight_decay, mask, decoupled=True)
 
 
 def lion(

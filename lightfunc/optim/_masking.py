@@ -1,4 +1,5 @@
-"""Applying transformations to part of the parameters: `masked`, `freeze`, `multi_transform`.
+"""Applying transformations to part of the parameters: `masked`, `freeze`, `multi_transform`,
+and `trainable_only` (torch.optim's rules for frozen and gradient-less parameters).
 
 A mask is a pytree of Python bools with the structure of the params, or a
 prefix of it (one bool for a whole sub-tree, e.g. ``{"generator": True,
@@ -16,10 +17,22 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
+from typing import Any
 
-from .._tree import PyTree, register_dataclass, tree_flatten_with_paths, tree_map, tree_structure
+import optree
+import torch
+
+from .._tree import (
+    NAMESPACE,
+    PyTree,
+    register_dataclass,
+    tree_flatten_with_paths,
+    tree_map,
+    tree_structure,
+)
 from ._base import GradientTransformation, OptState, Params, Updates
 from ._transforms import set_to_zero
+from ._wrappers import _dtensor_type, _where
 
 #: A pytree of bools (or of label strings) matching the params or a prefix of
 #: them, or a function params -> such a tree.
@@ -256,3 +269,160 @@ def multi_transform(
         return updates, MultiTransformState(inner_states=new_states)
 
     return GradientTransformation(init, update)
+
+
+# -- torch.optim's rules for frozen parameters and parameters without a gradient ------------
+
+
+def _has_gradient(g: torch.Tensor) -> torch.Tensor:
+    """Whether `g` holds any non-zero element (0-d bool); a `DTensor` shard agrees over its ranks.
+
+    A local shard can be all zero while the parameter as a whole has a
+    gradient (an embedding whose rows on this rank were not looked up), so the
+    verdict for a sharded gradient is the OR over the shards.
+    """
+    dtensor = _dtensor_type()
+    if dtensor is None or not isinstance(g, dtensor):
+        return g.any()  # one kernel; NaN counts as a gradient (it is not zero)
+    import torch.distributed._functional_collectives as funcol
+
+    local = g.to_local().any().to(torch.int32)
+    return funcol.wait_tensor(funcol.all_reduce(local, "max", g.device_mesh)).to(torch.bool)
+
+
+def _zero_unless(u: torch.Tensor, has_grad: torch.Tensor) -> torch.Tensor:
+    """`u` where the parameter has a gradient, else zeros (no allocation for a plain tensor)."""
+    dtensor = _dtensor_type()
+    if dtensor is not None and isinstance(u, dtensor):
+        return _where(has_grad, u, torch.zeros_like(u))
+    return torch.where(has_grad, u, 0.0)
+
+
+def _per_param_subtrees(state: OptState, like: PyTree) -> tuple[list[str], list[PyTree], Any]:
+    """Flatten `state` down to the sub-trees shaped like the params (`like`): moments, traces."""
+    target = tree_structure(like)
+
+    def is_param_tree(x: Any) -> bool:
+        return not isinstance(x, torch.Tensor) and tree_structure(x) == target
+
+    leaves, spec = optree.tree_flatten(state, is_leaf=is_param_tree, namespace=NAMESPACE)
+    return [("p" if is_param_tree(x) else "") for x in leaves], leaves, spec
+
+
+def _keep_untouched(new: OptState, old: OptState, has_grad: PyTree, like: PyTree) -> OptState:
+    """`new`, except that every per-parameter entry without a gradient keeps its `old` value."""
+    kinds, new_leaves, spec = _per_param_subtrees(new, like)
+    _, old_leaves, _ = _per_param_subtrees(old, like)
+    out = [
+        tree_map(lambda n, o, h: _where(h, n, o), n_sub, o_sub, has_grad) if kind else n_sub
+        for kind, n_sub, o_sub in zip(kinds, new_leaves, old_leaves, strict=True)
+    ]
+    return optree.tree_unflatten(spec, out)
+
+
+@dataclasses.dataclass(frozen=True)
+class _TrainableInit:
+    """`init` of `trainable_only`: a value, so two states created alike have equal trees."""
+
+    inner: GradientTransformation
+    frozen: tuple[str, ...]
+
+    def __call__(self, params: Params) -> OptState:
+        return self.inner.init(_select(_trainable_mask(self.frozen, params), params))
+
+
+@dataclasses.dataclass(frozen=True)
+class _TrainableUpdate:
+    """`update` of `trainable_only` (see there)."""
+
+    inner: GradientTransformation
+    frozen: tuple[str, ...]
+    skip_unused: bool
+
+    @property
+    def wraps(self) -> GradientTransformation:
+        """The wrapped optimizer (what `lightfunc.optim._wrappers.unwrapped` follows)."""
+        return self.inner
+
+    def __call__(
+        self, updates: Updates, state: OptState, params: Params | None = None
+    ) -> tuple[Updates, OptState]:
+        mask = _trainable_mask(self.frozen, updates)
+        grads = _select(mask, updates)
+        new_updates, new_state = self.inner.update(
+            grads, state, None if params is None else _select(mask, params)
+        )
+        if new_updates is None:  # the inner optimizer deferred
+            return None, new_state
+        if self.skip_unused:
+            has_grad = tree_map(_has_gradient, grads)
+            new_updates = tree_map(_zero_unless, new_updates, has_grad)
+            new_state = _keep_untouched(new_state, state, has_grad, grads)
+        if not self.frozen:
+            return new_updates, new_state
+        return _merge(mask, new_updates, tree_map(torch.zeros_like, updates)), new_state
+
+
+def is_trainable_only(tx: GradientTransformation) -> bool:
+    """Whether `tx` is already wrapped by `trainable_only` (so `TrainState.create` does not wrap twice)."""
+    return isinstance(tx.update, _TrainableUpdate)
+
+
+def _trainable_mask(frozen: tuple[str, ...], params: Params) -> PyTree:
+    if not frozen:
+        return tree_map(lambda _: True, params)
+    return {name: name not in frozen for name in params}
+
+
+def trainable_only(
+    inner: GradientTransformation,
+    frozen: tuple[str, ...] | list[str] = (),
+    *,
+    skip_unused: bool = True,
+) -> GradientTransformation:
+    """`inner` with torch.optim's rules for frozen parameters and parameters without a gradient.
+
+    `TrainState.create` installs it; you rarely call it yourself.
+
+    - Frozen parameters (the names in `frozen`, a flat dict of params; from
+      a module, those with `requires_grad=False`) are never moved and carry no
+      optimizer state: what ``torch.optim.AdamW(filter(lambda p:
+      p.requires_grad, model.parameters()))`` does.
+    - With `skip_unused`, a parameter whose gradient is exactly zero in every
+      element this update is left alone: no weight decay, no step, and its
+      per-parameter optimizer state (moments, momentum) keeps its value.
+      `torch.func` gives a zero gradient to a parameter the loss does not
+      reach, where torch.optim sees `grad=None` and skips it: this is that
+      rule. It costs one `any()` per parameter and a `where` per update and
+      moment per step. Step counters shared by all parameters (Adam's bias
+      correction) still advance; torch counts per parameter, so a parameter
+      unused for k steps and then used again gets a bias correction k steps
+      further on than torch's (identical for parameters that are always or
+      never used).
+
+    Args:
+        inner: the optimizer.
+        frozen: names of frozen parameters.
+        skip_unused: leave parameters without a gradient untouched.
+
+    Returns:
+        A `GradientTransformation` whose state is `inner`'s, built on the
+        trainable parameters only (frozen ones appear as `MaskedNode()`).
+
+    Example:
+        >>> import torch, lightfunc.optim as lo
+        >>> params = {"w": torch.ones(2), "b": torch.ones(2)}
+        >>> tx = lo.trainable_only(lo.adamw(0.1, weight_decay=0.1), frozen=("b",))
+        >>> grads = {"w": torch.zeros(2), "b": torch.ones(2)}
+        >>> updates, _ = tx.update(grads, tx.init(params), params)
+        >>> updates["w"].tolist(), updates["b"].tolist()
+        ([0.0, 0.0], [0.0, 0.0])
+    """
+    if not isinstance(inner, GradientTransformation):
+        raise TypeError(
+            f"`inner` must be a lightfunc.optim GradientTransformation, got {type(inner).__name__}."
+        )
+    names = tuple(frozen)
+    return GradientTransformation(
+        _TrainableInit(inner, names), _TrainableUpdate(inner, names, bool(skip_unused))
+    )

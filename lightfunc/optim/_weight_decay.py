@@ -21,10 +21,17 @@ from typing import Any
 
 import torch
 
-from .._tree import tree_map
+from .._tree import tree_map, tree_unflatten
 from ._base import GradientTransformation, OptState, Params, ScalarOrSchedule, Updates
 from ._masking import MaskOrFn, masked
-from ._transforms import ScaleByScheduleState, stateless_init, zero_count
+from ._transforms import (
+    ScaleByScheduleState,
+    foreach_leaves,
+    host_scalar,
+    once_per_step,
+    stateless_init,
+    zero_count,
+)
 from ._validate import check_float, check_learning_rate
 
 
@@ -75,6 +82,11 @@ def _opmath(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def factor_for(factor: torch.Tensor | float, dtype: torch.dtype) -> torch.Tensor | float:
+    """The decay factor as torch's kernel for `dtype` sees a Python scalar (float64 tensors to opmath)."""
+    return factor.to(_opmath(dtype)) if isinstance(factor, torch.Tensor) else factor
+
+
 def add_decoupled_weight_decay(
     learning_rate: ScalarOrSchedule, weight_decay: float, mask: MaskOrFn | None = None
 ) -> GradientTransformation:
@@ -111,16 +123,28 @@ def add_decoupled_weight_decay(
     ) -> tuple[Updates, OptState]:
         params = _needs_params("add_decoupled_weight_decay", params)
         factor: Any
-        if callable(lr):
-            factor = 1 - lr(state.count).to(torch.float64) * weight_decay
-        else:
+        if not callable(lr):
             factor = 1 - lr * weight_decay  # a Python float, exactly torch's scalar
+        else:
+            rate = host_scalar(lr(state.count))
+            if isinstance(rate, torch.Tensor):
+                (factor,) = once_per_step(1 - rate.to(torch.float64) * weight_decay)
+            else:
+                factor = 1 - rate * weight_decay
+        new_state = ScaleByScheduleState(count=state.count + 1)
+        lists = foreach_leaves(updates, params)
+        if lists is not None:
+            (steps, ps), spec = lists
+            # The leaf-by-leaf arithmetic below, one multi-tensor kernel per operation.
+            moved = torch._foreach_mul(ps, factor_for(factor, ps[0].dtype))
+            torch._foreach_add_(moved, steps)
+            torch._foreach_sub_(moved, ps)
+            return tree_unflatten(spec, moved), new_state
 
         def decay(u: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-            f = factor.to(_opmath(p.dtype)) if isinstance(factor, torch.Tensor) else factor
             # torch: p.mul_(1 - lr * wd); p.add_(step). Return the move, not the new value.
-            return ((p * f + u.to(p.dtype)) - p).to(u.dtype)
+            return ((p * factor_for(factor, p.dtype) + u.to(p.dtype)) - p).to(u.dtype)
 
-        return tree_map(decay, updates, params), ScaleByScheduleState(count=state.count + 1)
+        return tree_map(decay, updates, params), new_state
 
     return _maybe_masked(GradientTransformation(init, update), mask)

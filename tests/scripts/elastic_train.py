@@ -78,6 +78,7 @@ def main() -> None:
 
     state = lf.TrainState.create(model, lf.optim.sgd(0.1), seed=0)
     directory = Path(args.dir)
+    directory.mkdir(parents=True, exist_ok=True)  # the manager creates it at its first save
     manager = None
     if rank == 0:
         manager = lf.CheckpointManager(directory, every_n_steps=1, keep_last_n=2)

@@ -7,14 +7,17 @@ Every rank runs the scenario's checks in order and writes ``R/<scenario>-rank<r>
 built the same way on every rank; DTensors are its tensors distributed as
 `Shard(0)` (or `Replicate()`) over a 1-D CPU mesh of all ranks.
 
-Scenarios (the test prepares R/one, saved by one process, before "two"):
+Scenarios, run in this order (the test prepares R/one, saved by one process, before "two"):
 - two:   load R/one into 2 ranks (1 -> 2); save R/two; load it back (2 -> 2);
-         save R/two again over itself; a tree with a Partial DTensor is refused;
-         save a `LoopState` of a `TrainState` sharded by `lightfunc.distributed.shard_state`
-         (R/train_state).
-- three: load R/two into 3 ranks (2 -> 3); save R/three; load R/corrupt, whose
+         save R/two again over itself (a new generation beside the old files);
+         a tree with a Partial DTensor is refused; save a `LoopState` of a
+         `TrainState` sharded by `lightfunc.distributed.shard_state` (R/train_state).
+- four:  load R/two into 4 ranks (2 -> 4: uneven shards, ranks holding no row);
+         save R/four; load R/train_state into `shard_state`'s 4-rank layout.
+- three: load R/four into 3 ranks (4 -> 3); save R/three; load R/corrupt, whose
          second shard the test damaged: every rank must raise, none may hang;
          load R/train_state into `shard_state`'s 3-rank layout.
+The test loads R/three and R/four in one process (3 -> 1, 4 -> 1).
 """
 
 from __future__ import annotations
@@ -130,19 +133,23 @@ def scenario_two(root: Path, mesh: Any) -> list[tuple[str, Callable[[], None]]]:
 
     def save_two() -> None:
         save_sharded(distributed(full_state(), mesh), root / "two", metadata={"note": "2 ranks"})
-        assert sorted(p.name for p in (root / "two").iterdir()) == [
-            "index.json",
-            "shard-00000-of-00002.safetensors",
-            "shard-00001-of-00002.safetensors",
-        ]
+        assert sorted(p.name for p in (root / "two").iterdir()) == ["index.json", *files("two")]
         verify_sharded(root / "two")  # on every rank, no collective
 
     def load_two() -> None:
         check_equal(load_sharded(root / "two", like=template(mesh)), mesh)
 
     def overwrite_two() -> None:
+        before = files("two")
+        mesh_barrier(mesh)  # every rank has read the old index before it is replaced
         save_sharded(distributed(full_state(), mesh), root / "two", metadata={"note": "2 ranks"})
+        after = files("two")
+        assert len(after) == 2 and not set(after) & set(before), (before, after)
+        assert sorted(p.name for p in (root / "two").iterdir()) == ["index.json", *after]
         check_equal(load_sharded(root / "two", like=template(mesh)), mesh)
+
+    def files(name: str) -> list[str]:
+        return list(json.loads((root / name / "index.json").read_text())["files"])
 
     def partial_refused() -> None:
         local = torch.ones(3)
@@ -164,9 +171,34 @@ def scenario_two(root: Path, mesh: Any) -> list[tuple[str, Callable[[], None]]]:
     ]
 
 
-def scenario_three(root: Path, mesh: Any) -> list[tuple[str, Callable[[], None]]]:
+def mesh_barrier(mesh: Any) -> None:
+    torch.distributed.barrier(group=mesh.get_group())
+
+
+def scenario_four(root: Path, mesh: Any) -> list[tuple[str, Callable[[], None]]]:
     def load_two() -> None:
         loaded = load_sharded(root / "two", like=template(mesh))
+        check_equal(loaded, mesh)
+        rows = {k: v.to_local().shape[0] for k, v in loaded["params"].items()}
+        # torch's Shard(0) on 4 ranks: ceil(n / 4) rows each, the last ranks hold fewer or none
+        want = {
+            0: {"weight": 2, "bias": 2, "tiny": 1, "counts": 2},
+            1: {"weight": 2, "bias": 2, "tiny": 1, "counts": 2},
+            2: {"weight": 1, "bias": 1, "tiny": 0, "counts": 2},
+            3: {"weight": 0, "bias": 0, "tiny": 0, "counts": 1},
+        }[mesh.get_rank()]
+        assert rows == want, rows
+
+    def save_four() -> None:
+        save_sharded(distributed(full_state(), mesh), root / "four")
+        verify_sharded(root / "four")
+
+    return [("load_two", load_two), ("save_four", save_four)]
+
+
+def scenario_three(root: Path, mesh: Any) -> list[tuple[str, Callable[[], None]]]:
+    def load_four() -> None:
+        loaded = load_sharded(root / "four", like=template(mesh))
         check_equal(loaded, mesh)
         assert loaded["params"]["tiny"].to_local().shape == (
             (1, 4) if mesh.get_rank() < 2 else (0, 4)
@@ -178,7 +210,7 @@ def scenario_three(root: Path, mesh: Any) -> list[tuple[str, Callable[[], None]]
     def load_corrupt() -> None:
         load_sharded(root / "corrupt", like=template(mesh))
 
-    return [("load_two", load_two), ("save_three", save_three), ("load_corrupt", load_corrupt)]
+    return [("load_four", load_four), ("save_three", save_three), ("load_corrupt", load_corrupt)]
 
 
 def train_state(seed: int) -> lf.TrainState:
@@ -191,7 +223,7 @@ def train_state(seed: int) -> lf.TrainState:
 
 def train_state_checks(root: Path, mesh: Any) -> list[tuple[str, Callable[[], None]]]:
     """A `LoopState` holding `shard_state`'s fully-sharded TrainState, with its FSDP strategy
-    (static, not saved): saved by 2 ranks, loaded by 3 (and by 1 in the test)."""
+    (static, not saved): saved by 2 ranks, loaded by 4 and 3 (and by 1 in the test)."""
 
     def save_train_state() -> None:
         state = lfd.shard_state(train_state(0), mesh)
@@ -227,11 +259,12 @@ def train_state_checks(root: Path, mesh: Any) -> list[tuple[str, Callable[[], No
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--root", required=True)
-    parser.add_argument("--scenario", choices=["two", "three"], required=True)
+    parser.add_argument("--scenario", choices=["two", "four", "three"], required=True)
     args = parser.parse_args()
     with lfd.init_mesh(accelerator="cpu") as lf_mesh:
         root = Path(args.root)
-        scenario = {"two": scenario_two, "three": scenario_three}[args.scenario]
+        scenarios = {"two": scenario_two, "four": scenario_four, "three": scenario_three}
+        scenario = scenarios[args.scenario]
         results = run_checks(
             scenario(root, lf_mesh.device_mesh) + train_state_checks(root, lf_mesh)
         )

@@ -1,0 +1,263 @@
+"""What each rank runs for tests/test_fsdp.py: per-unit fully-sharded steps against one process.
+
+`checks(mesh, names)` runs the named checks and returns
+{name: ("ok", value) | ("error", traceback)} plus the warnings raised.
+"""
+
+from __future__ import annotations
+
+import traceback
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import lightfunc as lf
+import lightfunc.distributed as lfd
+from lightfunc.distributed._fsdp import set_units
+from lightfunc.distributed._sharded_init import init_sharded
+
+STEPS = 4
+VOCAB, WIDTH, HIDDEN, CLASSES = 11, 8, 6, 3  # 6, 11 and 3 rows do not divide by 4
+
+
+class Block(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(WIDTH)
+        self.up = torch.nn.Linear(WIDTH, HIDDEN)
+        self.down = torch.nn.Linear(HIDDEN, WIDTH)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(torch.tanh(self.up(self.norm(x))))
+
+
+class Net(torch.nn.Module):
+    """Embedding, 3 blocks in a ModuleList (the default units), a head."""
+
+    def __init__(self, blocks: int = 3) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(VOCAB, WIDTH)
+        self.blocks = torch.nn.ModuleList(Block() for _ in range(blocks))
+        self.head = torch.nn.Linear(WIDTH, CLASSES)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x.mean(1))
+
+
+def make_net(seed: int = 0) -> Net:
+    torch.manual_seed(seed)
+    return Net()
+
+
+def data(steps: int = STEPS, batch: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, VOCAB, (steps, batch, 5), generator=g)
+    y = torch.randint(0, CLASSES, (steps, batch), generator=g)
+    return [(x[i], y[i]) for i in range(steps)]
+
+
+def optimizer() -> lf.optim.GradientTransformation:
+    return lf.optim.chain(lf.optim.clip_by_global_norm(0.5), lf.optim.adamw(1e-2, weight_decay=0.1))
+
+
+def train_step_for(model: torch.nn.Module) -> Callable[..., Any]:
+    def train_step(state: lf.TrainState, batch: Any) -> Any:
+        x, y = batch
+
+        def loss_fn(params: Any) -> torch.Tensor:
+            logits, _ = lf.apply(model, params, state.buffers, x, train=True)
+            return F.cross_entropy(logits, y)
+
+        loss, grads = lf.value_and_grad(loss_fn)(state.params)
+        return state.apply_gradients(grads), {"loss": loss}
+
+    return train_step
+
+
+def mine(batch: Any, mesh: lfd.Mesh) -> Any:
+    return tuple(t.chunk(mesh.world_size)[mesh.global_rank] for t in batch)
+
+
+def train(step: Any, state: Any, batches: list[Any]) -> tuple[Any, dict[str, torch.Tensor]]:
+    metrics: dict[str, torch.Tensor] = {}
+    for batch in batches:
+        state, metrics = step(state, batch)
+    return state, metrics
+
+
+def max_diff(a: Any, b: Any) -> float:
+    la, lb = lf.tree_leaves(a), lf.tree_leaves(b)
+    assert len(la) == len(lb)
+    return max(
+        float((x.double() - y.double()).abs().max()) if x.numel() else 0.0
+        for x, y in zip(la, lb, strict=True)
+    )
+
+
+def reference(precision: str | None = None) -> tuple[lf.TrainState, dict[str, torch.Tensor]]:
+    """One process, eager, on the global batches."""
+    model = make_net()
+    state = lf.TrainState.create(model, optimizer(), seed=None)
+    step = lf.build(train_step_for(model), compile=False, precision=precision)
+    return train(step, step.prepare(state), data())
+
+
+def storage_bytes(tree: Any) -> int:
+    """Bytes of the storages this rank holds (each counted once), not the logical size."""
+    seen: dict[int, int] = {}
+    for x in lf.tree_leaves(tree):
+        if isinstance(x, torch.Tensor):
+            local = x.to_local() if hasattr(x, "to_local") else x
+            s = local.untyped_storage()
+            seen[s.data_ptr()] = s.nbytes()
+    return sum(seen.values())
+
+
+class CountCollectives(TorchDispatchMode):
+    """Counts functional all-gathers and reduce-scatters, and the largest all-gather's bytes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: dict[str, int] = {}
+        self.largest_gather = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        op = func.name().split("::")[-1]
+        if func.namespace == "_c10d_functional" and op != "wait_tensor":
+            self.counts[op] = self.counts.get(op, 0) + 1
+            if op.startswith("all_gather"):
+                self.largest_gather = max(self.largest_gather, out.numel() * out.element_size())
+        return out
+
+
+def fsdp_run(mesh: lfd.Mesh, compile: bool) -> dict[str, Any]:
+    """`FSDP(mesh)` through `build` and `prepare`: params and optimizer state vs one process."""
+    model = make_net()
+    step = lf.build(train_step_for(model), compile=compile, strategy=lfd.FSDP(mesh))
+    state = step.prepare(lf.TrainState.create(model, optimizer(), seed=None))
+    graphs = lf.compile_counts()["graphs"]
+    state, metrics = train(step, state, [mine(b, mesh) for b in data()])
+    new_graphs = lf.compile_counts()["graphs"] - graphs
+    full = lfd.gather_state(state)
+    ref, ref_metrics = reference()
+    sharded = [x.to_local() for x in lf.tree_leaves((state.params, state.opt_state)) if x.ndim]
+    return {
+        "params": max_diff(full.params, ref.params),
+        "opt_state": max_diff(full.opt_state, ref.opt_state),
+        "loss": abs(float(metrics["loss"]) - float(ref_metrics["loss"])),
+        "graphs": new_graphs,
+        "bytes": storage_bytes((state.params, state.opt_state)),
+        "full_bytes": storage_bytes((ref.params, ref.opt_state)),
+        # Each shard's storage is exactly its own rows: no view into a full tensor.
+        "owned": all(x.untyped_storage().nbytes() == x.numel() * x.element_size() for x in sharded),
+        "rows": {n: p.to_local().shape[0] for n, p in state.params.items() if p.ndim},
+    }
+
+
+def gathering(mesh: lfd.Mesh) -> dict[str, Any]:
+    """Collectives of one eager step: per unit, and the largest all-gather vs the whole model."""
+    model = make_net()
+    step = lfd.fully_sharded(train_step_for(model), mesh)
+    state = lfd.shard_state(lf.TrainState.create(model, optimizer(), seed=None), mesh)
+    with CountCollectives() as per_unit:
+        step(state, mine(data(1)[0], mesh))
+    set_units(model, [])  # no units: everything gathered at the start of the call
+    with CountCollectives() as whole:
+        step(state, mine(data(1)[0], mesh))
+    set_units(model, [Block])  # by class: the same units as the default
+    with CountCollectives() as by_class:
+        step(state, mine(data(1)[0], mesh))
+    return {
+        "per_unit": per_unit.counts,
+        "whole": whole.counts,
+        "by_class": by_class.counts,
+        "largest_unit_gather": per_unit.largest_gather,
+        "largest_whole_gather": whole.largest_gather,
+        "units": len(model.blocks),
+    }
+
+
+def plain_gradients(mesh: lfd.Mesh) -> dict[str, float]:
+    """A step that builds full-size plain gradients itself: averaged and cut to shards."""
+    model = make_net()
+
+    def train_step(state: lf.TrainState, batch: Any) -> Any:
+        grads = {n: torch.ones(p.shape) * (1 + mesh.global_rank) for n, p in state.params.items()}
+        return state.apply_gradients(grads), {}
+
+    sgd = lf.optim.sgd(0.1)
+    step = lf.build(train_step, compile=False, strategy=lfd.FSDP(mesh))
+    state = step.prepare(lf.TrainState.create(model, sgd, seed=None))
+    state, _ = step(state, None)
+    expected = {
+        n: p - 0.1 * (1 + mesh.world_size) / 2 for n, p in dict(make_net().state_dict()).items()
+    }
+    return {"params": max_diff(lfd.gather_state(state).params, expected)}
+
+
+def mixed_precision(mesh: lfd.Mesh) -> dict[str, float]:
+    """bf16-mixed under FSDP (autocast around the per-unit gathers) vs one process."""
+    model = make_net()
+    step = lf.build(
+        train_step_for(model), compile=False, strategy=lfd.FSDP(mesh), precision="bf16-mixed"
+    )
+    state = step.prepare(lf.TrainState.create(model, optimizer(), seed=None))
+    state, _ = train(step, state, [mine(b, mesh) for b in data()])
+    ref, _ = reference("bf16-mixed")
+    full = lfd.gather_state(state)
+    return {
+        "params": max_diff(full.params, ref.params),
+        "dtype": str(full.params["head.weight"].dtype),
+    }
+
+
+def meta_init(mesh: lfd.Mesh) -> dict[str, Any]:
+    """A meta-device model: shards equal a CPU model's values; no rank holds the whole."""
+    with torch.device("meta"):
+        model = Net()
+    torch.manual_seed(0)
+    params, buffers = init_sharded(model, mesh)
+    full = lfd.gather_state(lf.TrainState.create(params, optimizer(), buffers=buffers)).params
+    step = lf.build(train_step_for(model), compile=False, strategy=lfd.FSDP(mesh))
+    state = step.prepare(lf.TrainState.create(params, optimizer(), buffers=buffers, seed=None))
+    state, _ = train(step, state, [mine(b, mesh) for b in data()])
+    ref, _ = reference()
+    return {
+        "init": max_diff(full, dict(make_net().state_dict())),
+        "trained": max_diff(lfd.gather_state(state).params, ref.params),
+        "bytes": storage_bytes(params),
+        "model_on_meta": all(p.is_meta for p in model.parameters()),
+    }
+
+
+CHECKS: dict[str, Callable[[lfd.Mesh], Any]] = {
+    "fsdp_eager": lambda mesh: fsdp_run(mesh, compile=False),
+    "fsdp_compiled": lambda mesh: fsdp_run(mesh, compile=True),
+    "gathering": gathering,
+    "plain_gradients": plain_gradients,
+    "mixed_precision": mixed_precision,
+    "meta_init": meta_init,
+}
+
+
+def checks(mesh: lfd.Mesh, names: list[str]) -> dict[str, Any]:
+    torch._inductor.config.compile_threads = 1  # ranks share 2 cores: no compile worker pools
+    results: dict[str, Any] = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.filterwarnings("ignore", "`torch.jit.script", DeprecationWarning)
+        for name in names:
+            try:
+                results[name] = ("ok", CHECKS[name](mesh))
+            except Exception:
+                results[name] = ("error", traceback.format_exc())
+    results["warnings"] = [f"{w.category.__name__}: {w.message}" for w in caught]
+    return results
