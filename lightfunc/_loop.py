@@ -102,15 +102,17 @@ def loop(
         accelerator: "auto", "cpu", "gpu"/"cuda" or "mps".
         devices: "auto", 1 or [index].
         checkpoint: a `CheckpointManager`: shorthand for appending it to
-            `callbacks`. It saves on its schedule, on SIGTERM (the loop then
-            stops cleanly after the step) and, with `save_on_exception=True`,
+            `callbacks`. It saves on its schedule, on SIGTERM, SIGINT or SIGUSR1
+            (agreed over the ranks; the loop then stops cleanly after the step)
+            and, with `save_on_exception=True`,
             before an exception from the step propagates.
         callbacks: `lightfunc.callbacks.Callback`s that observe every state
             and may stop the run (see `lightfunc.callbacks`). Their hooks run
             in this generator; `on_end` runs when the loop finishes or is
             stopped, not when you break out of it. When any of them handles
-            interrupts (`on_interrupt`), SIGTERM asks the loop to stop after
-            the current step.
+            interrupts (`on_interrupt`), SIGTERM, SIGINT or SIGUSR1 asks the
+            loop to stop after the current step (a second SIGINT raises
+            KeyboardInterrupt at once).
         precision, accumulate_grad_batches, skip_nonfinite, strategy, compile:
             `lightfunc.build`'s options, for a plain `step` only (a built
             step carries its own; giving one raises). The state is prepared
