@@ -18,7 +18,7 @@ import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import torch
 
@@ -41,6 +41,7 @@ from .callbacks import (
     SaveHyperparameters,
 )
 from .loggers import Logger, TensorBoardLogger, default_logger
+from .optim._introspect import learning_rate_of
 
 # `lightfunc.build`'s options that `fit` (like `loop`) takes for a plain step.
 _BUILD_OPTIONS = (
@@ -524,42 +525,10 @@ def _log_defaults(
     if hparams is not None or limits:
         for logger in loggers:
             logger.log_hyperparams({**(hparams or {}), **limits})
-    schedule = _learning_rate_schedule(state)
-    if schedule is None or any(isinstance(cb, LearningRateMonitor) for cb in active):
+    schedule = learning_rate_of(getattr(state, "tx", None))
+    if not callable(schedule) or any(isinstance(cb, LearningRateMonitor) for cb in active):
         return []
     return [LearningRateMonitor(schedule)]
-
-
-def _learning_rate_schedule(state: Any) -> Callable[..., Any] | None:
-    """The learning-rate schedule inside a `TrainState`'s optimizer, if it has one.
-
-    `lightfunc.optim`'s transforms hold their learning rate in a closure
-    variable `lr` or `learning_rate`: a number, or a schedule (a function of
-    the step). This walks the optimizer (its closures, and the fields of its
-    wrapper objects) for the first such function.
-    """
-    todo: list[Any] = [getattr(state, "tx", None)]
-    seen: set[int] = set()
-    while todo and len(seen) < 10_000:
-        obj = todo.pop()
-        if id(obj) in seen or isinstance(obj, type | torch.Tensor | torch.nn.Module):
-            continue
-        seen.add(id(obj))
-        if isinstance(obj, tuple | list):
-            todo.extend(obj)
-            continue
-        if not callable(obj) or not hasattr(obj, "__code__"):  # a wrapper object: its fields
-            todo.extend(getattr(obj, "__dict__", {}).values())
-        code, cells = getattr(obj, "__code__", None), getattr(obj, "__closure__", None)
-        for name, cell in zip(getattr(code, "co_freevars", ()), cells or (), strict=False):
-            try:
-                value = cell.cell_contents
-            except ValueError:  # an empty cell
-                continue
-            if name in ("lr", "learning_rate") and callable(value):
-                return cast(Callable[..., Any], value)
-            todo.append(value)
-    return None
 
 
 def _close_bars(active: list[Callback]) -> None:

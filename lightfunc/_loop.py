@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from ._build import Step, build, build_eval
-from ._callback import Callback, InterruptReason, callback_states, check_callbacks
+from ._callback import Callback, InterruptReason, check_callbacks
 from ._compile import CompileOptions
 from ._contract import LoopState, Metrics, Strategy
 from ._device import resolve_device, to_device
@@ -317,20 +317,39 @@ def check_data(name: str, data: Any, *, allow_empty: bool = False) -> None:
 
 
 def _run_callbacks(callbacks: list[Callback], ls: LoopState) -> tuple[LoopState, bool]:
-    """Extra metrics from all, `on_step` on all (any may ask to stop), states collected, `on_step_end` on all."""
-    extra: dict[str, Any] = {}
-    for cb in callbacks:
-        extra.update(cb.extra_metrics(ls) or {})
-    if extra:
-        ls = ls.replace(metrics={**ls.metrics, **extra})
-    stop = False
-    for cb in callbacks:
-        stop = bool(cb.on_step(ls)) or stop
-    states = callback_states(callbacks)
-    if states:
-        ls = ls.replace(callbacks=states)
-    for cb in callbacks:
-        cb.on_step_end(ls)
+    """Extra metrics from all, `on_step` on all (any may ask to stop), states collected, `on_step_end` on all.
+
+    When a callback's hook raises, the other callbacks get `on_interrupt(ls, "exception")`
+    with this step (its update done; a `CheckpointManager(save_on_exception=True)` saves
+    it) and the error is re-raised with a note naming the callback and the hook.
+    """
+    cb, hook = callbacks[0], "extra_metrics"
+    try:
+        extra: dict[str, Any] = {}
+        for cb in callbacks:
+            extra.update(cb.extra_metrics(ls) or {})
+        if extra:
+            ls = ls.replace(metrics={**ls.metrics, **extra})
+        stop, hook = False, "on_step"
+        for cb in callbacks:
+            stop = bool(cb.on_step(ls)) or stop
+        states: dict[str, Any] = {}  # as `callback_states`, knowing whose `state_dict` raised
+        hook = "state_dict"
+        for cb in callbacks:
+            if (state := cb.state_dict()) is not None:
+                states[cb.state_key] = state
+        if states:
+            ls = ls.replace(callbacks=states)
+        hook = "on_step_end"
+        for cb in callbacks:
+            cb.on_step_end(ls)
+    except Exception as error:
+        error.add_note(
+            f"Raised by the callback {type(cb).__name__}, in `{hook}` at step {ls.step}; "
+            f"the other callbacks were told (`on_interrupt(ls, 'exception')`)."
+        )
+        _interrupt([other for other in callbacks if other is not cb], ls, "exception")
+        raise
     return ls, stop
 
 

@@ -407,6 +407,52 @@ def test_sigterm_saves_the_last_completed_step_and_stops_cleanly(tmp_path, how):
     assert signal.getsignal(signal.SIGTERM) is before  # the loop's handler is gone again
 
 
+class FailsAt(lf.callbacks.Callback):
+    """Raises from `hook` at step 3."""
+
+    def __init__(self, hook):
+        self.hook, self.step = hook, 0
+
+    def _maybe_fail(self, hook, step):
+        if hook == self.hook and step == 3:
+            raise RuntimeError("boom")
+
+    def extra_metrics(self, ls):
+        self.step = ls.step
+        self._maybe_fail("extra_metrics", ls.step)
+        return {}
+
+    def on_step(self, ls):
+        self._maybe_fail("on_step", ls.step)
+
+    def state_dict(self):
+        self._maybe_fail("state_dict", self.step)
+        return {"step": self.step}
+
+    def on_step_end(self, ls):
+        self._maybe_fail("on_step_end", ls.step)
+
+
+@pytest.mark.parametrize("hook", ["extra_metrics", "on_step", "state_dict", "on_step_end"])
+def test_a_failing_callback_is_named_and_the_others_save_its_step(tmp_path, hook):
+    step, _, state = _setup()
+    manager = lf.CheckpointManager(tmp_path, every_n_steps=100, save_on_exception=True)
+    recorder, failing = Interrupts(), FailsAt(hook)
+    with pytest.raises(RuntimeError, match="boom") as raised:
+        list(lf.loop(step, state, make_data(), callbacks=[recorder, failing, manager]))
+    assert raised.value.__notes__ == [
+        f"Raised by the callback FailsAt, in `{hook}` at step 3; the other callbacks were "
+        f"told (`on_interrupt(ls, 'exception')`)."
+    ]
+    assert recorder.events == [("exception", 3)]  # and none for the failing callback
+    restored = manager.restore(state, callbacks=[FailsAt(None)])
+    reference = list(lf.loop(step, state, make_data(), max_steps=3))[-1]
+    assert restored is not None and restored.step == 3
+    assert_trees_close(restored.state, reference.state)
+    index = json.loads((tmp_path / "index.json").read_text())["checkpoints"]
+    assert [(e["step"], e["reason"]) for e in index] == [(3, "exception")]
+
+
 def test_sigterm_is_caught_only_while_a_callback_handles_interrupts():
     step, _, state = _setup()
     before = signal.getsignal(signal.SIGTERM)

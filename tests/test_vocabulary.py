@@ -278,6 +278,55 @@ def test_lr_monitor_logging_interval_epoch_adds_the_rate_at_epoch_ends_only():
         lf.callbacks.LearningRateMonitor(sched, logging_interval="batch")
 
 
+def test_lr_monitor_reads_the_schedule_from_the_optimizer():
+    model, train_step, _, _ = _setup()
+    sched = lf.optim.linear_schedule(0.1, 0.0, transition_steps=8)
+    tx = lf.optim.chain(lf.optim.clip_by_global_norm(1.0), lf.optim.adamw(sched))
+    state = lf.TrainState.create(model, tx)
+    by_step = lf.callbacks.LearningRateMonitor(logging_interval="step", name="lr_step")
+    by_epoch = lf.callbacks.LearningRateMonitor(logging_interval="epoch")
+    got = [
+        (
+            ls.step,
+            float(ls.metrics["lr_step"]),
+            float(ls.metrics["lr"]) if "lr" in ls.metrics else None,
+        )
+        for ls in lf.loop(
+            train_step,
+            state,
+            make_data(64),
+            max_epochs=2,
+            compile=False,
+            callbacks=[by_step, by_epoch],
+        )
+    ]
+    # The rate each update used: the schedule at the step count before it.
+    rates = [float(sched(torch.tensor(s))) for s in range(4)]
+    assert got == [
+        (1, rates[0], None),
+        (2, rates[1], rates[1]),
+        (3, rates[2], None),
+        (4, rates[3], rates[3]),
+    ]
+    assert rates[0] != rates[1]
+
+
+def test_lr_monitor_reads_a_constant_rate_or_says_what_to_pass():
+    state = lf.TrainState.create({"w": torch.zeros(1)}, lf.optim.adamw(0.03))
+    monitor = lf.callbacks.LearningRateMonitor()
+    assert float(monitor.extra_metrics(lf.LoopState(state=state))["lr"]) == pytest.approx(0.03)
+    # An optimizer written by hand, with no `lr` / `learning_rate` inside.
+    plain = lf.optim.GradientTransformation(
+        lambda params: lf.optim.EmptyState(),
+        lambda grads, opt_state, params=None: ({k: -g for k, g in grads.items()}, opt_state),
+    )
+    state = lf.TrainState.create({"w": torch.zeros(1)}, plain)
+    with pytest.raises(
+        TypeError, match=r"found no learning rate in the state's optimizer .*pass it"
+    ):
+        lf.callbacks.LearningRateMonitor().extra_metrics(lf.LoopState(state=state))
+
+
 # -- checkpoints -----------------------------------------------------------------------------------
 
 
