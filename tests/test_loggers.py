@@ -1,3 +1,4 @@
+import csv
 import doctest
 import json
 import subprocess
@@ -96,11 +97,12 @@ def test_tensorboard_event_files_hold_exactly_the_logged_scalars_under_namespace
 
 def test_tensorboard_tags():
     tag = _tensorboard_logger.tensorboard_tag
-    assert [tag(n) for n in ("loss", "lr", "val_loss", "val_acc", "grad/norm")] == [
+    assert [tag(n) for n in ("loss", "lr", "val_loss", "val_acc", "test_loss", "grad/norm")] == [
         "train/loss",
         "train/lr",
         "val/loss",
         "val/acc",
+        "test/loss",
         "grad/norm",  # the user's own namespace is kept
     ]
 
@@ -470,3 +472,108 @@ def test_tensorboard_logger_without_tensorboard_says_how_to_fix_it(tmp_path, mon
     monkeypatch.setattr(_tensorboard_logger, "tensorboard_available", lambda: False)
     with pytest.raises(ModuleNotFoundError, match=r"pip install tensorboard.*CSVLogger"):
         TensorBoardLogger(tmp_path)
+
+
+# Metrics at their own rate, test metrics after `fit` --------------------------------------
+
+
+@pytest.mark.parametrize(("interval", "lr_steps"), [("epoch", [3, 6]), (5, [5])])
+def test_the_lr_is_logged_at_its_own_rate_and_the_loss_every_n_steps(tmp_path, interval, lr_steps):
+    model = make_model()
+    train_step, _ = make_steps(model)
+    sched = lf.optim.linear_schedule(0.1, 0.0, transition_steps=10)
+    state = lf.TrainState.create(model, lf.optim.sgd(sched), seed=0)
+    logger = JSONLLogger(tmp_path, log_every_n_steps=2, metric_intervals={"lr": interval})
+    monitor = lf.callbacks.LearningRateMonitor()  # the rate on every step, on the device
+    data = make_data(n=96, batch_size=32)  # 3 batches: epochs end at steps 3 and 6
+    states = list(
+        lf.loop(train_step, state, data, max_epochs=2, compile=False, callbacks=[monitor, logger])
+    )
+    assert all("lr" in ls.metrics for ls in states)  # present on every step, written on some
+    expected = []
+    for ls in states:
+        metrics = {}
+        if ls.step % 2 == 0:
+            metrics["loss"] = float(ls.metrics["loss"])
+        if ls.step in lr_steps:
+            metrics["lr"] = float(sched(torch.tensor(ls.step - 1)))  # the rate the update used
+        if metrics:
+            expected.append({"step": ls.step, "epoch": ls.epoch, "metrics": metrics})
+    lines = [json.loads(line) for line in logger.metrics_file.read_text().splitlines()]
+    assert [r["step"] for r in lines] == sorted({2, 4, 6, *lr_steps})
+    assert len(lines) == len(expected)
+    for got, want in zip(lines, expected, strict=True):
+        assert got.keys() == want.keys() and got["step"] == want["step"]
+        assert got["epoch"] == want["epoch"]
+        assert got["metrics"] == pytest.approx(want["metrics"], rel=1e-6)
+
+
+def test_metric_intervals_are_checked(tmp_path):
+    with pytest.raises(TypeError, match=r"`metric_intervals` must be a mapping .* got list"):
+        CSVLogger(tmp_path, metric_intervals=["lr"])
+    with pytest.raises(ValueError, match=r"`metric_intervals\['lr'\]` must be an int >= 1 .*"):
+        CSVLogger(tmp_path, metric_intervals={"lr": "batch"})
+    with pytest.raises(ValueError, match=r"`metric_intervals\['lr'\]` .* got 0"):
+        CSVLogger(tmp_path, metric_intervals={"lr": 0})
+    with pytest.raises(TypeError, match=r"metric names must be strings, got 1"):
+        CSVLogger(tmp_path, metric_intervals={1: "epoch"})
+
+
+def _fit_then_test(logger, tmp_path):
+    """`fit` with `logger`, then the test metrics of `lf.evaluate` logged into the same run."""
+    model = make_model()
+    train_step, eval_step = make_steps(model)
+    state = lf.TrainState.create(model, lf.optim.sgd(0.1), seed=0)
+    final = lf.fit(
+        train_step,
+        state,
+        DATA,
+        max_epochs=2,
+        logger=logger,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path / "runs",
+        compile=False,
+    )
+    metrics = lf.evaluate(lf.build_eval(eval_step, compile=False), final, make_data(n=64, seed=5))
+    logger.log_metrics(metrics, step=final.step, epoch=final.epoch, prefix="test")
+    return final, {f"test_{name}": float(value) for name, value in metrics.items()}
+
+
+def test_test_metrics_land_in_the_runs_csv_at_the_final_step(tmp_path):
+    logger = CSVLogger(tmp_path, log_every_n_steps=4)
+    final, test = _fit_then_test(logger, tmp_path)
+    assert final.step == 8 and test.keys() == {"test_loss", "test_acc"}
+    with open(logger.metrics_file, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["step"] for row in rows] == ["4", "8", "8"]  # the train logs, then the test one
+    assert rows[-1]["loss"] == "" and rows[0]["test_loss"] == ""
+    assert {name: float(rows[-1][name]) for name in test} == test  # exact: repr round-trips
+    assert rows[-1]["epoch"] == str(final.epoch)
+
+
+def test_test_metrics_land_in_the_runs_tensorboard_under_test(tmp_path):
+    pytest.importorskip("tensorboard")
+    logger = TensorBoardLogger(tmp_path, log_every_n_steps=4)
+    final, test = _fit_then_test(logger, tmp_path)
+    logger.close()
+    acc = _event_accumulator(logger.log_dir)
+    assert {"test/loss", "test/acc", "train/loss"} <= set(acc.Tags()["scalars"])
+    for name, value in test.items():
+        (event,) = acc.Scalars(_tensorboard_logger.tensorboard_tag(name))
+        assert event.step == final.step and event.value == pytest.approx(value, abs=1e-6)
+
+
+def test_log_metrics_prefix(tmp_path):
+    logger = JSONLLogger(tmp_path)
+    logger.log_metrics({"loss": 0.5, "test_acc": 1.0}, step=3, prefix="test")
+    logger.close()
+    (line,) = logger.metrics_file.read_text().splitlines()
+    assert json.loads(line)["metrics"] == {"test_loss": 0.5, "test_acc": 1.0}
+    with pytest.raises(TypeError, match=r"`prefix` must be a string or None, got int 1"):
+        logger.log_metrics({"loss": 0.5}, step=3, prefix=1)
+    with pytest.raises(ValueError, match=r"`prefix` must be non-empty"):
+        logger.log_metrics({"loss": 0.5}, step=3, prefix="")
+    with pytest.raises(ValueError, match=r"may not be called 'step'"):
+        logger.log_metrics({"step": 0.5}, step=3, prefix="test")

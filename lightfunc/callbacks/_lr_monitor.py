@@ -31,7 +31,9 @@ class LearningRateMonitor(Callback):
         logging_interval: "step" (Lightning's default: the rate at every
             step, for the logger to read at its interval) or "epoch" (only on
             the last step of each epoch, e.g. for a per-epoch schedule); None
-            is "step".
+            is "step". A logger writes the metric at its `log_every_n_steps`;
+            to write it at another rate than the loss, give the logger
+            `metric_intervals={"lr": "epoch"}` (or an int n).
 
     Raises:
         TypeError: if `schedule` is neither callable, a number nor None;

@@ -3,7 +3,9 @@
 What a logger writes, and when (the same for every backend):
 
 - every `log_every_n_steps` steps: the train metrics, under their own names
-  (`loss`), and the epoch;
+  (`loss`), and the epoch; a metric named in `metric_intervals` at its own
+  rate instead (e.g. `{"lr": "epoch"}`: the learning rate once per epoch, on
+  the epoch's last step, however often the loss is written);
 - after every evaluation (`ls.evaluated`): the evaluation metrics as
   `val_<name>` (`val_loss`, the names `EarlyStopping` and `ProgressBar` use;
   a metric the eval step already calls `val_loss` keeps that name) and the
@@ -11,10 +13,11 @@ What a logger writes, and when (the same for every backend):
   record with both.
 
 Metrics are read back from the device on those steps only; on every other
-step a logger reads nothing and costs one modulo. Only rank 0 of a
-`torch.distributed` run writes anything; on the other ranks a logger is a
-no-op (it neither reads metrics nor creates a file). Directories are created
-on the first write, so a run that logs nothing leaves nothing behind.
+step a logger reads nothing and costs one modulo (and one check per
+`metric_intervals` entry). Only rank 0 of a `torch.distributed` run writes
+anything; on the other ranks a logger is a no-op (it neither reads metrics
+nor creates a file). Directories are created on the first write, so a run
+that logs nothing leaves nothing behind.
 
 A backend subclasses `Logger` and implements `write_metrics`,
 `write_hparams` and `close`; they are called on rank 0 only, with plain
@@ -28,7 +31,7 @@ import numbers
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -59,11 +62,21 @@ class Logger(Callback):
             (looked up at each write, so the group may be created after the logger).
         hparams: hyper-parameters (a JSON-able mapping) written once, at the
             first `on_start`; see `log_hyperparams`.
+        metric_intervals: train metrics logged at their own rate rather than
+            every `log_every_n_steps`: name -> an int n (every n steps) or
+            "epoch" (on the last step of every epoch). E.g.
+            `log_every_n_steps=50, metric_intervals={"lr": "epoch"}` writes the
+            loss every 50 steps and the `LearningRateMonitor`'s `lr` once per
+            epoch (Lightning's `LearningRateMonitor(logging_interval="epoch")`
+            next to the Trainer's `log_every_n_steps`). A named metric absent
+            from a step's metrics is skipped.
 
     Raises:
         TypeError: `save_dir` not a path, `name` not a string, `rank` not an int,
-            `hparams` not a mapping of JSON values.
-        ValueError: `log_every_n_steps` < 1, an empty `name`, `rank` < 0.
+            `hparams` not a mapping of JSON values, `metric_intervals` not a
+            mapping of names.
+        ValueError: `log_every_n_steps` < 1, an empty `name`, `rank` < 0, an
+            interval in `metric_intervals` neither an int >= 1 nor "epoch".
     """
 
     def __init__(
@@ -74,6 +87,7 @@ class Logger(Callback):
         log_every_n_steps: int = 50,
         rank: int | None = None,
         hparams: Mapping[str, Any] | None = None,
+        metric_intervals: Mapping[str, int | Literal["epoch"]] | None = None,
     ) -> None:
         if not isinstance(save_dir, str | os.PathLike):
             raise TypeError(
@@ -100,6 +114,7 @@ class Logger(Callback):
         # Validated now, written at the first on_start (never twice).
         self._init_hparams = None if hparams is None else check_hparams(hparams, "hparams")
         self._hparams: dict[str, Any] = {}  # everything logged so far, merged
+        self.metric_intervals = _check_intervals(metric_intervals)
         self._init_backend()
 
     def _init_backend(self) -> None:
@@ -146,23 +161,48 @@ class Logger(Callback):
         self.write_hparams(dict(self._hparams))
 
     def log_metrics(
-        self, metrics: Mapping[str, Any], *, step: int, epoch: int | None = None
+        self,
+        metrics: Mapping[str, Any],
+        *,
+        step: int,
+        epoch: int | None = None,
+        prefix: str | None = None,
     ) -> None:
         """Write one record of scalars at `step` (rank 0 only); reads tensors from the device.
 
-        The callback hooks call this; call it yourself to log extra values.
+        The callback hooks call this; call it yourself to log extra values, e.g.
+        test metrics into the run's logs after `fit` (Lightning's `trainer.test`)::
+
+            final = lf.fit(step, state, train_data, logger=logger, ...)
+            metrics = lf.evaluate(eval_step, final, test_data)
+            logger.log_metrics(metrics, step=final.step, epoch=final.epoch, prefix="test")
+
+        writes `test_loss`, ... at the run's last step (a closed logger reopens its files).
 
         Args:
             metrics: name -> number or one-element tensor. An empty mapping writes nothing.
             step: the step to record them at.
             epoch: the epoch to record with them, or None.
+            prefix: written as `<prefix>_<name>` (a name already starting with
+                `<prefix>_` keeps it), as the loop writes evaluation metrics as `val_<name>`.
 
         Raises:
-            TypeError: `step` not an int, a name not a string, a value not a number/tensor.
-            ValueError: a name `step` or `epoch`, a tensor with more than one element.
+            TypeError: `step` not an int, a name or `prefix` not a string, a value
+                not a number/tensor.
+            ValueError: a name `step` or `epoch`, a tensor with more than one
+                element, an empty `prefix`.
         """
         if not is_int(step):
             raise TypeError(f"`step` must be an int, got {type(step).__name__} {step!r}.")
+        if prefix is not None:
+            if not isinstance(prefix, str):
+                raise TypeError(
+                    f"`prefix` must be a string or None, got {type(prefix).__name__} {prefix!r}. "
+                    f"E.g. prefix='test' writes `test_loss`."
+                )
+            if not prefix:
+                raise ValueError("`prefix` must be non-empty, e.g. prefix='test' (`test_loss`).")
+            metrics = {_prefixed(prefix, name): value for name, value in metrics.items()}
         if self.rank != 0 or not metrics:
             return
         values = {_check_name(name): to_float(name, value) for name, value in metrics.items()}
@@ -177,9 +217,18 @@ class Logger(Callback):
 
     def on_step_end(self, ls: LoopState) -> None:
         log_train = ls.step % self.log_every_n_steps == 0
-        if not (log_train or ls.evaluated) or self.rank != 0:
+        due = [
+            name
+            for name, every in self.metric_intervals.items()
+            if (ls.epoch_end if every == "epoch" else ls.step % every == 0)
+        ]
+        if not (log_train or due or ls.evaluated) or self.rank != 0:
             return  # the common case: nothing read, nothing written
-        metrics: dict[str, Any] = dict(ls.metrics) if log_train else {}
+        metrics: dict[str, Any] = {
+            name: value
+            for name, value in ls.metrics.items()
+            if (name in due if name in self.metric_intervals else log_train)
+        }
         if ls.evaluated and ls.eval_metrics is not None:
             for name, value in ls.eval_metrics.items():
                 key = eval_metric_name(name)
@@ -207,6 +256,25 @@ class Logger(Callback):
 
     def close(self) -> None:
         """Flush and release open files (a later write reopens them)."""
+
+
+def _check_intervals(intervals: Any) -> dict[str, int | Literal["epoch"]]:
+    """`metric_intervals` as a dict, after checking its names and intervals."""
+    if intervals is None:
+        return {}
+    if not isinstance(intervals, Mapping):
+        raise TypeError(
+            f"`metric_intervals` must be a mapping of metric name -> interval, got "
+            f"{type(intervals).__name__}. E.g. metric_intervals={{'lr': 'epoch'}}."
+        )
+    for name, every in intervals.items():
+        _check_name(name)
+        if every != "epoch" and (not is_int(every) or every < 1):
+            raise ValueError(
+                f"`metric_intervals[{name!r}]` must be an int >= 1 (every n steps) or "
+                f"'epoch' (once per epoch), got {every!r}."
+            )
+    return dict(intervals)
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -269,6 +337,12 @@ def to_float(name: str, value: Any) -> float:
     raise TypeError(
         f"metric {name!r} must be a number or a one-element tensor, got {type(value).__name__}."
     )
+
+
+def _prefixed(prefix: str, name: Any) -> str:
+    """`<prefix>_<name>`, or `name` when it already starts with `<prefix>_`."""
+    name = _check_name(name)
+    return name if name.startswith(f"{prefix}_") else f"{prefix}_{name}"
 
 
 def _check_name(name: Any) -> str:

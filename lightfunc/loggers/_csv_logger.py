@@ -25,7 +25,8 @@ class CSVLogger(Logger):
     An existing `metrics.csv` (from a run this one resumes) is read at the
     first write and its rows are kept ahead of the new ones.
 
-    Args: those of `Logger`: `save_dir`, `name`, `log_every_n_steps`, `rank`, `hparams`.
+    Args: those of `Logger`: `save_dir`, `name`, `log_every_n_steps`, `rank`, `hparams`,
+        `metric_intervals`.
 
     Example:
         >>> import tempfile, lightfunc as lf

@@ -15,7 +15,8 @@ def default_logger(save_dir: str | os.PathLike[str], **kwargs: Any) -> Logger:
 
     Args:
         save_dir: the root directory of the logs.
-        **kwargs: the other `Logger` options (`name`, `log_every_n_steps`, `rank`, `hparams`).
+        **kwargs: the other `Logger` options (`name`, `log_every_n_steps`, `rank`, `hparams`,
+            `metric_intervals`).
 
     Returns:
         The logger (nothing is written until it logs something).

@@ -18,7 +18,8 @@ class JSONLLogger(Logger):
     resumed run appends to it. NaN and infinities are written as Python's
     `json` writes them (`NaN`, `Infinity`), which `json.loads` and pandas read.
 
-    Args: those of `Logger`: `save_dir`, `name`, `log_every_n_steps`, `rank`, `hparams`.
+    Args: those of `Logger`: `save_dir`, `name`, `log_every_n_steps`, `rank`, `hparams`,
+        `metric_intervals`.
 
     Example:
         >>> import json, tempfile, lightfunc as lf

@@ -27,6 +27,9 @@ class TensorBoardLogger(Logger):
     (`tensorboard_tag`). TensorBoard opens only the first two groups (in
     alphabetical order) of its Time Series page, so nothing else gets a
     group: the epoch is not written here (CSV and JSONL records carry it).
+    Test metrics logged with `log_metrics(..., prefix="test")` go under
+    `test/` (`test/loss`): a third group, listed first, so TensorBoard then
+    opens `test/` and `train/`, and `val/` is one click away.
     CSV and JSONL logs keep the plain names (`loss`, `val_loss`).
 
     Hyper-parameters go to the HParams tab (flattened to `a/b` keys; lists
@@ -44,7 +47,8 @@ class TensorBoardLogger(Logger):
     Needs the `tensorboard` package (`pip install tensorboard`); it is
     imported at the first write, not with lightfunc.
 
-    Args: those of `Logger`: `save_dir`, `name`, `log_every_n_steps`, `rank`, `hparams`.
+    Args: those of `Logger`: `save_dir`, `name`, `log_every_n_steps`, `rank`, `hparams`,
+        `metric_intervals`.
 
     Raises:
         ModuleNotFoundError: `tensorboard` is not installed.
@@ -112,18 +116,23 @@ class TensorBoardLogger(Logger):
 
 
 def tensorboard_tag(name: str) -> str:
-    """The TensorBoard tag of a logged metric: `val/<m>` for `val_<m>`, else `train/<name>`.
+    """The TensorBoard tag of a logged metric: `val/<m>` for `val_<m>`, `test/<m>` for
+    `test_<m>` (`log_metrics(..., prefix="test")`), else `train/<name>`.
 
     A name that already holds a `/` is the user's own namespacing, kept as it is.
 
     Example:
         >>> tensorboard_tag("val_acc"), tensorboard_tag("loss"), tensorboard_tag("lr")
         ('val/acc', 'train/loss', 'train/lr')
+        >>> tensorboard_tag("test_loss")
+        'test/loss'
     """
     if "/" in name:
         return name
     if name.startswith("val_"):
         return f"val/{name[4:]}"
+    if name.startswith("test_"):
+        return f"test/{name[5:]}"
     return f"train/{name}"
 
 
