@@ -1,6 +1,6 @@
 """Pure, optax-style optimizers: ``state = tx.init(params)``; ``updates, state = tx.update(grads, state, params)``.
 
-Optimizers (`sgd`, `adam`, `adamw`, `lion`) are chains of small gradient
+Optimizers (`sgd`, `adam`, `adamw`, `lion`, `muon`) are chains of small gradient
 transformations that can be recombined (`chain`, `masked`, `freeze`,
 `multi_transform`); learning rates are floats or schedules, pure functions of
 the step count. Wrappers act around an update and keep what they remember in
@@ -29,6 +29,10 @@ from ._masking import freeze as freeze
 from ._masking import masked as masked
 from ._masking import multi_transform as multi_transform
 from ._masking import trainable_only as trainable_only
+from ._muon import ScaleByMuonState as ScaleByMuonState
+from ._muon import muon as muon
+from ._muon import muon_step as muon_step
+from ._muon import scale_by_muon as scale_by_muon
 from ._schedules import constant_schedule as constant_schedule
 from ._schedules import cosine_decay_schedule as cosine_decay_schedule
 from ._schedules import join_schedules as join_schedules
