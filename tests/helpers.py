@@ -69,3 +69,16 @@ def make_steps(model: torch.nn.Module) -> tuple[Any, Any]:
 
 def clone_tree(tree: Any) -> Any:
     return lf.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, tree)
+
+
+def ok_results(results: list[dict[str, Any]], name: str) -> list[Any]:
+    """Each rank's value of the check `name` from a spawned run, asserting every rank passed it.
+
+    The rank workers record each check as ("ok", value) or ("error", traceback).
+    """
+    values = []
+    for rank, result in enumerate(results):
+        status, value = result[name]
+        assert status == "ok", f"rank {rank}, check {name}:\n{value}"
+        values.append(value)
+    return values

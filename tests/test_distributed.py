@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import make_model, make_steps
+from helpers import make_model, make_steps, ok_results
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
@@ -501,21 +501,12 @@ def ranks(request) -> list[dict[str, Any]]:
     return spawn(_checks, WORLD, args=(EAGER + COMPILED * compiled,), timeout=420)
 
 
-def _ok(results: list[dict[str, Any]], name: str) -> list[Any]:
-    values = []
-    for rank, result in enumerate(results):
-        status, value = result[name]
-        assert status == "ok", f"rank {rank}, check {name}:\n{value}"
-        values.append(value)
-    return values
-
-
 # ---- 2 processes ----------------------------------------------------------------------
 
 
 @pytest.mark.multiprocess
 def test_host_collectives_reduce_gather_and_broadcast_pytrees(ranks):
-    for out in _ok(ranks, "collectives"):
+    for out in ok_results(ranks, "collectives"):
         assert torch.equal(out["mean"]["t"], torch.tensor([1.5, 3.0]))
         assert out["mean"]["n"] == 1.5 and out["mean"]["i"].item() == 0.5
         assert out["sum"]["n"] == 3 and torch.equal(out["sum"]["t"], torch.tensor([3.0, 6.0]))
@@ -534,7 +525,7 @@ def test_host_collectives_reduce_gather_and_broadcast_pytrees(ranks):
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("name", ["dp_eager", "fsdp_eager"])
 def test_two_ranks_match_one_process_on_the_concatenated_batch(ranks, name):
-    for out in _ok(ranks, name):
+    for out in ok_results(ranks, name):
         assert out["params"] <= TOL, out
         assert out["opt_state"] <= TOL, out
         assert out["loss"] <= TOL, out  # the loss metric is averaged over the ranks
@@ -544,7 +535,7 @@ def test_two_ranks_match_one_process_on_the_concatenated_batch(ranks, name):
 @pytest.mark.compiled
 @pytest.mark.parametrize("name", ["dp_compiled", "fsdp_compiled"])
 def test_compiled_two_ranks_match_one_process_in_one_graph(ranks, name):
-    for out in _ok(ranks, name):
+    for out in ok_results(ranks, name):
         assert out["params"] <= TOL, out
         assert out["opt_state"] <= TOL, out
         assert out["loss"] <= TOL, out
@@ -553,18 +544,18 @@ def test_compiled_two_ranks_match_one_process_in_one_graph(ranks, name):
 
 @pytest.mark.multiprocess
 def test_every_train_state_in_the_state_is_reduced_scalars_and_uneven_rows_included(ranks):
-    for out in _ok(ranks, "two_states"):
+    for out in ok_results(ranks, "two_states"):
         assert out["dp"] <= TOL and out["fsdp"] <= TOL, out
 
 
 @pytest.mark.multiprocess
 def test_fully_sharded_state_holds_row_chunks_of_params_and_optimizer_state(ranks):
-    assert all(out["layout"] for out in _ok(ranks, "fsdp_eager"))
+    assert all(out["layout"] for out in ok_results(ranks, "fsdp_eager"))
 
 
 @pytest.mark.multiprocess
 def test_buffers_stay_equal_and_metrics_are_reduced_by_kind(ranks):
-    for out in _ok(ranks, "buffers_and_metrics"):
+    for out in ok_results(ranks, "buffers_and_metrics"):
         assert out["buffers_equal"]
         assert out["n"] == 8  # integers summed: the global batch size
         assert out["rank0"] is True  # booleans OR-ed
@@ -573,7 +564,7 @@ def test_buffers_stay_equal_and_metrics_are_reduced_by_kind(ranks):
 
 @pytest.mark.multiprocess
 def test_gradients_go_in_one_bucket_and_only_the_optimizer_call_communicates(ranks):
-    for out in _ok(ranks, "communication"):
+    for out in ok_results(ranks, "communication"):
         assert out["sync"] == 2  # one gradient bucket + one metrics bucket
         assert out["no_sync"] == 0
         assert out["tiny_buckets"] == out["n_params"] + 1  # a bucket per tensor at a tiny cap
@@ -583,7 +574,7 @@ def test_gradients_go_in_one_bucket_and_only_the_optimizer_call_communicates(ran
 
 @pytest.mark.multiprocess
 def test_a_state_the_transforms_cannot_use_is_named_in_the_error(ranks):
-    for out in _ok(ranks, "errors"):
+    for out in ok_results(ranks, "errors"):
         assert out["dp_no_train_state"].startswith("TypeError: `data_parallel`")
         assert "holds none" in out["dp_no_train_state"]
         assert out["fsdp_not_sharded"].startswith("TypeError: `fully_sharded` expects")
@@ -592,7 +583,7 @@ def test_a_state_the_transforms_cannot_use_is_named_in_the_error(ranks):
 
 @pytest.mark.multiprocess
 def test_loop_over_a_rank_sharded_loader_matches_one_process(ranks):
-    for out in _ok(ranks, "loop"):
+    for out in ok_results(ranks, "loop"):
         assert out["dp"] <= TOL and out["fsdp"] <= TOL, out
 
 
@@ -603,7 +594,7 @@ def test_the_ranks_raise_no_warnings(ranks):
 
 @pytest.mark.multiprocess
 def test_build_strategy_ddp_matches_one_process_and_accumulates_without_gradient_sync(ranks):
-    for result in _ok(ranks, "build_strategy"):
+    for result in ok_results(ranks, "build_strategy"):
         assert result["ddp"] <= TOL and result["accumulated"] <= TOL
         assert result["unprepared"] <= TOL
         assert "strategy=DDP(world_size=2)" in result["repr"]
@@ -615,14 +606,14 @@ def test_build_strategy_ddp_matches_one_process_and_accumulates_without_gradient
 
 @pytest.mark.multiprocess
 def test_loop_shards_a_plain_state_for_fsdp_and_evaluates_it(ranks):
-    for result in _ok(ranks, "loop_fsdp_strategy"):
+    for result in ok_results(ranks, "loop_fsdp_strategy"):
         assert result["sharded"]
         assert result["params"] <= TOL and result["eval"] <= TOL
 
 
 @pytest.mark.multiprocess
 def test_loss_scaling_under_ddp_skips_on_every_rank_when_one_overflows(ranks):
-    rank0, rank1 = _ok(ranks, "build_strategy")
+    rank0, rank1 = ok_results(ranks, "build_strategy")
     assert rank0["skipped"] == rank1["skipped"] == [0, 1, 1, 1]
     assert rank0["step"] == rank1["step"] == 4  # a skipped update still counts as a step
     assert rank0["scale"] == rank1["scale"] == 2.0**15
@@ -631,7 +622,7 @@ def test_loss_scaling_under_ddp_skips_on_every_rank_when_one_overflows(ranks):
 
 @pytest.mark.multiprocess
 def test_fsdp_accumulates_like_one_process_and_skips_on_every_rank(ranks):
-    rank0, rank1 = _ok(ranks, "fsdp_compositions")
+    rank0, rank1 = ok_results(ranks, "fsdp_compositions")
     assert rank0["accumulated"] <= TOL and rank1["accumulated"] <= TOL
     assert rank0["skipped"] == rank1["skipped"] == [0, 1, 1, 1]
     assert rank0["skip_kept_params"] == rank1["skip_kept_params"] == 0.0
@@ -661,7 +652,7 @@ def test_one_metric_rule_across_evaluate_accumulation_and_ranks(ranks):
         want = value.item()
         assert evaluated[name].item() == pytest.approx(want), name
         assert accumulated[name].item() == pytest.approx(want), name
-        for rank in _ok(ranks, "metric_reductions"):
+        for rank in ok_results(ranks, "metric_reductions"):
             assert rank[name] == pytest.approx(want), name
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import ok_results
 
 import lightfunc as lf
 from lightfunc.distributed._fsdp import set_units
@@ -35,21 +36,12 @@ def two_compiled() -> list[dict[str, Any]]:
     return spawn(worker.checks, 2, args=(["fsdp_compiled"],), timeout=480)
 
 
-def _ok(results: list[dict[str, Any]], name: str) -> list[Any]:
-    values = []
-    for rank, result in enumerate(results):
-        status, value = result[name]
-        assert status == "ok", f"rank {rank}, check {name}:\n{value}"
-        values.append(value)
-    return values
-
-
 @pytest.mark.multiprocess
 @pytest.mark.slow
 def test_four_ranks_with_uneven_shards_match_one_process(four):
-    for out in _ok(four, "fsdp_eager"):
+    for out in ok_results(four, "fsdp_eager"):
         assert out["params"] <= TOL and out["opt_state"] <= TOL and out["loss"] <= TOL, out
-    rows = [out["rows"] for out in _ok(four, "fsdp_eager")]
+    rows = [out["rows"] for out in ok_results(four, "fsdp_eager")]
     assert [r["blocks.0.up.weight"] for r in rows] == [2, 2, 2, 0]  # 6 rows over 4 ranks
     assert [r["head.weight"] for r in rows] == [1, 1, 1, 0]
 
@@ -57,7 +49,7 @@ def test_four_ranks_with_uneven_shards_match_one_process(four):
 @pytest.mark.multiprocess
 @pytest.mark.slow
 def test_shards_own_their_storage_and_hold_a_quarter_of_the_bytes(four):
-    results = _ok(four, "fsdp_eager")
+    results = ok_results(four, "fsdp_eager")
     for out in results:
         assert out["owned"], out
     full = results[0]["full_bytes"]
@@ -70,7 +62,7 @@ def test_shards_own_their_storage_and_hold_a_quarter_of_the_bytes(four):
 @pytest.mark.multiprocess
 @pytest.mark.slow
 def test_parameters_are_gathered_one_unit_at_a_time(four):
-    for out in _ok(four, "gathering"):
+    for out in ok_results(four, "gathering"):
         units = out["units"]
         # The parameters outside the units once, each unit before its forward and
         # again for its backward; gradients reduce-scattered once per unit and the rest.
@@ -85,14 +77,14 @@ def test_parameters_are_gathered_one_unit_at_a_time(four):
 @pytest.mark.multiprocess
 @pytest.mark.slow
 def test_plain_full_gradients_are_averaged_into_shards(four):
-    for out in _ok(four, "plain_gradients"):
+    for out in ok_results(four, "plain_gradients"):
         assert out["params"] <= TOL, out
 
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
 def test_bf16_mixed_under_fsdp_trains_like_one_process(four):
-    for out in _ok(four, "mixed_precision"):
+    for out in ok_results(four, "mixed_precision"):
         assert out["dtype"] == "torch.float32"  # float32 master weights
         assert out["params"] <= 2e-3, out  # bfloat16 matmuls on 2-row vs 8-row batches
 
@@ -100,7 +92,7 @@ def test_bf16_mixed_under_fsdp_trains_like_one_process(four):
 @pytest.mark.multiprocess
 @pytest.mark.slow
 def test_meta_model_initialises_shards_equal_to_a_cpu_model(four):
-    results = _ok(four, "meta_init")
+    results = ok_results(four, "meta_init")
     for out in results:
         assert out["init"] == 0.0, out  # rank 0 initialised in construction order
         assert out["trained"] <= TOL, out
@@ -119,7 +111,7 @@ def test_the_ranks_raise_no_warnings(four):
 @pytest.mark.compiled
 @pytest.mark.slow
 def test_compiled_fsdp_step_is_one_graph_and_matches_one_process(two_compiled):
-    for out in _ok(two_compiled, "fsdp_compiled"):
+    for out in ok_results(two_compiled, "fsdp_compiled"):
         assert out["params"] <= TOL and out["opt_state"] <= TOL and out["loss"] <= TOL, out
         assert out["graphs"] == 1, out
         assert out["owned"], out

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import make_model, make_steps
+from helpers import make_model, make_steps, ok_results
 
 import lightfunc as lf
 import lightfunc.distributed as lfd
@@ -257,21 +257,12 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Any], list[Any
     return two, four
 
 
-def _ok(results: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
-    values = []
-    for rank, result in enumerate(results):
-        status, value = result[name]
-        assert status == "ok", f"rank {rank}, {name}:\n{value}"
-        values.append(value)
-    return values
-
-
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("name", STRATEGIES)
 def test_sigterm_on_one_rank_saves_every_rank_and_the_resume_is_bit_exact(
     ranks: Any, name: str
 ) -> None:
-    for out in _ok(ranks[0], name):
+    for out in ok_results(ranks[0], name):
         assert out["stopped_at"] == STOP_AT
         suffix = ".safetensors" if name == "ddp" else ""
         assert f"step=4{suffix}" in out["saved"] and f"step={STOP_AT}{suffix}" in out["saved"]
@@ -284,7 +275,7 @@ def test_sigterm_on_one_rank_saves_every_rank_and_the_resume_is_bit_exact(
 def test_a_damaged_newest_checkpoint_falls_back_and_still_resumes_exactly(
     ranks: Any, name: str
 ) -> None:
-    for out in _ok(ranks[0], name):
+    for out in ok_results(ranks[0], name):
         assert out["fell_back_to"] == 4
         assert any("skipping corrupt checkpoint" in w for w in out["fallback_warnings"])
         assert out["fallback_exact"]
@@ -293,7 +284,7 @@ def test_a_damaged_newest_checkpoint_falls_back_and_still_resumes_exactly(
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("name", STRATEGIES)
 def test_fit_resumes_from_last_bit_exact(ranks: Any, name: str) -> None:
-    for out in _ok(ranks[0], name):
+    for out in ok_results(ranks[0], name):
         assert out["fit_exact"]
 
 
@@ -301,7 +292,7 @@ def test_fit_resumes_from_last_bit_exact(ranks: Any, name: str) -> None:
 @pytest.mark.parametrize("name", STRATEGIES)
 def test_top_k_keeps_the_best_and_the_newest(ranks: Any, name: str) -> None:
     suffix = ".safetensors" if name == "ddp" else ""
-    for out in _ok(ranks[0], name):
+    for out in ok_results(ranks[0], name):
         saved = {s: out["losses"][s] for s in range(2, STEPS + 1, 2)}
         best = sorted(saved, key=lambda s: (saved[s], s))[:2]
         assert out["kept"] == [f"step={s}{suffix}" for s in sorted(best)]
@@ -314,8 +305,8 @@ def test_top_k_keeps_the_best_and_the_newest(ranks: Any, name: str) -> None:
 @pytest.mark.parametrize("name", STRATEGIES)
 def test_four_ranks_resume_what_two_saved(ranks: Any, name: str) -> None:
     two, four = ranks
-    saved = _ok(two, name)[0]
-    for out in _ok(four, name):
+    saved = ok_results(two, name)[0]
+    for out in ok_results(four, name):
         assert out["resumed_from"] == 4
         assert _same(out["start"], saved["at4"])  # loaded bit for bit, whatever the layout
         assert ("DTensor" in out["layout"]) == (name == "fsdp")
