@@ -75,6 +75,9 @@ class TrainState:
             tx: the optimizer, e.g. `lightfunc.optim.adamw(1e-3)`.
             seed: seed of the run's random stream (dropout and other draws
                 inside steps); `None` leaves torch's global generator alone.
+                It does not seed the model's initial weights: those were
+                drawn when `model` was built, from torch's global generator
+                (call `lightfunc.seed_everything` before building it).
             buffers: buffers to use when `model` is a dict.
             precision: a precision string ("bf16-mixed", "16-true", ... see
                 `lightfunc.policy`): parameters, floating buffers and the
