@@ -7,7 +7,7 @@ import torch  # measured against: `import torch` alone already imports tqdm (thr
 before = set(sys.modules)
 import lightfunc
 added = set(sys.modules) - before
-heavy = [m for m in ("tqdm", "tensorboard", "triton", "sklearn", "matplotlib", "torch._inductor") if m in added]
+heavy = [m for m in ("tqdm", "tensorboard", "triton", "sklearn", "matplotlib", "torch._inductor", "wandb", "mlflow") if m in added]
 assert not heavy, f"import lightfunc imported {heavy}"
 assert not torch.cuda.is_initialized(), "import lightfunc initialised CUDA"
 from torch._dynamo.utils import counters
