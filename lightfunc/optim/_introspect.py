@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 import torch
@@ -14,8 +14,9 @@ def learning_rate_of(tx: Any) -> Callable[..., Any] | float | None:
     `lightfunc.optim`'s transforms hold their learning rate in a closure
     variable `lr` or `learning_rate`: a number, or a schedule (a function of
     the step). This walks the optimizer (its closures, and the fields of its
-    wrapper objects) and returns the first schedule it finds; without one,
-    the first number; None when it finds neither.
+    wrapper objects, and the groups of a `multi_transform` in their order)
+    and returns the first schedule it finds; without one, the first number;
+    None when it finds neither.
     """
     todo: list[Any] = [tx]
     seen: set[int] = set()
@@ -27,6 +28,9 @@ def learning_rate_of(tx: Any) -> Callable[..., Any] | float | None:
         seen.add(id(obj))
         if isinstance(obj, tuple | list):
             todo.extend(obj)
+            continue
+        if isinstance(obj, Mapping):  # e.g. the label -> transform dict of `multi_transform`
+            todo.extend(reversed(list(obj.values())))  # popped in the dict's order
             continue
         if not callable(obj) or not hasattr(obj, "__code__"):  # a wrapper object: its fields
             todo.extend(getattr(obj, "__dict__", {}).values())
