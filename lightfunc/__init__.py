@@ -21,6 +21,7 @@ from typing import Any
 from . import callbacks as callbacks
 from . import loggers as loggers
 from . import optim as optim
+from . import tune as tune
 from ._build import Step as Step
 from ._build import build as build
 from ._build import build_eval as build_eval

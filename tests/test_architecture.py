@@ -81,6 +81,9 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "lightfunc.callbacks.*",
             "lightfunc.loggers.*",
             "lightfunc._fit",
+            "lightfunc._tune_lr",  # lr_find: a sweep on a trial state, for `lightfunc.tune`
+            "lightfunc._tune_batch",  # find_batch_size: measured peak memory per batch size
+            "lightfunc.tune",  # the public tuning namespace
         ),
     ),
     ("command line", ("lightfunc.__main__",)),
