@@ -43,6 +43,12 @@ from .callbacks import (
 from .loggers import Logger, TensorBoardLogger, default_logger
 from .optim._introspect import learning_rate_of
 
+#: `fit`'s `logger=`: on/off, a logger, a function of the run's directory
+#: returning one, or a list of loggers and such functions.
+LoggerArg = (
+    bool | Callback | Callable[[Path], Callback] | Sequence[Callback | Callable[[Path], Callback]]
+)
+
 # `lightfunc.build`'s options that `fit` (like `loop`) takes for a plain step.
 _BUILD_OPTIONS = (
     "precision",
@@ -75,7 +81,7 @@ def fit(
     *,
     default_root_dir: str | os.PathLike[str] = "runs/lightfunc",
     callbacks: Sequence[Callback] = (),
-    logger: Callback | bool = True,
+    logger: LoggerArg = True,
     enable_progress_bar: bool = True,
     enable_model_summary: bool | torch.nn.Module = True,
     enable_checkpointing: bool = True,
@@ -103,7 +109,10 @@ def fit(
             number), so a run never overwrites an earlier one's files.
         callbacks: more callbacks (`EarlyStopping`, your own, ...), run after the defaults.
         logger: True for the default logger (TensorBoard if installed, else
-            CSV), False for none, or a `lightfunc.loggers` logger.
+            CSV), False for none, a `lightfunc.loggers` logger, a function
+            of this run's `version_N` directory returning one (so a logger
+            you configure writes inside the run, e.g. `lambda run:
+            lf.loggers.MLflowLogger(run, name="mlflow")`), or a list of those.
         enable_progress_bar: show a progress bar (tqdm on a terminal, plain lines otherwise).
         enable_model_summary: print parameter counts at the start; pass the
             `nn.Module` to get per-module rows.
@@ -237,24 +246,42 @@ def fit(
 
 
 def _writers(
-    root: Path, ckpt_path: Any, logger: Callback | bool, checkpointing: bool, every: int
+    root: Path, ckpt_path: Any, logger: LoggerArg, checkpointing: bool, every: int
 ) -> list[Callback]:
     """The logger and checkpoint callbacks, writing into this run's version directory."""
-    if logger not in (True, False) and not isinstance(logger, Callback):
-        raise TypeError(
-            f"`logger` must be a bool or a lightfunc.loggers logger, got {type(logger).__name__}."
-        )
-    if logger is not True and not checkpointing:
-        return [logger] if isinstance(logger, Callback) else []
+    given = _check_logger(logger)
+    if logger is not True and not checkpointing and all(isinstance(x, Callback) for x in given):
+        return [x for x in given if isinstance(x, Callback)]
     run = _run_directory(root, ckpt_path)
     out: list[Callback] = []
     if logger is True:
         out.append(default_logger(run, name="logs", log_every_n_steps=every))
-    elif isinstance(logger, Callback):
-        out.append(logger)
+    for item in given:
+        made = item if isinstance(item, Callback) else item(run)
+        if not isinstance(made, Callback):
+            raise TypeError(
+                f"`logger`'s function returned {type(made).__name__}, not a logger: it is "
+                f"called with the run's directory and must return e.g. "
+                f"`lf.loggers.CSVLogger(run)`."
+            )
+        out.append(made)
     if checkpointing:
         out.append(ModelCheckpoint(run / "checkpoints", every_n_epochs=1, keep_last_n=1))
     return out
+
+
+def _check_logger(logger: Any) -> list[Callback | Callable[[Path], Any]]:
+    """`fit`'s `logger=` as a list of loggers and logger factories (empty for True / False)."""
+    if isinstance(logger, bool):
+        return []
+    items = list(logger) if isinstance(logger, list | tuple) else [logger]
+    for item in items:
+        if isinstance(item, bool) or not (isinstance(item, Callback) or callable(item)):
+            raise TypeError(
+                f"`logger` must be a bool, a lightfunc.loggers logger, a function of the run's "
+                f"directory returning one, or a list of those; got {type(item).__name__}."
+            )
+    return items
 
 
 def _run_directory(root: Path, ckpt_path: Any) -> Path:

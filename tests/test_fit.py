@@ -87,9 +87,29 @@ def test_barebones_refuses_features_it_turns_off(tmp_path):
 def test_logger_must_be_a_bool_or_a_logger(tmp_path):
     _, step, _, state = _setup()
     with pytest.raises(
-        TypeError, match=r"`logger` must be a bool or a lightfunc.loggers logger, got str"
+        TypeError, match=r"`logger` must be a bool, a lightfunc.loggers logger, .*; got str"
     ):
         lf.fit(step, state, make_data(), logger="tensorboard", default_root_dir=tmp_path)
+    with pytest.raises(TypeError, match=r"`logger`'s function returned str, not a logger"):
+        lf.fit(step, state, make_data(), logger=lambda run: "csv", default_root_dir=tmp_path)
+
+
+def test_logger_can_be_a_function_of_the_run_directory_or_a_list(tmp_path):
+    _, step, _, state = _setup()
+    given = lf.loggers.JSONLLogger(tmp_path / "mine", name="jsonl", log_every_n_steps=1)
+    lf.fit(
+        step,
+        state,
+        make_data(),
+        max_epochs=1,
+        default_root_dir=tmp_path / "runs",
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        logger=[lambda run: lf.loggers.CSVLogger(run, name="csv", log_every_n_steps=1), given],
+    )
+    run = tmp_path / "runs" / "version_0"
+    assert (run / "csv" / "metrics.csv").is_file()  # the factory's logger writes inside the run
+    assert (tmp_path / "mine" / "jsonl" / "metrics.jsonl").is_file()  # the given one where told
 
 
 def test_fit_with_no_steps_left_says_so(tmp_path):
