@@ -33,6 +33,7 @@ from .._compile import CompileWatch
 from .._contract import eval_metric_name
 from .._strategy import global_rank
 from ._early_stopping import EarlyStopping
+from ._throughput import ThroughputMonitor
 
 if TYPE_CHECKING:
     from .._contract import LoopState
@@ -58,6 +59,7 @@ class RunReport:
             and their sum "total"; empty when the run was not timed.
         paths: (label, path) of the run's files: logs, checkpoints, the best checkpoint.
         tensorboard: the command that shows the logs, or None.
+        throughput: a `ThroughputMonitor`'s rates over the run (`summary()`), or empty.
     """
 
     stopped: str
@@ -70,6 +72,7 @@ class RunReport:
     times: dict[str, float] = dataclasses.field(default_factory=dict)
     paths: tuple[tuple[str, str], ...] = ()
     tensorboard: str | None = None
+    throughput: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def __str__(self) -> str:
         lines = [f"Run stopped at step {self.step} (epoch {self.epoch}): {self.stopped}"]
@@ -88,6 +91,8 @@ class RunReport:
                 f"{k} {self.times[k]:.1f} s" for k in _PHASES if self.times.get(k, 0.0) >= 0.05
             )
             lines.append(_row("time", f"{self.times['total']:.1f} s: {split}"))
+        if self.throughput:
+            lines.append(_row("throughput", _throughput_text(self.throughput)))
         lines += [_row(label, path) for label, path in self.paths]
         if self.tensorboard:
             lines.append(_row("tensorboard", self.tensorboard))
@@ -142,12 +147,20 @@ def summarize_run(
         step=ls.step,
         epoch=ls.epoch,
         best=best,
-        train={n: _float(v) for n, v in ls.metrics.items()},
+        # Throughput has its own line; health statistics are for the logs.
+        train={
+            n: _float(v)
+            for n, v in ls.metrics.items()
+            if not n.startswith(("throughput/", "health/"))
+        },
         validation=evals,
         eval_at_step=ls.eval_at_step,
         times=dict(times or {}),
         paths=tuple(paths),
         tensorboard=None if tensorboard_dir is None else f"tensorboard --logdir {tensorboard_dir}",
+        throughput=next(
+            (cb.summary() for cb in callbacks if isinstance(cb, ThroughputMonitor)), {}
+        ),
     )
 
 
@@ -437,6 +450,28 @@ def _num(x: float) -> str:
 
 def _pairs(metrics: dict[str, float]) -> str:
     return " ".join(f"{k}={_num(v)}" for k, v in metrics.items())
+
+
+def _throughput_text(rates: dict[str, float]) -> str:
+    """`ThroughputMonitor.summary()` in a line: "12.3k samples/s, 2.1G FLOP/step, MFU 41.2%"."""
+    units = (
+        ("samples_per_sec", "samples/s"),
+        ("tokens_per_sec", "tokens/s"),
+        ("flops_per_step", "FLOP/step"),
+        ("flops_per_sec", "FLOP/s"),
+    )
+    parts = [f"{_si(rates[k])} {unit}" for k, unit in units if k in rates]
+    if "mfu" in rates:
+        parts.append(f"MFU {100 * rates['mfu']:.3g}%")
+    return ", ".join(parts)
+
+
+def _si(value: float) -> str:
+    """`value` with a k / M / G / T suffix, 3 significant digits: 12345 -> "12.3k"."""
+    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{suffix}"
+    return f"{value:.3g}"
 
 
 def _row(label: str, text: str) -> str:

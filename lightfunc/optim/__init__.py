@@ -22,6 +22,8 @@ from ._base import apply_updates as apply_updates
 from ._clipping import clip_by_global_norm as clip_by_global_norm
 from ._clipping import clip_by_value as clip_by_value
 from ._clipping import global_norm as global_norm
+from ._health import HealthState as HealthState
+from ._health import track_health as track_health
 from ._masking import MaskedNode as MaskedNode
 from ._masking import MaskedState as MaskedState
 from ._masking import MultiTransformState as MultiTransformState
@@ -60,3 +62,4 @@ from ._wrappers import AccumulationState as AccumulationState
 from ._wrappers import ApplyIfFiniteState as ApplyIfFiniteState
 from ._wrappers import accumulate_gradients as accumulate_gradients
 from ._wrappers import apply_if_finite as apply_if_finite
+from ._wrappers import find_state as find_state
