@@ -12,7 +12,7 @@ import torch
 from ._func import buffers_of, params_of
 from ._precision import LossScale, Policy, parse_precision
 from ._rng import RngKey
-from ._tree import NAMESPACE, PyTree, register_dataclass, tree_leaves
+from ._tree import NAMESPACE, PyTree, register_dataclass
 from .optim._base import GradientTransformation, OptState, apply_updates
 from .optim._masking import is_trainable_only, trainable_only
 from .optim._wrappers import ApplyIfFiniteState, apply_if_finite, find_state
@@ -168,21 +168,16 @@ class TrainState:
         """
         pol = parse_precision(precision)
         changes: dict[str, Any] = {}
-        wrapped = isinstance(self.opt_state, ApplyIfFiniteState)
-        # The loss scale stays float32 whatever the policy: cast only what the optimizer holds.
-        moments = self.opt_state.inner if wrapped else self.opt_state
         for field, tree in (
             ("params", self.params),
             ("buffers", self.buffers),
-            ("opt_state", moments),
+            ("opt_state", self.opt_state),
         ):
-            if any(
-                isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != pol.param_dtype
-                for x in tree_leaves(tree)
-            ):
-                changes[field] = pol.cast_to_param(tree)
-        if wrapped and "opt_state" in changes:
-            changes["opt_state"] = dataclasses.replace(self.opt_state, inner=changes["opt_state"])
+            # A loss scale stays float32 whatever the policy, under any wrapper.
+            leaves, spec = optree.tree_flatten(tree, is_leaf=_is_loss_scale, namespace=NAMESPACE)
+            if any(_needs_cast(x, pol.param_dtype) for x in leaves):
+                cast = [x if _is_loss_scale(x) else pol.cast_to_param(x) for x in leaves]
+                changes[field] = optree.tree_unflatten(spec, cast)
         wants_scale = pol.needs_loss_scaling or skip_nonfinite or loss_scale is not None
         if self.loss_scale is None and wants_scale:
             device = self.step.device
@@ -239,6 +234,14 @@ class TrainState:
 
 
 register_dataclass(TrainState, static=("tx",))
+
+
+def _is_loss_scale(x: Any) -> bool:
+    return isinstance(x, LossScale)
+
+
+def _needs_cast(x: Any, dtype: torch.dtype) -> bool:
+    return isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != dtype
 
 
 def _is_train_state(x: Any) -> bool:

@@ -506,3 +506,20 @@ def test_each_policy_trains_digits_as_well_as_fp32(spec):
     reference = digits_accuracy("32-true")
     assert reference > 0.9
     assert abs(digits_accuracy(spec) - reference) <= 0.01 + 1e-6
+
+
+def test_a_loss_scale_under_another_optimizer_wrapper_stays_float32():
+    # track_health (or any wrapper) outside apply_if_finite: the scale must not be cast to float16,
+    # where 65536 * growth overflows to inf; the moments are cast.
+    model = torch.nn.Linear(3, 2)
+    tx = lf.optim.track_health(lf.optim.apply_if_finite(lf.optim.adam(1e-3), lf.LossScale.create()))
+    half = lf.TrainState.create(model, tx).with_precision("16-true")
+    assert half.loss_scale is not None
+    assert half.loss_scale.scale.dtype == torch.float32
+    assert float(half.loss_scale.scale) == 65536.0
+    from lightfunc._tree import tree_leaves
+
+    moments = [x for x in tree_leaves(half.opt_state) if x.shape == (2, 3)]
+    assert len(moments) == 2 and all(m.dtype == torch.float16 for m in moments)  # Adam's mu, nu
+    assert half.params["weight"].dtype == torch.float16
+    assert half.with_precision("16-true") is half  # idempotent
