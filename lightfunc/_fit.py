@@ -28,10 +28,12 @@ from ._contract import LoopState, Strategy
 from ._loop import _as_eval_step, as_train_step, check_data, evaluate, loop, prepare_loop_state
 from ._manager import CheckpointManager
 from ._run_dir import new_version, resume_version
+from ._state import train_states
 from ._strategy import SingleProcess
 from ._validate import is_int
 from .callbacks import (
     EarlyStopping,
+    HealthMonitor,
     LearningRateMonitor,
     ModelCheckpoint,
     ModelSummary,
@@ -41,7 +43,9 @@ from .callbacks import (
     SaveHyperparameters,
 )
 from .loggers import Logger, TensorBoardLogger, default_logger
+from .optim._health import HealthState
 from .optim._introspect import learning_rate_of
+from .optim._wrappers import find_state
 
 #: `fit`'s `logger=`: on/off, a logger, a function of the run's directory
 #: returning one, or a list of loggers and such functions.
@@ -544,7 +548,8 @@ def _in_modes(
 def _log_defaults(
     active: list[Callback], state: Any, hparams: Mapping[str, Any] | None, kwargs: dict[str, Any]
 ) -> list[Callback]:
-    """Log the hyper-parameters now; a `LearningRateMonitor` when the optimizer has a schedule."""
+    """Log the hyper-parameters now; a `LearningRateMonitor` when the optimizer has a schedule,
+    and a `HealthMonitor` when it tracks health (`optim.track_health`)."""
     loggers = [cb for cb in active if isinstance(cb, Logger)]
     if not loggers:
         return []
@@ -552,10 +557,14 @@ def _log_defaults(
     if hparams is not None or limits:
         for logger in loggers:
             logger.log_hyperparams({**(hparams or {}), **limits})
+    out: list[Callback] = []
+    tracked = any(find_state(ts.opt_state, HealthState) for ts in train_states(state))
+    if tracked and not any(isinstance(cb, HealthMonitor) for cb in active):
+        out.append(HealthMonitor())
     schedule = learning_rate_of(getattr(state, "tx", None))
-    if not callable(schedule) or any(isinstance(cb, LearningRateMonitor) for cb in active):
-        return []
-    return [LearningRateMonitor(schedule)]
+    if callable(schedule) and not any(isinstance(cb, LearningRateMonitor) for cb in active):
+        out.append(LearningRateMonitor(schedule))
+    return out
 
 
 def _close_bars(active: list[Callback]) -> None:

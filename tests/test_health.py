@@ -439,3 +439,41 @@ def test_docstring_examples_run():
     for module in (optim_module, callback_module):
         result = doctest.testmod(module, extraglobs={"lf": lf})
         assert result.attempted > 0 and result.failed == 0, module.__name__
+
+
+def test_fit_adds_a_health_monitor_when_the_optimizer_tracks_health(tmp_path):
+    import json
+
+    import lightfunc as lf
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    tx = lf.optim.track_health(lf.optim.sgd(0.1), every=2)
+    state = lf.TrainState.create(model, tx, seed=0)
+
+    def train_step(state, batch):
+        x, y = batch
+
+        def loss_fn(params):
+            out, _ = lf.apply(model, params, state.buffers, x, train=True)
+            return torch.nn.functional.mse_loss(out, y)
+
+        loss, grads = lf.value_and_grad(loss_fn)(state.params)
+        return state.apply_gradients(grads), {"loss": loss}
+
+    data = [(torch.randn(8, 4), torch.randn(8, 2)) for _ in range(4)]
+    lf.fit(
+        lf.build(train_step, compile=False),
+        state,
+        data,
+        max_epochs=1,
+        default_root_dir=tmp_path,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        log_every_n_steps=2,
+        logger=lambda run: lf.loggers.JSONLLogger(run, name="logs", log_every_n_steps=2),
+    )
+    records = [
+        json.loads(line)
+        for line in (tmp_path / "version_0" / "logs" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert any("health/grad_norm" in r["metrics"] for r in records), records
