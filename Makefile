@@ -1,7 +1,7 @@
 # The two commands a new user runs: `make demo` and `make test`.
 # Both create .venv on first use. `make demo` installs only what the demo
 # needs (torch, lightfunc, scikit-learn, tqdm, tensorboard); `make test` adds
-# the rest (pytest, ruff, mypy, Lightning, matplotlib, triton). torch is
+# the rest (pytest, ruff, mypy, Lightning, matplotlib, triton, wandb, mlflow). torch is
 # pinned to 2.13.0 for this dev environment only (a CPU wheel on these
 # machines); the package itself asks for a range in pyproject.toml.
 

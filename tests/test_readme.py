@@ -16,6 +16,21 @@ def _python_blocks() -> list[str]:
 @pytest.mark.compiled
 def test_readme_python_blocks_run(fresh_dynamo, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # `fit` writes its logs and checkpoints under ./runs
+    # The trackers' block: W&B offline writes its run under ./runs, but its service keeps a debug
+    # log and a cache under HOME; keep those in tmp_path too, and let no upload succeed.
+    home = tmp_path / "home"
+    for name, value in {
+        "WANDB_SILENT": "true",
+        "WANDB_CACHE_DIR": str(home / "cache"),
+        "WANDB_CONFIG_DIR": str(home / "config"),
+        "WANDB_DATA_DIR": str(home / "data"),
+        "WANDB_BASE_URL": "http://127.0.0.1:9",
+        "HOME": str(home),
+        "XDG_CACHE_HOME": str(home / "xdg_cache"),
+    }.items():
+        monkeypatch.setenv(name, value)
+    for name in ("WANDB_API_KEY", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_RUN_ID", "WANDB_MODE"):
+        monkeypatch.delenv(name, raising=False)
     blocks = _python_blocks()
     assert len(blocks) >= 2
     g = torch.Generator().manual_seed(0)
@@ -31,8 +46,13 @@ def test_readme_python_blocks_run(fresh_dynamo, capsys, tmp_path, monkeypatch):
     assert float(namespace["final"].eval_metrics["acc"]) > 0.8
     # The later sections' snippets reuse `train_loader` & co.; give them small data.
     namespace.update(loaders, x_train=x, y_train=y)
-    for block in blocks[1:]:
-        exec(compile(block, str(README), "exec"), namespace)
+    try:
+        for block in blocks[1:]:
+            exec(compile(block, str(README), "exec"), namespace)
+    finally:
+        import wandb
+
+        wandb.teardown()  # stop the service W&B started with this environment
     assert "tx" in namespace
     assert (
         namespace["ls"].step == 4 and namespace["again"].step == 4
