@@ -4,6 +4,7 @@
     python examples/digits.py --smoke          # a short check of the whole script
     python examples/digits.py --no-compile     # eager, to compare
     python examples/digits.py --precision bf16-mixed   # or 16-mixed, bf16-true, ...
+    python examples/digits.py --ema 0.99       # validate with an EMA of the weights
     python examples/digits.py --help           # every option, with its default
     tensorboard --logdir runs/digits           # the curves, one run per version_N
 
@@ -92,6 +93,14 @@ def main(argv: list[str] | None = None) -> float:
     )
     parser.add_argument("--patience", type=int, default=10, help="early stopping, in epochs")
     parser.add_argument(
+        "--ema",
+        type=float,
+        default=None,
+        metavar="DECAY",
+        help="keep an EMA of the weights with this decay (with warm-up) and validate and "
+        "early-stop with it; off when not given",
+    )
+    parser.add_argument(
         "--smoke",
         action="store_true",
         help="a short check: 2 epochs of 5 batches, eager (overrides those options)",
@@ -111,9 +120,10 @@ def main(argv: list[str] | None = None) -> float:
 
     steps_per_epoch = min(len(train_loader), args.limit_train_batches or len(train_loader))
     schedule = lf.optim.cosine_decay_schedule(args.lr, decay_steps=args.epochs * steps_per_epoch)
-    state = lf.TrainState.create(
-        model, lf.optim.adamw(schedule, weight_decay=args.weight_decay), seed=args.seed
-    )
+    tx = lf.optim.adamw(schedule, weight_decay=args.weight_decay)
+    if args.ema is not None:  # the average lives in the optimizer state: checkpointed, resumed
+        tx = lf.optim.ema(tx, args.ema, warmup=True)
+    state = lf.TrainState.create(model, tx, seed=args.seed)
 
     def train_step(state: lf.TrainState, batch):
         x, y = batch
@@ -137,6 +147,9 @@ def main(argv: list[str] | None = None) -> float:
         logits, _ = lf.apply(model, state.params, state.buffers, x, train=False)
         return {"loss": F.cross_entropy(logits, y), "acc": (logits.argmax(-1) == y).float().mean()}
 
+    weights = "params" if args.ema is None else "ema"
+    if args.ema is not None:  # built once: fit and the comparison below share its compile
+        eval_step = lf.build_eval(eval_step, compile=args.compile, precision=args.precision)
     start = time.perf_counter()
     final = lf.fit(
         lf.build(train_step, compile=args.compile, precision=args.precision),
@@ -146,6 +159,7 @@ def main(argv: list[str] | None = None) -> float:
         limit_train_batches=args.limit_train_batches,
         eval_step=eval_step,
         eval_data=test_loader,
+        eval_weights=weights,
         default_root_dir=args.run_dir,
         enable_model_summary=model,
         log_every_n_steps=steps_per_epoch,
@@ -157,6 +171,14 @@ def main(argv: list[str] | None = None) -> float:
     accuracy = float(final.eval_metrics["acc"]) if final.eval_metrics else float("nan")
     mode = "compiled" if args.compile else "eager"
     print(f"{final.step} steps ({mode}) in {seconds:.1f} s; test accuracy: {accuracy:.4f}")
+    if args.ema is not None and final.eval_metrics:
+        raw = lf.evaluate(eval_step, final, test_loader)
+        ema = final.eval_metrics
+        print(
+            f"with the EMA weights: test accuracy {float(ema['acc']):.4f}, loss "
+            f"{float(ema['loss']):.4f}; with the trained weights: accuracy "
+            f"{float(raw['acc']):.4f}, loss {float(raw['loss']):.4f}"
+        )
     return accuracy
 
 

@@ -38,8 +38,15 @@ from ._contract import LoopState, Metrics, Strategy
 from ._device import resolve_device, to_device
 from ._metrics import MetricTotals, batch_size
 from ._precision import Policy
+from ._state import map_train_states, train_states
 from ._tree import tree_leaves
 from ._validate import check_positive_int, check_positive_ints, is_int
+from .optim._averaging import (
+    average_names,
+    averaged_params,
+    find_average,
+    missing_average_message,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +57,7 @@ class _Limits:
     eval_batches: int | float | None
     eval_every: int | None
     eval_every_n_epochs: int = 1
+    eval_weights: str = "params"  # `evaluate`'s `weights`: the parameters, or an average
 
 
 def loop(
@@ -65,6 +73,7 @@ def loop(
     check_val_every_n_epoch: int = 1,
     limit_train_batches: int | float | None = None,
     limit_eval_batches: int | float | None = None,
+    eval_weights: str = "params",
     fast_dev_run: bool | int = False,
     accelerator: str = "auto",
     devices: int | str | list[int] = "auto",
@@ -97,6 +106,9 @@ def loop(
             (Lightning's name; the end of the run always evaluates).
         limit_train_batches: batches per epoch: an int count or a float fraction.
         limit_eval_batches: batches per evaluation: an int count or a float fraction.
+        eval_weights: evaluate with the state's parameters ("params") or with
+            an average its optimizer keeps ("ema", "swa"; `lightfunc.evaluate`'s
+            `weights`), so monitored metrics are the average's.
         fast_dev_run: True (or n): run 1 (or n) train batches and 1 (or n) eval
             batches, once, to check the code end to end.
         accelerator: "auto", "cpu", "gpu"/"cuda" or "mps".
@@ -139,7 +151,9 @@ def loop(
         max_steps, max_epochs, limit_train_batches, limit_eval_batches, eval_every, fast_dev_run
     )
     check_positive_int("check_val_every_n_epoch", check_val_every_n_epoch, optional=False)
-    limits = dataclasses.replace(limits, eval_every_n_epochs=check_val_every_n_epoch)
+    limits = dataclasses.replace(
+        limits, eval_every_n_epochs=check_val_every_n_epoch, eval_weights=eval_weights
+    )
     # An empty train_data is reported by the run, which names it too.
     check_data("train_data", train_data, allow_empty=True)
     if (eval_step is None) != (eval_data is None):
@@ -157,10 +171,14 @@ def loop(
                     f"`{name}={value!r}` was given without `eval_step` / `eval_data`, so nothing "
                     f"would be evaluated. Pass `eval_step=...` and `eval_data=...`, or drop `{name}`."
                 )
-        if check_val_every_n_epoch != 1:
+        if check_val_every_n_epoch != 1 or eval_weights != "params":
+            given = (
+                f"check_val_every_n_epoch={check_val_every_n_epoch}"
+                if check_val_every_n_epoch != 1
+                else f"eval_weights={eval_weights!r}"
+            )
             raise ValueError(
-                f"`check_val_every_n_epoch={check_val_every_n_epoch}` was given without "
-                f"`eval_step` / `eval_data`. Pass both, or drop it."
+                f"`{given}` was given without `eval_step` / `eval_data`. Pass both, or drop it."
             )
     else:
         check_data("eval_data", eval_data)
@@ -176,6 +194,7 @@ def loop(
     device = resolve_device(accelerator, devices)
     ls = prepare_loop_state(train, state)
     ls = ls.replace(state=to_device(ls.state, device))
+    with_weights(ls.state, eval_weights, "eval_weights")  # no such average: say so now
     run_callbacks = check_callbacks([*callbacks, *_as_callbacks(checkpoint)])
     eval_batches = eval_data if eval_data is not None else ()
     return _run(train, evaluate_, ls, train_data, eval_batches, limits, device, run_callbacks)
@@ -260,7 +279,11 @@ def _run(
                 if eval_step is not None and _evaluates(ls, limits, end_of_epoch or end_of_run):
                     ls = ls.replace(
                         eval_metrics=evaluate(
-                            eval_step, ls.state, eval_data, limit_batches=limits.eval_batches
+                            eval_step,
+                            ls.state,
+                            eval_data,
+                            limit_batches=limits.eval_batches,
+                            weights=limits.eval_weights,
                         ),
                         eval_at_step=ls.step,
                     )
@@ -437,6 +460,7 @@ def evaluate(
     *,
     limit_batches: int | float | None = None,
     device: torch.device | None = None,
+    weights: str = "params",
 ) -> Metrics:
     """Run `eval_step` over `data` and combine its metrics over the batches.
 
@@ -453,6 +477,11 @@ def evaluate(
         data: an iterable of batches.
         limit_batches: an int count or a float fraction of `data`'s batches.
         device: where to run; defaults to the device of the state's tensors.
+        weights: "params" (the state's parameters), or the name of an average
+            its optimizer keeps ("ema", "swa": `lightfunc.optim.ema` /
+            `swa`), evaluated in place of the parameters (buffers stay the
+            state's). In a state of several `TrainState`s, those keeping
+            that average use it and the others their parameters.
 
     Returns:
         dict name -> 0-d tensor on the device, each metric combined over all
@@ -460,11 +489,13 @@ def evaluate(
 
     Raises:
         TypeError: if `eval_step` returns something other than a dict.
-        ValueError: if `data` yields no batches.
+        ValueError: if `data` yields no batches, or no `TrainState` in
+            `state` keeps the average `weights` names.
     """
     step = _as_eval_step(eval_step)
     if isinstance(state, LoopState):
         state = state.state
+    state = with_weights(state, weights)
     device = device if device is not None else _device_of(state)
     n = _num_batches(data, limit_batches, "limit_batches")
     batches = data if n is None else itertools.islice(data, n)
@@ -493,13 +524,44 @@ def predict(
     data: Iterable[Any],
     *,
     device: torch.device | None = None,
+    weights: str = "params",
 ) -> list[Any]:
-    """Run `predict_step(state, batch) -> outputs` over `data`; return the outputs in order (on device)."""
+    """Run `predict_step(state, batch) -> outputs` over `data`; return the outputs in order (on device).
+
+    `weights` is `evaluate`'s: "params", or an average kept by the optimizer ("ema", "swa").
+    """
     step = _as_eval_step(predict_step)
     if isinstance(state, LoopState):
         state = state.state
+    state = with_weights(state, weights)
     device = device if device is not None else _device_of(state)
     return [step(state, to_device(batch, device, non_blocking=True)) for batch in data]
+
+
+def with_weights(state: Any, weights: str, argument: str = "weights") -> Any:
+    """`state` with each `TrainState`'s parameters replaced by its average `weights` ("params": as is).
+
+    Raises:
+        ValueError: `weights` (passed as `argument`) is not a string, or no
+            `TrainState` keeps that average.
+    """
+    if weights == "params":
+        return state
+    if not isinstance(weights, str):
+        raise ValueError(
+            f"`{argument}` must be 'params' or the name of an average such as 'ema' or 'swa', "
+            f"got {weights!r}."
+        )
+    names = [name for ts in train_states(state) for name in average_names(ts.opt_state)]
+    if weights not in names:
+        raise ValueError(missing_average_message(argument, weights, names))
+
+    def swap(_: int, ts: Any) -> Any:
+        if find_average(ts.opt_state, weights) is None:
+            return ts
+        return ts.replace(params=averaged_params(ts, weights))
+
+    return map_train_states(swap, state)
 
 
 def as_train_step(step: Step[Any] | Callable[..., Any], **build_options: Any) -> Step[Any]:

@@ -6,7 +6,9 @@ transformations that can be recombined (`chain`, `masked`, `freeze`,
 the step count. Wrappers act around an update and keep what they remember in
 the optimizer state: `apply_if_finite` (skip and count non-finite updates,
 dynamic loss scaling) and `accumulate_gradients` (what
-`build(..., accumulate_grad_batches=n)` installs per micro-batch). Nothing is mutated and everything that changes per step is a
+`build(..., accumulate_grad_batches=n)` installs per micro-batch); `ema` and
+`swa` keep averaged parameters there (`averaged_params`,
+`evaluate(..., weights="ema")`). Nothing is mutated and everything that changes per step is a
 tensor, so an update runs inside a compiled step without recompiling.
 """
 
@@ -14,6 +16,10 @@ from ._alias import adam as adam
 from ._alias import adamw as adamw
 from ._alias import lion as lion
 from ._alias import sgd as sgd
+from ._averaging import AverageState as AverageState
+from ._averaging import averaged_params as averaged_params
+from ._averaging import ema as ema
+from ._averaging import swa as swa
 from ._base import GradientTransformation as GradientTransformation
 from ._base import OptState as OptState
 from ._base import ScalarOrSchedule as ScalarOrSchedule
