@@ -1,5 +1,6 @@
 """Every example runs, with tiny settings; `--smoke` and `--help` do what the README says."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -77,7 +78,7 @@ def test_char_lm_smoke_runs_and_samples(capsys, tmp_path):
     assert list((tmp_path / "version_0" / "checkpoints").glob("*.safetensors"))
 
 
-@pytest.mark.parametrize("script", ["digits.py", "char_lm.py"])
+@pytest.mark.parametrize("script", ["digits.py", "char_lm.py", "tuned_digits.py"])
 def test_example_help_shows_every_default_and_smoke(script):
     text = subprocess.run(
         [sys.executable, str(EXAMPLES / script), "--help"],
@@ -105,3 +106,21 @@ def test_lightfunc_version_flag():
         timeout=120,
     ).stdout
     assert out.startswith(f"lightfunc {lf.__version__} (torch ")
+
+
+def test_tuned_digits_smoke_finds_a_rate_trains_with_ema_and_tracks_the_run(capsys, tmp_path):
+    import tuned_digits
+    from mlflow import MlflowClient
+
+    results = tuned_digits.main(["--smoke", "--run-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert re.search(r"lr_find: (1\d|20) steps \((completed|diverged)\); suggested lr", out), out
+    assert 0.3 < results["ema_acc"] <= 1.0 and 0.3 < results["params_acc"] <= 1.0
+    db = tmp_path / "version_0" / "mlflow" / "mlflow.db"
+    client = MlflowClient(f"sqlite:///{db}")
+    (experiment,) = [e for e in client.search_experiments() if e.name == "digits"]
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED"
+    assert float(run.data.params["lr_suggestion"]) > 0
+    assert run.data.metrics["test_ema_acc"] == pytest.approx(results["ema_acc"])
+    assert run.data.metrics["test_params_acc"] == pytest.approx(results["params_acc"])
