@@ -45,15 +45,15 @@ from ._contract import TrainStep as TrainStep
 from ._data import Loader as Loader
 from ._device import resolve_device as resolve_device
 from ._device import to_device as to_device
+from ._evaluate import evaluate as evaluate
+from ._evaluate import predict as predict
 from ._fit import fit as fit
 from ._func import apply as apply
 from ._func import buffers_of as buffers_of
 from ._func import params_of as params_of
 from ._func import value_and_grad as value_and_grad
 from ._lightning_ckpt import from_lightning_checkpoint as from_lightning_checkpoint
-from ._loop import evaluate as evaluate
 from ._loop import loop as loop
-from ._loop import predict as predict
 from ._manager import CheckpointManager as CheckpointManager
 from ._params_file import load_params as load_params
 from ._params_file import save_params as save_params

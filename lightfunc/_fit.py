@@ -25,7 +25,8 @@ import torch
 from ._build import Step
 from ._callback import Callback, callback_states
 from ._contract import LoopState, Strategy
-from ._loop import _as_eval_step, as_train_step, check_data, evaluate, loop, prepare_loop_state
+from ._evaluate import _as_eval_step, as_train_step, evaluate
+from ._loop import check_data, loop, prepare_loop_state
 from ._manager import CheckpointManager
 from ._run_dir import new_version, resume_version
 from ._state import train_states

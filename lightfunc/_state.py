@@ -168,11 +168,12 @@ class TrainState:
         """
         pol = parse_precision(precision)
         changes: dict[str, Any] = {}
-        for field, tree in (
+        fields: tuple[tuple[str, Any], ...] = (
             ("params", self.params),
             ("buffers", self.buffers),
             ("opt_state", self.opt_state),
-        ):
+        )
+        for field, tree in fields:
             # A loss scale stays float32 whatever the policy, under any wrapper.
             leaves, spec = optree.tree_flatten(tree, is_leaf=_is_loss_scale, namespace=NAMESPACE)
             if any(_needs_cast(x, pol.param_dtype) for x in leaves):

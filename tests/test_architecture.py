@@ -72,7 +72,16 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "lightfunc.distributed.*",
         ),
     ),
-    ("loop", ("lightfunc._device", "lightfunc._data", "lightfunc._loop", "lightfunc._compose")),
+    (
+        "loop",
+        (
+            "lightfunc._device",
+            "lightfunc._data",
+            "lightfunc._evaluate",
+            "lightfunc._loop",
+            "lightfunc._compose",
+        ),
+    ),
     (
         "around the loop",
         (

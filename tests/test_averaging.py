@@ -397,7 +397,7 @@ def test_evaluate_swaps_only_the_states_that_keep_the_average():
     _, with_ema = _trained()
     plain = lf.TrainState.create(make_model(seed=3), lf.optim.sgd(0.1))
     both = {"a": with_ema, "b": plain}
-    swapped = lf._loop.with_weights(both, "ema")
+    swapped = lf._evaluate.with_weights(both, "ema")
     assert swapped["b"] is plain
     assert swapped["a"].params["0.weight"] is with_ema.opt_state.average["0.weight"]
 
