@@ -1,7 +1,8 @@
 """Memory and step time of sharded steps (lightfunc and torch's own) on 1, 2 and 4 processes.
 
-    python -m bench.distributed [--sections memory,speed] [--worlds 1,2,4] [--mem-steps 3]
-                                [--workloads mlp,gpt] [--eager] [--rounds 5] [--steps 10] [--out bench/results]
+    python -m bench.distributed [--sections memory,mixed,phases,speed] [--worlds 1,2,4]
+                                [--mixed-worlds 2] [--mem-steps 3] [--workloads mlp,gpt]
+                                [--eager] [--rounds 5] [--steps 10] [--out bench/results]
 
 `memory` (the default section): a 25.5M-parameter GPT (8 blocks in an
 `nn.ModuleList`, d_model 512, fp32, AdamW), trained eagerly on the same
@@ -17,6 +18,22 @@ optimizer state, `untyped_storage().nbytes()`, each storage once), the
 median step time, and the last loss's distance from the same setup on one
 process. The CPU allocator keeps no peak statistic, so the allocator's
 peak is not reported (on CUDA it would be `torch.cuda.max_memory_allocated`).
+
+`mixed` (default on, 2 processes): the same GPT in bf16-mixed, lightfunc FSDP
+gathering Linear weights in bfloat16 (the default) and in float32, and FSDP2 with
+`MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)`: peak
+memory and the bytes all-gathered per step.
+
+`phases` (default on, 2 processes, fp32): lightfunc FSDP and FSDP2, the
+resident set's peak in each phase of the step (between steps, forward,
+backward, update), sampled every millisecond in a thread, with glibc's
+mmap threshold fixed so that freed tensors leave the resident set: where
+the difference between the two comes from.
+
+`probe` (not on by default): whether per-unit all-gathers inside one compiled
+graph trace in this torch (`_probe_run`): parametrized weights differentiated
+by `torch.func.grad` (what lightfunc's compiled step uses) and by
+`torch.autograd.grad` under `torch._dynamo.config.trace_autograd_ops`.
 
 `speed` (the section this file had before): step times of compiled
 data-parallel and fully-sharded steps on 2 processes vs 1 (below).
@@ -53,12 +70,14 @@ import dataclasses
 import json
 import os
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import lightfunc as lf
 import lightfunc.distributed as lfd
@@ -79,14 +98,15 @@ per parameter; bf16 copies for compute), before activations:
   moments alive beside the old ones during the update (12 B): 80e9 / 30 = ~2.7B.
 - torch FSDP2 (bf16 gathers): 16 B / 8 = 2 B, plus one block gathered at a time:
   ~40B, ~35B after a block's working set.
-- lightfunc FSDP, eager: 16 B / 8 = 2 B, plus the functional update's transient
-  copy of the state shard (12 B / 8 = 1.5 B), plus autocast's bf16 copies of the
-  gathered weights, which autograd keeps for backward (the saved-tensor hooks
-  release the gathered fp32 storage, not autocast's copies): 2 B of every block
-  until its backward. 5.5 B per parameter: ~14B. In fp32 (no copies): 3.5 B, ~22B.
-  Gathering in bf16 when autocast computes in bf16 would remove the 2 B (~22B).
-- lightfunc FSDP, compiled (everything gathered at once): full fp32 parameters and
-  gradients (8 B) + bf16 copies (2 B) + the 3.5 B above: ~6B.
+- lightfunc FSDP, eager: 16 B / 8 = 2 B, plus the functional update's new state
+  shard beside the old one while the update runs (12 B / 8 = 1.5 B): 3.5 B per
+  parameter, ~22B. The Linear weights are gathered in bf16 (`gather_in_compute_dtype`,
+  the default), so autograd keeps no bf16 copy of a gathered weight for the backward:
+  the saved-tensor hooks release the gathered storage itself (before this, autocast's
+  copies of every block stayed until its backward: 2 B more, ~14B).
+  Where it goes on this GPT: the `phases` table (the step's phases, measured).
+- lightfunc FSDP, compiled (everything gathered at once, in fp32): full fp32 parameters
+  and gradients (8 B) + autocast's bf16 copies (2 B) + the 3.5 B above: ~6B.
 """
 
 
@@ -199,6 +219,9 @@ def markdown(results: dict[str, Any]) -> str:
 # ---- memory: a 25.5M-parameter GPT on 1, 2 and 4 processes --------------------------------
 
 SETUPS = ("lightfunc DDP", "lightfunc FSDP", "torch DDP", "torch FSDP2")
+# bf16-mixed (`--sections mixed`): lightfunc FSDP gathering Linear weights in bfloat16 (the
+# default) or in float32, and FSDP2 with MixedPrecisionPolicy(bfloat16 params, float32 reduce).
+MIXED_SETUPS = ("lightfunc FSDP bf16", "lightfunc FSDP bf16, fp32 gathers", "torch FSDP2 bf16")
 D_MODEL, HEADS, BLOCKS, VOCAB, SEQ, GLOBAL_BATCH = 512, 8, 8, 256, 64, 8
 
 
@@ -257,15 +280,32 @@ def _storage_mb(tensors: Any) -> float:
     return sum(seen.values()) / 2**20
 
 
-def _setup(mesh: lfd.Mesh, setup: str) -> tuple[Callable[[Any], torch.Tensor], Callable[[], float]]:
-    """`setup`'s model and optimizer: (one step on a batch -> loss, state storage MB)."""
-    loss_of = torch.nn.functional.cross_entropy
+def _no_phase(name: str) -> None:
+    pass
+
+
+def _setup(
+    mesh: lfd.Mesh, setup: str, phase: Callable[[str], None] = _no_phase
+) -> tuple[Callable[[Any], torch.Tensor], Callable[[], float]]:
+    """`setup`'s model and optimizer: (one step on a batch -> loss, state storage MB).
+
+    `phase(name)` is called as the step enters each phase ("forward",
+    "backward", "update", "between"), for `--sections phases`.
+    """
+
+    def backward_starts(t: torch.Tensor) -> None:
+        if t.requires_grad:
+            t.register_hook(lambda g: phase("backward"))
+
+    def loss_of(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(logits.float(), y)
+
     if setup.startswith("lightfunc"):
         tx = lf.optim.adamw(LR, b1=BETAS[0], b2=BETAS[1], eps=EPS, weight_decay=WEIGHT_DECAY)
         with torch.device("meta"):  # the step needs the structure only: no weights
             skeleton = _GPT()
         torch.manual_seed(0)
-        if setup.endswith("FSDP"):  # the README's pattern: no rank holds the whole model
+        if "FSDP" in setup:  # the README's pattern: no rank holds the whole model
             params, buffers = init_sharded(skeleton, mesh)
             state = lf.TrainState.create(params, tx, buffers=buffers, seed=None)
         else:
@@ -275,19 +315,28 @@ def _setup(mesh: lfd.Mesh, setup: str) -> tuple[Callable[[Any], torch.Tensor], C
             x, y = batch
 
             def loss_fn(params: Any) -> torch.Tensor:
+                phase("forward")
                 logits, _ = lf.apply(skeleton, params, state.buffers, x, train=True)
+                backward_starts(logits)
                 return loss_of(logits.reshape(-1, VOCAB), y.reshape(-1))
 
             loss, grads = lf.value_and_grad(loss_fn)(state.params)
+            phase("update")
             return state.apply_gradients(grads), {"loss": loss}
 
-        strategy = lfd.DDP(mesh) if setup.endswith("DDP") else lfd.FSDP(mesh)
-        step = lf.build(train_step, compile=False, strategy=strategy)
+        strategy = (
+            lfd.DDP(mesh)
+            if setup.endswith("DDP")
+            else lfd.FSDP(mesh, gather_in_compute_dtype="fp32 gathers" not in setup)
+        )
+        precision = "bf16-mixed" if "bf16" in setup else None
+        step = lf.build(train_step, compile=False, strategy=strategy, precision=precision)
         state = step.prepare(state)
 
         def one(batch: Any) -> torch.Tensor:
             nonlocal state
             state, metrics = step(state, batch)
+            phase("between")
             return metrics["loss"]
 
         def held() -> float:
@@ -300,12 +349,17 @@ def _setup(mesh: lfd.Mesh, setup: str) -> tuple[Callable[[Any], torch.Tensor], C
                 torch.nn.parallel.DistributedDataParallel(model) if mesh.is_distributed else model
             )
         else:
-            from torch.distributed.fsdp import fully_shard
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+            policy = (
+                MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                if "bf16" in setup
+                else MixedPrecisionPolicy()
+            )
             if mesh.is_distributed:
                 for block in model.blocks:
-                    fully_shard(block, mesh=mesh.device_mesh)
-                fully_shard(model, mesh=mesh.device_mesh)
+                    fully_shard(block, mesh=mesh.device_mesh, mp_policy=policy)
+                fully_shard(model, mesh=mesh.device_mesh, mp_policy=policy)
             net = model
         opt = torch.optim.AdamW(
             net.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY
@@ -313,10 +367,15 @@ def _setup(mesh: lfd.Mesh, setup: str) -> tuple[Callable[[Any], torch.Tensor], C
 
         def one(batch: Any) -> torch.Tensor:
             x, y = batch
-            loss = loss_of(net(x).reshape(-1, VOCAB), y.reshape(-1))
+            phase("forward")
+            logits = net(x)
+            backward_starts(logits)
+            loss = loss_of(logits.reshape(-1, VOCAB), y.reshape(-1))
             loss.backward()
+            phase("update")
             opt.step()
             opt.zero_grad(set_to_none=True)
+            phase("between")
             return loss.detach() if not mesh.is_distributed else mesh.all_reduce(loss.detach())
 
         def held() -> float:
@@ -324,6 +383,39 @@ def _setup(mesh: lfd.Mesh, setup: str) -> tuple[Callable[[Any], torch.Tensor], C
             return _storage_mb([*net.parameters(), *moments])
 
     return one, held
+
+
+def _load_shared_code() -> None:
+    """What any setup may load on first use, loaded in every setup before the baseline.
+
+    The first operation on a meta-device tensor (lightfunc's `init_sharded`
+    path) imports torch's meta registrations and decompositions (about 900
+    modules, ~145 MB of resident set on this machine); DTensor and FSDP2 are
+    imported by the sharded setups. Counting them in one setup's peak and
+    not another's would measure imports, not training.
+    """
+    import torch.distributed.fsdp
+    import torch.distributed.tensor
+
+    torch.empty(2, device="meta").normal_()
+
+
+class _GatherBytes(TorchDispatchMode):
+    """Bytes that all-gathers returned on this rank (functional and c10d collectives)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        name = func.name()
+        if name == "_c10d_functional::all_gather_into_tensor":
+            self.bytes += out.numel() * out.element_size()
+        elif name.startswith("c10d::") and "allgather" in name:  # FSDP2: into its own buffer
+            first = args[0][0] if isinstance(args[0], list) else args[0]
+            self.bytes += first.numel() * first.element_size()
+        return out
 
 
 def _memory_run(mesh: lfd.Mesh, setup: str, steps: int) -> dict[str, Any]:
@@ -335,9 +427,11 @@ def _memory_run(mesh: lfd.Mesh, setup: str, steps: int) -> dict[str, Any]:
         tuple(t.chunk(mesh.world_size)[mesh.global_rank] for t in b)
         for b in _gpt_batches(steps + 1)
     ]
+    _load_shared_code()
     base = _rss_mb()
     one, held = _setup(mesh, setup)
-    one(batches[0])  # warm-up (first-call checks)
+    with _GatherBytes() as gathers:
+        one(batches[0])  # warm-up (first-call checks), its all-gathers counted
     times, loss = [], torch.tensor(0.0)
     for batch in batches[1:]:
         mesh.barrier()
@@ -352,6 +446,7 @@ def _memory_run(mesh: lfd.Mesh, setup: str, steps: int) -> dict[str, Any]:
         "state_mb": held(),
         "ms_per_step": 1e3 * statistics.median(times),
         "loss": float(loss),
+        "gathered_mb": gathers.bytes / 2**20,
     }
 
 
@@ -363,6 +458,7 @@ def _paired_run(mesh: lfd.Mesh, steps: int) -> dict[str, float]:
         tuple(t.chunk(mesh.world_size)[mesh.global_rank] for t in b)
         for b in _gpt_batches(steps + 1)
     ]
+    _load_shared_code()
     runs = {name: _setup(mesh, name)[0] for name in ("lightfunc FSDP", "torch FSDP2")}
     times: dict[str, list[float]] = {name: [] for name in runs}
     for i, batch in enumerate(batches):
@@ -376,9 +472,89 @@ def _paired_run(mesh: lfd.Mesh, steps: int) -> dict[str, float]:
     return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
-def measure_memory(worlds: tuple[int, ...], steps: int, timeout_s: float) -> list[dict[str, Any]]:
+PHASES = ("between", "forward", "backward", "update")
+
+
+def _phase_run(mesh: lfd.Mesh, setup: str, steps: int) -> dict[str, float]:
+    """One rank: the resident set's high-water mark in each phase of `steps` steps, in MB."""
+    torch.set_num_threads(1)
+    batches = [
+        tuple(t.chunk(mesh.world_size)[mesh.global_rank] for t in b)
+        for b in _gpt_batches(steps + 1)
+    ]
+    _load_shared_code()
+    current, peaks = ["set-up"], {"base": _rss_mb()}
+    one, _ = _setup(mesh, setup, phase=lambda name: current.__setitem__(0, name))
+    one(batches[0])  # warm-up: first-call checks
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            rss, name = _rss_mb(), current[0]
+            peaks[name] = max(peaks.get(name, 0.0), rss)
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    for batch in batches[1:]:
+        one(batch)
+    stop.set()
+    sampler.join()
+    return peaks
+
+
+def measure_phases(world: int, steps: int, timeout_s: float) -> list[dict[str, Any]]:
+    """Where each setup's memory goes: per-phase RSS peaks, lightfunc FSDP vs FSDP2.
+
+    glibc returns a freed block to the system only if it was mmap-ed, and its
+    mmap threshold grows with the blocks freed; fixing it at 64 KiB (in the
+    spawned ranks' environment) makes the resident set follow the live tensors.
+    """
     records = []
-    for setup in SETUPS:
+    saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    try:
+        for setup in ("lightfunc FSDP", "torch FSDP2"):
+            print(f"phases: {setup} x{world} ...", flush=True)
+            ranks = spawn(_phase_run, world, args=(setup, steps), timeout=timeout_s)
+            records.append({"setup": setup, "world": world, **ranks[0]})
+    finally:
+        if saved is None:
+            os.environ.pop("MALLOC_MMAP_THRESHOLD_")
+        else:
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = saved
+    return records
+
+
+def phases_markdown(records: list[dict[str, Any]], steps: int) -> str:
+    lines = [
+        f"Where the memory goes (fp32, {records[0]['world']} ranks, rank 0, {steps} steps "
+        f"after a warm-up): the resident set's highest value in each phase of the step, MB, "
+        f"sampled every millisecond, with glibc's mmap threshold fixed at 64 KiB so that freed "
+        f"tensors leave the resident set. `base`: before the model is built (after loading "
+        f"the shared code).",
+        "",
+        "| setup | base | between steps | forward | backward | update | peak |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['setup']} | {r['base']:.0f} | "
+        + " | ".join(f"{r.get(name, float('nan')):.0f}" for name in PHASES)
+        + f" | {max(r.get(name, 0.0) for name in PHASES):.0f} |"
+        for r in records
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def measure_memory(
+    worlds: tuple[int, ...],
+    steps: int,
+    timeout_s: float,
+    setups: tuple[str, ...] = SETUPS,
+    paired: bool = True,
+) -> list[dict[str, Any]]:
+    records = []
+    for setup in setups:
         for world in worlds:
             print(f"memory: {setup} x{world} ...", flush=True)
             ranks = spawn(_memory_run, world, args=(setup, steps), timeout=timeout_s)
@@ -391,21 +567,24 @@ def measure_memory(worlds: tuple[int, ...], steps: int, timeout_s: float) -> lis
                     "state_mb": max(r["state_mb"] for r in ranks),
                     "ms_per_step": ranks[0]["ms_per_step"],
                     "loss": ranks[0]["loss"],
+                    "gathered_mb": max(r["gathered_mb"] for r in ranks),
                 }
             )
-    paired = {}
-    for world in worlds:
+    pairs = {}
+    for world in worlds if paired else ():
         print(f"paired timing x{world} ...", flush=True)
-        paired[world] = spawn(_paired_run, world, args=(steps,), timeout=timeout_s)[0]
+        pairs[world] = spawn(_paired_run, world, args=(steps,), timeout=timeout_s)[0]
     for r in records:
-        if r["setup"] in paired[r["world"]]:
-            r["paired_ms_per_step"] = paired[r["world"]][r["setup"]]
+        if r["setup"] in pairs.get(r["world"], {}):
+            r["paired_ms_per_step"] = pairs[r["world"]][r["setup"]]
     for r in records:
         one = next(b for b in records if b["setup"] == r["setup"] and b["world"] == min(worlds))
         first = next(b for b in records if b["world"] == min(worlds))
         r["loss_vs_1_process"] = abs(r["loss"] - one["loss"])
         r["loss_vs_lightfunc_1"] = abs(r["loss"] - first["loss"])
-        ref = next(b for b in records if b["setup"] == "torch FSDP2" and b["world"] == r["world"])
+        ref = next(
+            b for b in records if b["setup"].startswith("torch FSDP2") and b["world"] == r["world"]
+        )
         r["time_vs_fsdp2"] = r["ms_per_step"] / ref["ms_per_step"]
         if "paired_ms_per_step" in r:
             r["paired_vs_fsdp2"] = r["paired_ms_per_step"] / ref["paired_ms_per_step"]
@@ -413,24 +592,35 @@ def measure_memory(worlds: tuple[int, ...], steps: int, timeout_s: float) -> lis
     return records
 
 
-def memory_markdown(records: list[dict[str, Any]], steps: int) -> str:
+def memory_markdown(records: list[dict[str, Any]], steps: int, *, mixed: bool = False) -> str:
     params = sum(p.numel() for p in _GPT().parameters())
+    how = "bf16-mixed (float32 master weights)" if mixed else "fp32"
     lines = [
         f"Memory per rank, a {params / 1e6:.1f}M-parameter GPT ({BLOCKS} blocks, d_model "
-        f"{D_MODEL}, fp32, AdamW), eager, gloo, one thread per rank, global batch "
+        f"{D_MODEL}, {how}, AdamW), eager, gloo, one thread per rank, global batch "
         f"{GLOBAL_BATCH}x{SEQ} tokens split over the ranks, median of {steps} steps after one "
-        f"warm-up step. The largest rank's figures.",
+        f"warm-up step. The largest rank's figures. Every setup first loads the code any of "
+        f"them loads (meta-device registrations, DTensor, FSDP2: ~150 MB) before its baseline. "
+        f"`gathered MB`: what the all-gathers of one step returned on a rank.",
         "",
-        "| setup | ranks | peak RSS MB | added by the run MB | state MB (storage) | ms/step "
-        "| time vs FSDP2 | peak vs FSDP2 | loss vs 1 process |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| setup | ranks | peak RSS MB | added by the run MB | state MB (storage) | gathered MB "
+        "| ms/step | time vs FSDP2 | peak vs FSDP2 | loss vs 1 process |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [
         f"| {r['setup']} | {r['world']} | {r['peak_rss_mb']:.0f} | {r['added_rss_mb']:.0f} "
-        f"| {r['state_mb']:.1f} | {r['ms_per_step']:.0f} | {r['time_vs_fsdp2']:.2f}x "
-        f"| {r['peak_vs_fsdp2']:.2f}x | {r['loss_vs_1_process']:.1e} |"
+        f"| {r['state_mb']:.1f} | {r['gathered_mb']:.1f} | {r['ms_per_step']:.0f} "
+        f"| {r['time_vs_fsdp2']:.2f}x | {r['peak_vs_fsdp2']:.2f}x | {r['loss_vs_1_process']:.1e} |"
         for r in records
     ]
+    if mixed:  # the setups differ, not the world sizes: each loss against the first row's
+        first = records[0]
+        lines[2] = lines[2].replace("loss vs 1 process", f"loss vs {first['setup']}")
+        lines[4:] = [
+            line.rsplit("|", 2)[0] + f"| {abs(r['loss'] - first['loss']):.1e} |"
+            for line, r in zip(lines[4:], records, strict=True)
+        ]
+        return "\n".join(lines) + "\n"
     lines += [
         "",
         "Step time of lightfunc FSDP over torch FSDP2 with the two alternating, step by step, "
@@ -475,10 +665,97 @@ def memory_chart(records: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+# ---- compiled per-unit gathers: what traces in torch 2.13 (a probe) ----------------------------
+
+
+class _GatherRows(torch.nn.Module):
+    """A parametrization: this rank's rows -> the full tensor, gathered where it is read."""
+
+    def __init__(self, group: Any) -> None:
+        super().__init__()
+        self.group_name, self.world = group.group_name, group.size()
+
+    def forward(self, local: torch.Tensor) -> torch.Tensor:
+        ops = torch.ops._c10d_functional
+        gathered = ops.all_gather_into_tensor(local, self.world, self.group_name)
+        return ops.wait_tensor(gathered)  # autograd: the backward reduce-scatters (sums)
+
+
+def _probe_run(mesh: lfd.Mesh) -> dict[str, Any]:
+    """A 3-block MLP whose Linear weights are gathered at their use inside one compiled graph."""
+    from torch.nn.utils import parametrize
+
+    torch.set_num_threads(1)
+    torch._inductor.config.compile_threads = 1
+    torch.manual_seed(0)
+    width = 8
+    net = torch.nn.Sequential(*(torch.nn.Linear(width, width) for _ in range(3)))
+    full = {n: p.detach().clone() for n, p in net.named_parameters()}
+    local = {n: p.chunk(mesh.world_size)[mesh.global_rank].clone() for n, p in full.items()}
+    group = mesh.device_mesh.get_group()
+    for layer in list(net):
+        for name in ("weight", "bias"):
+            parametrize.register_parametrization(layer, name, _GatherRows(group), unsafe=True)
+    x, y = torch.randn(4, width), torch.randn(4, width)
+
+    def loss_fn(params: dict[str, torch.Tensor]) -> torch.Tensor:
+        names = {n: n.replace(".weight", ".parametrizations.weight.original") for n in params}
+        names = {n: v.replace(".bias", ".parametrizations.bias.original") for n, v in names.items()}
+        out = torch.func.functional_call(net, {names[n]: t for n, t in params.items()}, (x,))
+        return ((out - y) ** 2).mean()
+
+    def by_autograd(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        leaves = {n: t.detach().requires_grad_() for n, t in params.items()}
+        grads = torch.autograd.grad(loss_fn(leaves), list(leaves.values()))
+        return dict(zip(leaves, grads, strict=True))
+
+    out: dict[str, Any] = {}
+    try:
+        torch.func.grad(loss_fn)(local)
+        out["torch.func eager"] = "ran"
+    except RuntimeError as e:
+        out["torch.func eager"] = str(e).split(" For more details")[0]
+    start = time.perf_counter()
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        grads = torch.compile(by_autograd, fullgraph=True)(local)
+    out["compile_s"] = time.perf_counter() - start
+
+    def one_process(params: dict[str, torch.Tensor]) -> torch.Tensor:
+        ref = torch.nn.Sequential(*(torch.nn.Linear(width, width) for _ in range(3)))
+        return ((torch.func.functional_call(ref, params, (x,)) - y) ** 2).mean()
+
+    expected = torch.func.grad(one_process)(full)  # every rank has the same batch: grads sum
+    out["grad_error"] = max(
+        float(
+            (grads[n] - mesh.world_size * expected[n].chunk(mesh.world_size)[mesh.global_rank])
+            .abs()
+            .max()
+        )
+        for n in full
+    )
+    return out
+
+
+def probe_markdown(result: dict[str, Any]) -> str:
+    return (
+        "Compiled per-unit gathers, a probe (2 gloo ranks, a 3-layer MLP whose weights are "
+        "parametrized to all-gather where they are read): `torch.func.grad` over it, eager: "
+        f'"{result["torch.func eager"]}". `torch.autograd.grad` compiled with '
+        "`fullgraph=True` under `torch._dynamo.config.trace_autograd_ops=True`: one graph, "
+        f"compiled in {result['compile_s']:.0f} s, gradients within "
+        f"{result['grad_error']:.1e} of one process's.\n"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.distributed")
-    parser.add_argument("--sections", default="memory", help="memory, speed, or both")
+    parser.add_argument(
+        "--sections",
+        default="memory,mixed,phases",
+        help="comma-separated: memory, mixed, phases, probe, speed",
+    )
     parser.add_argument("--worlds", default="1,2,4", help="process counts of the memory section")
+    parser.add_argument("--mixed-worlds", default="2", help="process counts of the mixed section")
     parser.add_argument("--mem-steps", type=int, default=3)
     parser.add_argument("--workloads", default=",".join(Config.workloads))
     parser.add_argument("--eager", action="store_true", help="eager steps (default: compiled)")
@@ -499,6 +776,21 @@ def main(argv: list[str] | None = None) -> None:
         results["memory"] = {"steps": args.mem_steps, "records": records}
         text.append(memory_markdown(records, args.mem_steps))
         text.append(MEMORY_MODEL)
+    if "mixed" in sections:
+        worlds = tuple(int(w) for w in args.mixed_worlds.split(","))
+        mixed = measure_memory(
+            worlds, args.mem_steps, timeout_s=900.0, setups=MIXED_SETUPS, paired=False
+        )
+        results["mixed"] = {"steps": args.mem_steps, "records": mixed}
+        text.append(memory_markdown(mixed, args.mem_steps, mixed=True))
+    if "phases" in sections:
+        phases = measure_phases(2, args.mem_steps, timeout_s=900.0)
+        results["phases"] = {"steps": args.mem_steps, "records": phases}
+        text.append(phases_markdown(phases, args.mem_steps))
+    if "probe" in sections:
+        print("probe: compiled per-unit gathers x2 ...", flush=True)
+        results["probe"] = spawn(_probe_run, 2, timeout=900.0)[0]
+        text.append(probe_markdown(results["probe"]))
     if "speed" in sections:
         config = Config(
             workloads=tuple(args.workloads.split(",")),

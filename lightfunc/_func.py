@@ -201,10 +201,12 @@ def _describe(x: Any) -> str:
 # an eager step:
 #
 # - `apply` gathers the parameters that belong to no unit once, then each unit's
-#   (default: every child of an `nn.ModuleList` and every Transformer layer; set
-#   with `lightfunc.distributed.set_units`) in a forward pre-hook, right before
-#   the unit runs, and drops them after it. The gather is an autograd Function
-#   whose backward reduce-scatters (averages) the unit's gradients into shards.
+#   (default: every child of an `nn.ModuleList` and every Transformer layer;
+#   `FSDP(mesh, units=...)` chooses others through a `GatherPolicy` on torch's
+#   function-mode stack) in a forward pre-hook, right before the unit runs, and
+#   drops them after it. The gather is an autograd Function whose backward
+#   reduce-scatters (averages) the unit's gradients into shards. Under autocast,
+#   Linear / Conv weights travel and live in autocast's dtype (`_gather_dtypes`).
 #   While the unit runs, saved-tensor hooks replace any tensor autograd would
 #   keep that lives in the gathered storage (a weight, or a view of it) by a
 #   token, and the backward re-gathers the unit once when it first needs one.
@@ -212,9 +214,17 @@ def _describe(x: Any) -> str:
 #   (`torch.func.grad` cannot differentiate through DTensor, and functorch
 #   disables saved-tensor hooks), and returns averaged `DTensor` shard gradients.
 #
-# Under `torch.compile` (dynamo traces neither module hooks registered in the
-# region nor saved-tensor hooks) the step gathers all of it at once instead:
-# one all-gather, `torch.func` on the full tensors, one reduce-scatter.
+# Under `torch.compile` the step gathers all of it at once instead: one
+# all-gather, `torch.func` on the full tensors, one reduce-scatter. Per unit
+# inside the graph is blocked in torch 2.13 by: module hooks registered inside
+# the compiled region and saved-tensor hooks are not traced; the functional
+# collectives' autograd (a generated autograd.Function without `setup_context`)
+# raises under `torch.func.grad`, eager or compiled. What does trace (probed on
+# 2 gloo ranks, fullgraph, gradients equal to one process): gathers placed at
+# each parameter's use by parametrizations registered on the module before
+# compiling, differentiated with `torch.autograd.grad` under
+# `torch._dynamo.config.trace_autograd_ops=True`. That needs the module before
+# the compile and a recompute policy for the backward's re-gather (SimpleFSDP's).
 
 
 def _dtensor_type() -> Any:
@@ -253,25 +263,46 @@ def _wait(t: torch.Tensor) -> torch.Tensor:
     return funcol.wait_tensor(t)
 
 
-def _gather_rows(locals_: Sequence[torch.Tensor], shards: Sequence[Any]) -> list[torch.Tensor]:
+def _gather_rows(
+    locals_: Sequence[torch.Tensor],
+    shards: Sequence[Any],
+    dtypes: Sequence[torch.dtype] | None = None,
+) -> list[torch.Tensor]:
     """The full tensors of the row shards `locals_` (of DTensors `shards`): one all-gather.
 
-    Each full tensor is copied out of the gathered buffer into its own
-    storage, so the buffer is freed at once and each tensor can be recognised
-    by its storage.
+    `dtypes` (default: the shards' own) is the dtype each tensor travels and
+    arrives in: a shard is cast before the gather, so a bfloat16 gather moves
+    and holds half the bytes. Mixed dtypes travel as the bytes of one buffer,
+    still one collective. Each full tensor is copied out of the gathered
+    buffer into its own storage, so the buffer is freed at once and each
+    tensor can be recognised by its storage.
     """
     mesh, world = shards[0].device_mesh, shards[0].device_mesh.size()
+    dtypes = list(dtypes) if dtypes is not None else [x.dtype for x in locals_]
     padded = []
-    for x, d in zip(locals_, shards, strict=True):
+    for x, d, dtype in zip(locals_, shards, dtypes, strict=True):
         chunk, _ = _chunk(d.shape[0], world, 0)
+        x = x.to(dtype)
         pad = (
             x
             if x.shape[0] == chunk
             else torch.cat([x, x.new_zeros(chunk - x.shape[0], *x.shape[1:])])
         )
-        padded.append(pad)
-    table = _wait(funcol.all_gather_single(torch.cat([p.reshape(-1) for p in padded]), 0, mesh))
-    parts = table.view(world, -1).split([p.numel() for p in padded], dim=1)
+        padded.append(pad.reshape(-1))
+    if len(set(dtypes)) == 1:
+        table = _wait(funcol.all_gather_single(torch.cat(padded), 0, mesh))
+        parts = list(table.view(world, -1).split([p.numel() for p in padded], dim=1))
+    else:  # as bytes, the widest dtypes first so that every part stays aligned
+        order = sorted(range(len(padded)), key=lambda i: -padded[i].element_size())
+        raw = [padded[i].view(torch.uint8) for i in order]
+        row = sum(r.numel() for r in raw)
+        raw.append(raw[0].new_zeros(-row % 8))
+        table = _wait(funcol.all_gather_single(torch.cat(raw), 0, mesh)).view(world, -1)
+        parts = [torch.empty(0)] * len(padded)
+        start = 0
+        for i, r in zip(order, raw, strict=False):
+            parts[i] = table[:, start : start + r.numel()].view(dtypes[i])
+            start += r.numel()
     return [
         part.reshape(-1, *d.shape[1:])[: d.shape[0]].contiguous()
         for part, d in zip(parts, shards, strict=True)
@@ -284,6 +315,7 @@ def _scatter_rows(fulls: Sequence[torch.Tensor], shards: Sequence[Any]) -> list[
     rank = mesh.get_local_rank()
     tables = []
     for g, d in zip(fulls, shards, strict=True):
+        g = g.to(d.dtype)  # reduced in the parameters' dtype (float32 after a bfloat16 gather)
         chunk, _ = _chunk(d.shape[0], world, 0)
         pad = chunk * world - g.shape[0]
         g = torch.cat([g, g.new_zeros(pad, *g.shape[1:])]) if pad else g
@@ -303,22 +335,25 @@ class _Gather(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, shards: Sequence[Any], *locals_: torch.Tensor
+        ctx: Any, shards: Sequence[Any], dtypes: Sequence[torch.dtype], *locals_: torch.Tensor
     ) -> tuple[torch.Tensor, ...]:
         ctx.shards = shards  # DTensors: the layout, and the state's own shards (no copy)
-        return tuple(_gather_rows(locals_, shards))
+        return tuple(_gather_rows(locals_, shards, dtypes))
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:
-        return (None, *_scatter_rows(grads, ctx.shards))
+        return (None, None, *_scatter_rows(grads, ctx.shards))
 
 
-def _gather(shards: Sequence[Any]) -> list[torch.Tensor]:
+def _gather(
+    shards: Sequence[Any], dtypes: Sequence[torch.dtype] | None = None
+) -> list[torch.Tensor]:
     """Full tensors of DTensor row shards; differentiable when the shards require grad."""
     locals_ = [d.to_local() for d in shards]
+    dtypes = list(dtypes) if dtypes is not None else [x.dtype for x in locals_]
     if torch.is_grad_enabled() and any(x.requires_grad for x in locals_):
-        return list(_Gather.apply(tuple(shards), *locals_))
-    return _gather_rows([x.detach() for x in locals_], shards)
+        return list(_Gather.apply(tuple(shards), tuple(dtypes), *locals_))
+    return _gather_rows([x.detach() for x in locals_], shards, dtypes)
 
 
 def _whole(x: Any) -> Any:
@@ -328,22 +363,111 @@ def _whole(x: Any) -> Any:
     return x.to_local(grad_placements=[Partial("avg")])
 
 
-def unit_names(module: torch.nn.Module) -> list[str]:
+#: What chooses the units: None (the default), a module class or a tuple of them,
+#: a predicate `(name, sub_module) -> bool`, or a list of sub-module names,
+#: sub-modules and classes.
+Units = Any
+
+
+def check_units(units: Units, where: str) -> Units:
+    """`units` if it has one of the accepted forms (see `Units`), else a TypeError."""
+    if units is None or _is_module_class(units) or _is_class_tuple(units):
+        return units
+    if callable(units) and not isinstance(units, torch.nn.Module):
+        return units
+    if isinstance(units, list | tuple) and all(
+        isinstance(u, str | torch.nn.Module) or _is_module_class(u) for u in units
+    ):
+        return units
+    raise TypeError(
+        f"`{where}(units=...)` takes None (every child of an nn.ModuleList and every "
+        f"Transformer layer), an nn.Module class or a tuple of them, a predicate "
+        f"(name, module) -> bool, or a list of sub-module names (e.g. ['blocks.0', "
+        f"'blocks.1']), sub-modules or classes; got {_describe_units(units)}."
+    )
+
+
+def _is_module_class(u: Any) -> bool:
+    return isinstance(u, type) and issubclass(u, torch.nn.Module)
+
+
+def _is_class_tuple(u: Any) -> bool:
+    return isinstance(u, tuple) and bool(u) and all(_is_module_class(c) for c in u)
+
+
+def _describe_units(units: Any) -> str:
+    if isinstance(units, list | tuple):
+        bad = next(
+            (u for u in units if not (isinstance(u, str | torch.nn.Module) or _is_module_class(u))),
+            None,
+        )
+        return f"a {type(units).__name__} holding {type(bad).__name__} {bad!r}"
+    return f"{type(units).__name__} {units!r}"
+
+
+def unit_names(module: torch.nn.Module, units: Units = None) -> list[str]:
     """Qualified names of the sub-modules whose sharded parameters are gathered together.
 
-    Set with `lightfunc.distributed.set_units`; by default every child of an
-    `nn.ModuleList` and every `nn.TransformerEncoderLayer` /
-    `nn.TransformerDecoderLayer` (the outermost ones: units do not nest).
+    `units` (see `Units`; `FSDP(mesh, units=...)` passes it): a class or a
+    predicate chooses the outermost sub-modules it matches (a match's own
+    sub-modules are not looked at); a list names them, as names
+    (`"blocks.0"`), sub-modules or classes. None: what
+    `lightfunc.distributed.set_units` marked on `module`, else every child
+    of an `nn.ModuleList` and every `nn.TransformerEncoderLayer` /
+    `nn.TransformerDecoderLayer` (the outermost ones).
+
+    Raises:
+        ValueError: a name or sub-module in `units` is not inside `module`.
     """
-    chosen = getattr(module, "_lightfunc_units", None)
-    if chosen is not None:
-        return list(chosen)
-    layers = (torch.nn.TransformerEncoderLayer, torch.nn.TransformerDecoderLayer)
+    if units is None:
+        chosen = getattr(module, "_lightfunc_units", None)
+        if chosen is not None:
+            return list(chosen)
+        layers = (torch.nn.TransformerEncoderLayer, torch.nn.TransformerDecoderLayer)
+        return _outermost(
+            module,
+            lambda name, m, parent: (
+                isinstance(parent, torch.nn.ModuleList) or isinstance(m, layers)
+            ),
+        )
+    if _is_module_class(units) or _is_class_tuple(units):
+        return _outermost(module, lambda name, m, parent: isinstance(m, units))
+    if not isinstance(units, list | tuple):
+        return _outermost(module, lambda name, m, parent: bool(units(name, m)))
+    names = {id(m): name for name, m in module.named_modules() if name}
+    known = set(names.values())
+    chosen_names: list[str] = []
+    for u in units:
+        if isinstance(u, str) and u in known:
+            chosen_names.append(u)
+        elif isinstance(u, torch.nn.Module) and id(u) in names:
+            chosen_names.append(names[id(u)])
+        elif not _is_module_class(u):
+            some = ", ".join(repr(n) for n in list(known)[:6])
+            given = repr(u) if isinstance(u, str) else f"a {type(u).__name__} sub-module"
+            raise ValueError(
+                f"`units` holds {given}, which is not inside the {type(module).__name__} "
+                f"given to lf.apply (its sub-modules include {some}). Pass names from "
+                f"`model.named_modules()`, sub-modules of that model, or classes."
+            )
+    classes = tuple(u for u in units if _is_module_class(u))
+    if classes:
+        inside = tuple(c + "." for c in chosen_names)
+        chosen_names += [
+            n
+            for n in _outermost(module, lambda name, m, parent: isinstance(m, classes))
+            if n not in chosen_names and not n.startswith(inside)
+        ]
+    return chosen_names
+
+
+def _outermost(module: torch.nn.Module, match: Callable[[str, Any, Any], bool]) -> list[str]:
+    """Names of the outermost sub-modules for which `match(name, sub_module, parent)` holds."""
     out: list[str] = []
 
     def walk(prefix: str, m: torch.nn.Module) -> None:
         for name, child in m.named_children():
-            if isinstance(m, torch.nn.ModuleList) or isinstance(child, layers):
+            if match(prefix + name, child, m):
                 out.append(prefix + name)
             else:
                 walk(f"{prefix}{name}.", child)
@@ -367,20 +491,26 @@ class _Token:
 
 
 def _unit_hooks(
-    unit: torch.nn.Module, names: list[str], local_names: list[str], params: Params
+    unit: torch.nn.Module,
+    names: list[str],
+    local_names: list[str],
+    params: Params,
+    policy: GatherPolicy,
 ) -> list[Any]:
     """Forward hooks on `unit` that gather its shards before it runs and release them after."""
     shards = [params[n] for n in names]
+    owners = [_owner(unit, n) for n in local_names]
     stacks: list[contextlib.ExitStack] = []
 
     def before(_: torch.nn.Module, __: Any) -> None:
-        full = _gather(shards)
+        dtypes = _gather_dtypes(owners, shards, policy)  # autocast's state as the unit runs
+        full = _gather(shards, dtypes)
         stack = contextlib.ExitStack()
         stack.enter_context(_reparametrize_module(unit, dict(zip(local_names, full, strict=True))))
         if torch.is_grad_enabled():
             storages = {t.untyped_storage().data_ptr(): i for i, t in enumerate(full)}
             stack.enter_context(
-                torch.autograd.graph.saved_tensors_hooks(*_releasing(storages, shards))
+                torch.autograd.graph.saved_tensors_hooks(*_releasing(storages, shards, dtypes))
             )
         stacks.append(stack)
 
@@ -393,7 +523,9 @@ def _unit_hooks(
     ]
 
 
-def _releasing(storages: dict[int, int], shards: list[Any]) -> tuple[Callable[..., Any], ...]:
+def _releasing(
+    storages: dict[int, int], shards: list[Any], dtypes: list[torch.dtype]
+) -> tuple[Callable[..., Any], ...]:
     """Saved-tensor hooks: gathered storage is kept as a token and re-gathered once in backward."""
     regathered: list[list[torch.Tensor]] = []
 
@@ -406,7 +538,8 @@ def _releasing(storages: dict[int, int], shards: list[Any]) -> tuple[Callable[..
             return saved
         if not regathered:  # the unit's backward: one all-gather for all of its nodes
             with torch.no_grad():
-                regathered.append(_gather_rows([d.to_local().detach() for d in shards], shards))
+                locals_ = [d.to_local().detach() for d in shards]
+                regathered.append(_gather_rows(locals_, shards, dtypes))
         full = regathered[0][saved.index]
         return full.as_strided(saved.size, saved.stride, saved.offset)
 
@@ -454,16 +587,88 @@ def _paused() -> Any:
             m.paused -= 1
 
 
+class GatherPolicy(TorchFunctionMode):
+    """How `lf.apply` gathers sharded parameters, set by the FSDP step around the user's step.
+
+    A mode on torch's function-mode stack (where `lf.apply` finds it; no
+    global), passing every torch call through unchanged.
+
+    Args:
+        units: which sub-modules gather together (see `Units`, `unit_names`).
+        compute_dtype: under autocast, gather the parameters of `nn.Linear`
+            and `nn.Conv*` layers (their own `forward`) in autocast's dtype,
+            the dtype autocast would cast them to anyway; their gradients are
+            reduced in the parameters' dtype.
+    """
+
+    def __init__(self, units: Units = None, *, compute_dtype: bool = True) -> None:
+        super().__init__()
+        self.units = units
+        self.compute_dtype = compute_dtype
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        return func(*args, **(kwargs or {}))
+
+
+def _policy() -> GatherPolicy:
+    """The innermost `GatherPolicy` in force, else the default one."""
+    for mode in reversed(_get_current_function_mode_stack()):
+        if isinstance(mode, GatherPolicy):
+            return mode
+    return GatherPolicy()
+
+
+def _autocast_forwards() -> set[Any]:
+    """The `forward`s whose parameters autocast casts to its lower-precision dtype."""
+    nn = torch.nn
+    kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    return {k.forward for k in (*kinds, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)}
+
+
+def _owner(module: torch.nn.Module, name: str) -> torch.nn.Module:
+    """The sub-module of `module` that holds the parameter `name` (`module` if none does)."""
+    try:
+        return module.get_submodule(name.rpartition(".")[0])
+    except AttributeError:
+        return module
+
+
+def _gather_dtypes(
+    owners: Sequence[torch.nn.Module], shards: Sequence[Any], policy: GatherPolicy
+) -> list[torch.dtype]:
+    """The dtype each shard is gathered in: autocast's for a Linear / Conv layer's, else its own.
+
+    Autocast would cast those parameters to its dtype at their use anyway
+    (rounding each element, so casting the shard first gives the same
+    values); gathering them cast halves the bytes moved and held, as FSDP2's
+    `MixedPrecisionPolicy(param_dtype=torch.bfloat16)` does, while every
+    other parameter (norms, embeddings) stays in its own dtype, as autocast
+    leaves it. The gradients come back in the parameters' own dtype.
+    """
+    own = [d.dtype for d in shards]
+    device = shards[0].device.type if shards else "cpu"
+    if not (policy.compute_dtype and torch.is_autocast_enabled(device)):
+        return own
+    low = torch.get_autocast_dtype(device)
+    cast = _autocast_forwards()
+    return [
+        low if dtype == torch.float32 and type(owner).forward in cast else dtype
+        for owner, dtype in zip(owners, own, strict=True)
+    ]
+
+
 def _apply_sharded(
     module: torch.nn.Module, params: Params, buffers: Buffers, args: Any, kwargs: Any
 ) -> Any:
     """`functional_call` with DTensor shards: the non-unit parameters at once, units one by one."""
     dtensor = _dtensor_type()
+    policy = _policy()
     rows = [n for n, p in params.items() if _is_row_shard(p)]
     units: dict[str, list[str]] = {}
     claimed: set[str] = set()
     if not torch.compiler.is_compiling():
-        for unit in sorted(unit_names(module), key=len, reverse=True):  # the deepest first
+        names = unit_names(module, policy.units)
+        for unit in sorted(names, key=len, reverse=True):  # the deepest first
             units[unit] = [n for n in rows if n.startswith(unit + ".") and n not in claimed]
             claimed.update(units[unit])
     root = [n for n in rows if n not in claimed]
@@ -473,13 +678,15 @@ def _apply_sharded(
         if n not in rows
     }
     if root:
-        plain.update(zip(root, _gather([params[n] for n in root]), strict=True))
+        shards = [params[n] for n in root]
+        dtypes = _gather_dtypes([_owner(module, n) for n in root], shards, policy)
+        plain.update(zip(root, _gather(shards, dtypes), strict=True))
     handles: list[Any] = []
     try:
         for unit, names in units.items():
             if names:
                 local = [n[len(unit) + 1 :] for n in names]
-                handles += _unit_hooks(module.get_submodule(unit), names, local, params)
+                handles += _unit_hooks(module.get_submodule(unit), names, local, params, policy)
         return functional_call(module, (plain, buffers), args, kwargs, strict=False)
     finally:
         for h in handles:

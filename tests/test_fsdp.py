@@ -22,7 +22,14 @@ sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 import fsdp_worker as worker
 
 TOL = 1e-6
-EAGER = ["fsdp_eager", "gathering", "plain_gradients", "mixed_precision", "meta_init"]
+EAGER = [
+    "fsdp_eager",
+    "gathering",
+    "plain_gradients",
+    "mixed_precision",
+    "bf16_gather",
+    "meta_init",
+]
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +83,22 @@ def test_parameters_are_gathered_one_unit_at_a_time(four):
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
+def test_fsdp_units_choose_what_is_gathered_together(four):
+    for out in ok_results(four, "gathering"):
+        chosen = out["chosen"]  # FSDP(mesh, units=...), over the model's set_units mark
+        gathers = {k: v["all_gather_into_tensor"] for k, v in chosen.items()}
+        scatters = {k: v["reduce_scatter_tensor"] for k, v in chosen.items()}
+        # ["blocks.0", "head"]: 2 units; Block: 3; every Linear (2 per block + head): 7; []: 0.
+        assert gathers == {"names": 5, "class": 7, "predicate": 15, "none": 1}, out
+        assert scatters == {"names": 3, "class": 4, "predicate": 8, "none": 1}, out
+        assert chosen["class"]["largest"] == out["largest_unit_gather"], out
+        assert chosen["none"]["largest"] == out["largest_whole_gather"], out
+        # Two blocks' rest plus the head in one gather: more than one block's.
+        assert chosen["names"]["largest"] > chosen["class"]["largest"], out
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_plain_full_gradients_are_averaged_into_shards(four):
     for out in ok_results(four, "plain_gradients"):
         assert out["params"] <= TOL, out
@@ -87,6 +110,24 @@ def test_bf16_mixed_under_fsdp_trains_like_one_process(four):
     for out in ok_results(four, "mixed_precision"):
         assert out["dtype"] == "torch.float32"  # float32 master weights
         assert out["params"] <= 2e-3, out  # bfloat16 matmuls on 2-row vs 8-row batches
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_bf16_mixed_gathers_linear_weights_in_bf16_and_trains_like_one_process(four):
+    for out in ok_results(four, "bf16_gather"):
+        bf16, fp32 = out["bf16"], out["fp32"]
+        assert bf16["gathers"] == fp32["gathers"] == 7, out  # still one collective per unit
+        assert fp32["bytes"] == out["expected_fp32"], out
+        # Linear weights and biases as 2 bytes, the rest as 4; each gather's rows are padded
+        # to 8 bytes per rank (4 ranks, 7 gathers).
+        assert out["expected_bf16"] <= bf16["bytes"] <= out["expected_bf16"] + 7 * 4 * 8, out
+        assert bf16["bytes"] < 0.7 * fp32["bytes"], out
+        # Float32 master weights; bfloat16 tolerance against one bf16-mixed process (2 rows
+        # per rank vs 8 in one batch), and the same values as float32 gathers.
+        assert bf16["dtypes"] == ["torch.float32"], out
+        assert bf16["params"] <= 2e-3 and fp32["params"] <= 2e-3, out
+        assert out["bf16_vs_fp32"] <= 1e-6, out
 
 
 @pytest.mark.multiprocess
@@ -128,9 +169,10 @@ def test_default_units_are_module_list_children_and_transformer_layers():
     assert lf._func.unit_names(encoder) == ["1"]
 
 
-def test_set_units_takes_sub_modules_or_classes():
+def test_set_units_takes_sub_modules_names_or_classes():
     net = worker.make_net()
     assert lf._func.unit_names(set_units(net, [net.head, net.blocks[1]])) == ["head", "blocks.1"]
+    assert lf._func.unit_names(set_units(net, ["blocks.2", "head"])) == ["blocks.2", "head"]
     assert lf._func.unit_names(set_units(net, [worker.Block])) == [
         "blocks.0",
         "blocks.1",
@@ -145,12 +187,49 @@ def test_set_units_names_a_bad_argument():
         TypeError, match=r"`module` must be a torch.nn.Module \(the model\), got dict"
     ):
         set_units({}, [])  # type: ignore[arg-type]
-    with pytest.raises(
-        ValueError, match=r"`units` must hold sub-modules of `module`.*\(not inside"
-    ):
+    with pytest.raises(ValueError, match=r"`units` holds a Linear sub-module, which is not inside"):
         set_units(net, [torch.nn.Linear(2, 2)])
-    with pytest.raises(ValueError, match=r"`units` must hold .* got str"):
-        set_units(net, ["blocks.0"])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match=r"`units` holds 'blocks.7', which is not inside the Net"):
+        set_units(net, ["blocks.7"])
+    with pytest.raises(
+        TypeError, match=r"`set_units\(units=...\)` takes None.*got a list holding int 3"
+    ):
+        set_units(net, [3])
+
+
+def test_fsdp_units_take_names_classes_predicates_and_sub_modules():
+    net = worker.make_net()
+    names = lf._func.unit_names
+    assert names(net, ["head", "blocks.0"]) == ["head", "blocks.0"]
+    assert names(net, worker.Block) == ["blocks.0", "blocks.1", "blocks.2"]
+    assert names(net, (torch.nn.Embedding, torch.nn.LayerNorm)) == [
+        "embed",
+        *(f"blocks.{i}.norm" for i in range(3)),
+    ]
+    # A predicate: the outermost matches (Linear layers inside blocks, and the head).
+    linear = names(net, lambda name, m: isinstance(m, torch.nn.Linear))
+    assert linear == [*(f"blocks.{i}.{k}" for i in range(3) for k in ("up", "down")), "head"]
+    assert names(net, [net.blocks[2], worker.Block]) == ["blocks.2", "blocks.0", "blocks.1"]
+    assert names(net, []) == []
+    # The strategy's choice wins over the model's mark.
+    assert names(set_units(net, []), ["head"]) == ["head"] and names(net) == []
+
+
+def test_fsdp_names_a_bad_units_or_gather_argument():
+    import lightfunc.distributed as lfd
+
+    with pytest.raises(TypeError, match=r"`FSDP\(units=...\)` takes None.*got int 3"):
+        lfd.FSDP(units=3)
+    with pytest.raises(TypeError, match=r"`FSDP\(units=...\)` takes None.*holding float 1.5"):
+        lfd.FSDP(units=["blocks.0", 1.5])
+    with pytest.raises(TypeError, match=r"`FSDP\(gather_in_compute_dtype=...\)` must be True"):
+        lfd.FSDP(gather_in_compute_dtype="yes")  # type: ignore[arg-type]
+    mesh = lfd.init_mesh()
+    with pytest.raises(TypeError, match=r"`fully_sharded\(units=...\)` takes None"):
+        lfd.fully_sharded(lambda s, b: (s, {}), mesh, units="blocks.0")
+    with pytest.raises(TypeError, match=r"`fully_sharded_eval\(gather_in_compute_dtype"):
+        lfd.fully_sharded_eval(lambda s, b: {}, mesh, gather_in_compute_dtype=1)  # type: ignore[arg-type]
+    assert lfd.FSDP(units=worker.Block).units is worker.Block
 
 
 def test_init_sharded_names_a_bad_argument():
@@ -161,6 +240,8 @@ def test_init_sharded_names_a_bad_argument():
         init_sharded(3, Mesh.single())  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"built on the meta device, but `embed.weight` is on cpu"):
         init_sharded(worker.make_net(), Mesh.single())
+    with pytest.raises(TypeError, match=r"`init_sharded\(units=...\)` takes None.*got int 3"):
+        init_sharded(worker.make_net(), Mesh.single(), units=3)
 
 
 def test_init_sharded_on_one_process_gives_the_cpu_model_values():
@@ -169,10 +250,11 @@ def test_init_sharded_on_one_process_gives_the_cpu_model_values():
 
     with torch.device("meta"):
         model = worker.Net()
-    torch.manual_seed(0)
-    params, buffers = init_sharded(model, Mesh.single())
     expected = dict(worker.make_net().named_parameters())
-    assert list(params) == list(expected) and buffers == {}
-    for name, p in params.items():
-        assert torch.equal(p, expected[name]), name
-    assert all(p.is_meta for p in model.parameters())
+    for units in (None, ["blocks.0"], torch.nn.Linear):  # the groups change, not the values
+        torch.manual_seed(0)
+        params, buffers = init_sharded(model, Mesh.single(), units=units)
+        assert list(params) == list(expected) and buffers == {}
+        for name, p in params.items():
+            assert torch.equal(p, expected[name]), (units, name)
+        assert all(p.is_meta for p in model.parameters())

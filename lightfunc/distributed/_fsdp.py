@@ -10,12 +10,17 @@ and sees those shards as its parameters:
 
 1. `lightfunc.apply` recognises sharded parameters and gathers them per
    unit (default: each child of an `nn.ModuleList` and each Transformer
-   layer; `set_units` chooses others): the parameters outside every unit
-   once, at the start of the call, and each unit's in one all-gather right
-   before the unit runs; they are dropped after it. While a unit runs,
-   saved-tensor hooks keep a token instead of any tensor in the gathered
-   storage (a weight, or a view of it), and the unit is re-gathered once
-   when its backward first needs it.
+   layer; `fully_sharded(..., units=...)` / `FSDP(mesh, units=...)` choose
+   others): the parameters outside every unit once, at the start of the
+   call, and each unit's in one all-gather right before the unit runs; they
+   are dropped after it. While a unit runs, saved-tensor hooks keep a token
+   instead of any tensor in the gathered storage (a weight, or a view of
+   it), and the unit is re-gathered once when its backward first needs it.
+   Under a "-mixed" precision the weights of `nn.Linear` / `nn.Conv*` layers
+   are gathered in the compute dtype (autocast would cast them at their use
+   anyway: the same values, half the bytes moved and held, and autocast
+   keeps no extra copy for the backward); their gradients are reduced in
+   float32.
 2. `lightfunc.value_and_grad` sees the sharded leaves and differentiates
    with `torch.autograd.grad` over them; the gather's backward
    reduce-scatters (averages) each unit's gradients: the gradients come
@@ -37,10 +42,21 @@ torch FSDP2 and where the remaining difference comes from.
 
 Under `torch.compile`, dynamo traces neither hooks registered inside the
 compiled region nor saved-tensor hooks, so a compiled step gathers all
-parameters in one all-gather, differentiates the full tensors with
-`torch.func`, and reduce-scatters all gradients in one collective, inside
-one graph. Its transient memory is the full parameters and gradients (as
-a replicated step); the state between steps is still 1/N.
+parameters in one all-gather (float32), differentiates the full tensors
+with `torch.func`, and reduce-scatters all gradients in one collective,
+inside one graph. Its transient memory is the full parameters and
+gradients (as a replicated step); the state between steps is still 1/N.
+Gathering per unit inside the graph (SimpleFSDP) is not built: in torch
+2.13 the functional collectives' autograd raises under `torch.func.grad`
+(eager and compiled), so it needs `torch.autograd.grad` traced by dynamo
+(`torch._dynamo.config.trace_autograd_ops=True`), the gathers attached to
+the module before compiling (parametrizations), and a recompute policy so
+the backward re-gathers instead of keeping every unit (see `lightfunc/_func.py`).
+
+The policy (`units`, `gather_in_compute_dtype`) reaches `lf.apply` as a
+`GatherPolicy` on torch's function-mode stack for the duration of the
+step: `lf.apply` is called inside the user's step, where no argument of
+the strategy can reach it, and a mode on that stack is no global.
 
 Inside the differentiated function, a parameter used by a torch op
 outside `lf.apply` (a temperature, an offset) is gathered on use
@@ -50,6 +66,7 @@ DTensor's global meaning (a norm is the whole parameter's norm).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Callable, Iterable, Mapping
@@ -58,7 +75,7 @@ from typing import Any
 import torch
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
-from .._func import GatherOnUse, gathered
+from .._func import GatherOnUse, GatherPolicy, Units, check_units, gathered, unit_names
 from .._metrics import Reduction
 from .._state import TrainState, map_train_states
 from .._tree import PyTree, tree_flatten, tree_flatten_with_paths, tree_map, tree_unflatten
@@ -135,56 +152,33 @@ def gather_state(state: PyTree) -> PyTree:
     return tree_map(full, state)
 
 
-def set_units(
-    module: torch.nn.Module, units: Iterable[torch.nn.Module | type[torch.nn.Module]]
-) -> torch.nn.Module:
-    """Choose which sub-modules of `module` gather their sharded parameters together.
+def set_units(module: torch.nn.Module, units: Iterable[Any]) -> torch.nn.Module:
+    """Mark which sub-modules of `module` gather their sharded parameters together.
 
-    `lightfunc.apply(module, sharded_params, ...)` all-gathers each unit's
-    parameters right before the unit runs and releases them after (see the
-    module doc). By default the units are the children of every
-    `nn.ModuleList` and every `nn.TransformerEncoderLayer` /
-    `nn.TransformerDecoderLayer`; parameters in no unit are gathered once for
-    the whole call. Bigger units mean fewer, larger collectives and more
-    memory at once.
+    Prefer `FSDP(mesh, units=...)` (or `fully_sharded(..., units=...)`),
+    which takes the same forms and needs no marking; this marks the model
+    itself, for steps built without them and for `init_sharded`'s grouping,
+    and stays for compatibility. A strategy's `units` wins over the mark.
 
     Args:
         module: the model (it is marked, not changed otherwise; a meta-device
             model works).
-        units: sub-modules of `module`, or module classes (every instance is a
-            unit; an instance inside another unit is not). Empty: no units,
+        units: sub-modules of `module`, their names (`"blocks.0"`), or module
+            classes (every outermost instance is a unit). Empty: no units,
             every parameter gathered at the start of the call.
 
     Returns:
         `module`, marked.
 
     Raises:
-        TypeError: `module` is not an `nn.Module`.
-        ValueError: an entry is neither a sub-module of `module` nor a module class.
+        TypeError: `module` is not an `nn.Module`, or an entry is none of those.
+        ValueError: a name or sub-module is not inside `module`.
     """
     if not isinstance(module, torch.nn.Module):
         raise TypeError(
             f"`module` must be a torch.nn.Module (the model), got {type(module).__name__}."
         )
-    names = {id(m): name for name, m in module.named_modules() if name}
-    wanted = list(units)
-    classes = tuple(u for u in wanted if isinstance(u, type) and issubclass(u, torch.nn.Module))
-    chosen: list[str] = []
-    for u in wanted:
-        if isinstance(u, type) and issubclass(u, torch.nn.Module):
-            continue
-        if not isinstance(u, torch.nn.Module) or id(u) not in names:
-            raise ValueError(
-                f"`units` must hold sub-modules of `module` or nn.Module classes, got "
-                f"{type(u).__name__ if not isinstance(u, type) else u.__name__}"
-                f"{' (not inside `module`)' if isinstance(u, torch.nn.Module) else ''}. "
-                f"Pass e.g. `model.blocks` children or a class such as `Block`."
-            )
-        chosen.append(names[id(u)])
-    for name, m in module.named_modules():
-        inside = any(name.startswith(c + ".") for c in chosen)
-        if name and classes and isinstance(m, classes) and not inside:
-            chosen.append(name)
+    chosen = unit_names(module, check_units(list(units), "set_units"))
     object.__setattr__(module, "_lightfunc_units", tuple(chosen))  # read by lf.apply (unit_names)
     return module
 
@@ -197,6 +191,8 @@ def fully_sharded(
     sync_buffers: bool = True,
     reduce_metrics: bool = True,
     metric_reductions: Mapping[str, Reduction] | None = None,
+    units: Units = None,
+    gather_in_compute_dtype: bool = True,
 ) -> StepFn:
     """A train step on parameters and optimizer state sharded by `shard_state` (ZeRO-3).
 
@@ -214,17 +210,35 @@ def fully_sharded(
         sync_buffers: average floating buffers over the ranks after the step.
         reduce_metrics: reduce metrics over the ranks (floats averaged,
             integers summed, booleans OR-ed).
+        units: which sub-modules `lf.apply` gathers together, one unit at a
+            time: None (every child of an `nn.ModuleList` and every
+            Transformer layer, or what `set_units` marked), a module class or
+            a tuple of them (every outermost instance), a predicate
+            `(name, module) -> bool`, or a list of sub-module names
+            (`["blocks.0", "blocks.1"]`), sub-modules or classes; `[]`
+            gathers every parameter at the start of the call.
+        gather_in_compute_dtype: under a "-mixed" precision (autocast), gather
+            the weights of `nn.Linear` / `nn.Conv*` layers in the compute dtype
+            (bfloat16: half the bytes moved and held), the dtype autocast casts
+            them to at their use anyway; their gradients are reduced in
+            float32. Such a layer called where autocast is off then sees a
+            bfloat16 weight: pass False for such a model.
 
     Returns:
         A pure step function for `lightfunc.build`; its input and output
         states hold `DTensor` shards.
 
     Raises:
-        TypeError: `mesh` is not a `Mesh`; at the first call, the state holds
-            no `TrainState`, or its params were not sharded with `shard_state`.
+        TypeError: `mesh` is not a `Mesh`, or `units` has none of the forms
+            above; at the first call, the state holds no `TrainState`, or its
+            params were not sharded with `shard_state`.
+        ValueError: at the first call, `units` names a sub-module the model
+            given to `lf.apply` does not have.
     """
     check_mesh(mesh, "fully_sharded")
     cap = check_bucket_cap(bucket_cap_mb)
+    check_units(units, "fully_sharded")
+    policy = _policy_for(units, gather_in_compute_dtype, "fully_sharded")
     if not mesh.is_distributed:
         return train_step
 
@@ -245,7 +259,8 @@ def fully_sharded(
             ),
             state,
         )
-        new_state, metrics = train_step(inner, batch)
+        with _in_force(policy):
+            new_state, metrics = train_step(inner, batch)
         new_state = map_train_states(lambda i, ts: ts.replace(tx=originals[i].tx), new_state)
         if sync_buffers:
             new_state = average_buffers(new_state, mesh, cap)
@@ -262,16 +277,21 @@ def fully_sharded_eval(
     *,
     bucket_cap_mb: float = 25.0,
     metric_reductions: Mapping[str, Reduction] | None = None,
+    units: Units = None,
+    gather_in_compute_dtype: bool = True,
 ) -> StepFn:
     """An eval (or predict) step on a sharded state: gathered per unit by `lf.apply`, metrics reduced.
 
     Eager, `lf.apply` gathers one unit at a time and parameters used outside
     it are gathered on use; compiled, every parameter is gathered at the
     start of the call. Metrics (a dict of 0-d tensors) are reduced over the ranks like
-    `data_parallel_eval`'s; other outputs are returned as they are.
+    `data_parallel_eval`'s; other outputs are returned as they are. `units`
+    and `gather_in_compute_dtype` as for `fully_sharded`.
     """
     check_mesh(mesh, "fully_sharded_eval")
     cap = check_bucket_cap(bucket_cap_mb)
+    check_units(units, "fully_sharded_eval")
+    policy = _policy_for(units, gather_in_compute_dtype, "fully_sharded_eval")
     if not mesh.is_distributed:
         return eval_step
 
@@ -284,11 +304,30 @@ def fully_sharded_eval(
                 map_train_states(lambda _, ts: ts.replace(params=gathered(ts.params)), state), batch
             )
         else:
-            with GatherOnUse():  # parameters used outside `lf.apply` are gathered on use
+            with _in_force(policy), GatherOnUse():  # used outside `lf.apply`: gathered on use
                 out = eval_step(state, batch)
         return _reduce(out, batch, mesh, cap, metric_reductions)
 
     return fsdp_eval
+
+
+def _policy_for(units: Units, compute_dtype: bool, where: str) -> GatherPolicy:
+    if not isinstance(compute_dtype, bool):
+        raise TypeError(
+            f"`{where}(gather_in_compute_dtype=...)` must be True or False, got "
+            f"{type(compute_dtype).__name__} {compute_dtype!r}."
+        )
+    return GatherPolicy(units, compute_dtype=compute_dtype)
+
+
+def _in_force(policy: GatherPolicy) -> Any:
+    """`policy` on torch's mode stack for the call (eager; a compiled step gathers all at once).
+
+    The default policy is what `lf.apply` assumes when it finds none, so it
+    is not pushed: a mode on the stack costs a Python call per torch op.
+    """
+    default = policy.units is None and policy.compute_dtype
+    return contextlib.nullcontext() if default or torch.compiler.is_compiling() else policy
 
 
 def prepare_sharded_update(state: PyTree, mesh: Mesh, *, bucket_cap_mb: float = 25.0) -> PyTree:

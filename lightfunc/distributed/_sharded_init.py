@@ -5,7 +5,7 @@
     params, buffers = lfd.init_sharded(model, mesh)      # 1/N of the params per rank
     state = lf.TrainState.create(params, tx, buffers=buffers)
 
-Rank 0 materialises the model one group at a time (a unit, as `set_units`
+Rank 0 materialises the model one group at a time (a unit, as `units=`
 chooses them, or one module outside the units), initialises it, scatters
 each parameter's row chunks to the ranks and returns the group to the meta
 device; the other ranks only ever allocate their chunks. Rank 0's peak is
@@ -22,12 +22,13 @@ needs its structure.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from .._func import unit_names
+from .._func import check_units, unit_names
 from ._collectives import chunk_rows
 from ._mesh import Mesh
 from ._states import check_mesh
@@ -38,6 +39,7 @@ def init_sharded(
     mesh: Mesh,
     *,
     init: Callable[[torch.nn.Module], None] | None = None,
+    units: Any = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """`module`'s parameters as row shards (`DTensor` `Shard(0)`) and its buffers, initialised.
 
@@ -49,6 +51,9 @@ def init_sharded(
         init: called on each materialised sub-module, in `named_modules()`
             order, on rank 0 only; default: its `reset_parameters()` if it
             has one (what its constructor called).
+        units: the groups rank 0 materialises one at a time, in the forms
+            `FSDP(mesh, units=...)` takes (default: the default units, or
+            what `set_units` marked); it changes rank 0's peak, not the values.
 
     Returns:
         `(params, buffers)` by name, for `lf.TrainState.create(params, tx,
@@ -56,9 +61,11 @@ def init_sharded(
 
     Raises:
         TypeError: `module` is not an `nn.Module`, or `mesh` is not a `Mesh`.
-        ValueError: a parameter or buffer of `module` is not on the meta device.
+        ValueError: a parameter or buffer of `module` is not on the meta device,
+            or `units` names a sub-module `module` does not have.
     """
     check_mesh(mesh, "init_sharded")
+    check_units(units, "init_sharded")
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"`module` must be a torch.nn.Module, got {type(module).__name__}.")
     for name, t in [*module.named_parameters(), *module.named_buffers()]:
@@ -70,7 +77,7 @@ def init_sharded(
     init = init or _reset
     params: dict[str, torch.Tensor] = {}
     buffers: dict[str, torch.Tensor] = {}
-    for group in _groups(module):
+    for group in _groups(module, units):
         if mesh.global_rank == 0:
             for _, m in group:
                 m.to_empty(device=mesh.device, recurse=False)
@@ -94,9 +101,9 @@ def _reset(m: torch.nn.Module) -> None:
         reset()
 
 
-def _groups(module: torch.nn.Module) -> list[list[tuple[str, torch.nn.Module]]]:
+def _groups(module: torch.nn.Module, chosen: Any) -> list[list[tuple[str, torch.nn.Module]]]:
     """Modules with their own tensors, grouped by unit, in `named_modules()` order."""
-    units = unit_names(module)
+    units = unit_names(module, chosen)
     groups: dict[str, list[tuple[str, torch.nn.Module]]] = {}
     for name, m in module.named_modules():
         if not any(True for _ in m.parameters(recurse=False)) and not any(

@@ -14,6 +14,7 @@ written.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -122,16 +123,48 @@ class FSDP(_MeshStrategy):
 
     Args:
         mesh: the ranks (default `init_mesh()`).
-        bucket_cap_mb: most megabytes per all-gather / reduce-scatter.
+        bucket_cap_mb: most megabytes per collective of plain tensors.
+        units: which sub-modules `lf.apply` all-gathers together, one at a
+            time: None (default: every child of an `nn.ModuleList` and every
+            Transformer layer), a module class or tuple of classes, a
+            predicate `(name, module) -> bool`, or a list of sub-module names
+            (`["blocks.0", "blocks.1"]`), sub-modules or classes; `[]`: all at
+            the start of the call. See `lightfunc.distributed.fully_sharded`.
+        gather_in_compute_dtype: under a "-mixed" precision, gather Linear and
+            Conv weights in the compute dtype (bfloat16) and reduce their
+            gradients in float32.
+
+    Raises:
+        TypeError: `units` or `gather_in_compute_dtype` has the wrong form.
     """
 
     name = "fsdp"
     checkpoint_suffix = ""  # a directory: one shard file per rank and an index
 
+    def __init__(
+        self,
+        mesh: Mesh | None = None,
+        *,
+        bucket_cap_mb: float = 25.0,
+        units: Any = None,
+        gather_in_compute_dtype: bool = True,
+    ) -> None:
+        from .._func import check_units
+
+        super().__init__(mesh, bucket_cap_mb=bucket_cap_mb)
+        self.units = check_units(units, "FSDP")
+        if not isinstance(gather_in_compute_dtype, bool):
+            raise TypeError(
+                f"`FSDP(gather_in_compute_dtype=...)` must be True or False, got "
+                f"{type(gather_in_compute_dtype).__name__} {gather_in_compute_dtype!r}."
+            )
+        self.gather_in_compute_dtype = gather_in_compute_dtype
+
     def _transforms(self) -> tuple[Callable[..., Any], Callable[..., Any]]:
         from ._fsdp import fully_sharded, fully_sharded_eval
 
-        return fully_sharded, fully_sharded_eval
+        how = {"units": self.units, "gather_in_compute_dtype": self.gather_in_compute_dtype}
+        return functools.partial(fully_sharded, **how), functools.partial(fully_sharded_eval, **how)
 
     def prepare(self, state: Any) -> Any:
         from ._fsdp import prepare_sharded_update, shard_state

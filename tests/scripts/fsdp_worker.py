@@ -121,12 +121,13 @@ def storage_bytes(tree: Any) -> int:
 
 
 class CountCollectives(TorchDispatchMode):
-    """Counts functional all-gathers and reduce-scatters, and the largest all-gather's bytes."""
+    """Counts functional all-gathers and reduce-scatters, and the all-gathers' bytes."""
 
     def __init__(self) -> None:
         super().__init__()
         self.counts: dict[str, int] = {}
         self.largest_gather = 0
+        self.gathered_bytes = 0  # what all the all-gathers returned, on this rank
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -134,7 +135,9 @@ class CountCollectives(TorchDispatchMode):
         if func.namespace == "_c10d_functional" and op != "wait_tensor":
             self.counts[op] = self.counts.get(op, 0) + 1
             if op.startswith("all_gather"):
-                self.largest_gather = max(self.largest_gather, out.numel() * out.element_size())
+                size = out.numel() * out.element_size()
+                self.largest_gather = max(self.largest_gather, size)
+                self.gathered_bytes += size
         return out
 
 
@@ -175,10 +178,25 @@ def gathering(mesh: lfd.Mesh) -> dict[str, Any]:
     set_units(model, [Block])  # by class: the same units as the default
     with CountCollectives() as by_class:
         step(state, mine(data(1)[0], mesh))
+    chosen = {}  # the strategy's `units` (it wins over the model's mark)
+    for key, units in {
+        "names": ["blocks.0", "head"],
+        "class": Block,
+        "predicate": lambda name, m: isinstance(m, torch.nn.Linear),
+        "none": [],
+    }.items():
+        built = lf.build(train_step_for(model), compile=False, strategy=lfd.FSDP(mesh, units=units))
+        with CountCollectives() as counted:
+            built(
+                built.prepare(lf.TrainState.create(make_net(), optimizer(), seed=None)),
+                mine(data(1)[0], mesh),
+            )
+        chosen[key] = {**counted.counts, "largest": counted.largest_gather}
     return {
         "per_unit": per_unit.counts,
         "whole": whole.counts,
         "by_class": by_class.counts,
+        "chosen": chosen,
         "largest_unit_gather": per_unit.largest_gather,
         "largest_whole_gather": whole.largest_gather,
         "units": len(model.blocks),
@@ -219,6 +237,56 @@ def mixed_precision(mesh: lfd.Mesh) -> dict[str, float]:
     }
 
 
+def bf16_gather(mesh: lfd.Mesh) -> dict[str, Any]:
+    """bf16-mixed: Linear weights gathered in bfloat16 (half the bytes), vs float32 gathers."""
+    out: dict[str, Any] = {}
+    ref, _ = reference("bf16-mixed")
+    for key, flag in {"bf16": True, "fp32": False}.items():
+        model = make_net()
+        step = lf.build(
+            train_step_for(model),
+            compile=False,
+            strategy=lfd.FSDP(mesh, gather_in_compute_dtype=flag),
+            precision="bf16-mixed",
+        )
+        state = step.prepare(lf.TrainState.create(model, optimizer(), seed=None))
+        batches = [mine(b, mesh) for b in data()]
+        with CountCollectives() as counted:
+            state, _ = step(state, batches[0])
+        state, _ = train(step, state, batches[1:])
+        full = lfd.gather_state(state)
+        out[key] = {
+            "bytes": counted.gathered_bytes,
+            "gathers": counted.counts.get("all_gather_into_tensor", 0),
+            "params": max_diff(full.params, ref.params),
+            "dtypes": sorted({str(g.dtype) for g in lf.tree_leaves(full.params)}),
+        }
+        out[f"{key}_params"] = full.params
+    # Autocast casts those weights at their use anyway: the same values either way.
+    out["bf16_vs_fp32"] = max_diff(out.pop("bf16_params"), out.pop("fp32_params"))
+    # What the gathers would move if every Linear weight and bias travelled as bfloat16
+    # (2 bytes) and the rest (embedding, norms) as float32, counted from the model.
+    net = make_net()
+    linear = {
+        f"{n}.{k}"
+        for n, m in net.named_modules()
+        if isinstance(m, torch.nn.Linear)
+        for k, _ in m.named_parameters()
+    }
+    rows = {
+        n: -(-p.shape[0] // mesh.world_size) * mesh.world_size * p[0].numel()
+        for n, p in net.named_parameters()
+    }
+    blocks = sum(v for n, v in rows.items() if n.startswith("blocks."))
+    once = sum(rows.values())  # the root once, each block in forward and again in backward
+    out["expected_fp32"] = 4 * (once + blocks)
+    out["expected_bf16"] = sum(
+        (2 if n in linear else 4) * v * (2 if n.startswith("blocks.") else 1)
+        for n, v in rows.items()
+    )
+    return out
+
+
 def meta_init(mesh: lfd.Mesh) -> dict[str, Any]:
     """A meta-device model: shards equal a CPU model's values; no rank holds the whole."""
     with torch.device("meta"):
@@ -244,6 +312,7 @@ CHECKS: dict[str, Callable[[lfd.Mesh], Any]] = {
     "gathering": gathering,
     "plain_gradients": plain_gradients,
     "mixed_precision": mixed_precision,
+    "bf16_gather": bf16_gather,
     "meta_init": meta_init,
 }
 
