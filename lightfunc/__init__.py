@@ -31,6 +31,10 @@ from ._checkpoint import read_metadata as read_metadata
 from ._checkpoint import save as save
 from ._compile import CompileOptions as CompileOptions
 from ._compile import compile_counts as compile_counts
+from ._compile import compile_regions as compile_regions
+from ._compile_cache import CompileCacheInfo as CompileCacheInfo
+from ._compile_cache import load_compile_cache as load_compile_cache
+from ._compile_cache import save_compile_cache as save_compile_cache
 from ._compose import ensemble as ensemble
 from ._compose import member_count as member_count
 from ._compose import per_example_grads as per_example_grads

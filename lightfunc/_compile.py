@@ -79,7 +79,11 @@ def compile_fn(fn: Callable[..., Any], options: CompileOptions) -> Callable[...,
     other out of it. Compiling a copy with a fresh code object gives each
     its own; `fn` itself is left as it is.
     """
-    fn = _with_own_code(fn)
+    return torch.compile(_with_own_code(fn), **_compile_kwargs(options))
+
+
+def _compile_kwargs(options: CompileOptions) -> dict[str, Any]:
+    """`torch.compile`'s keyword arguments for `options`."""
     inductor_options: dict[str, Any] = {}
     if options.deterministic and options.backend == "inductor":
         inductor_options["fallback_random"] = True
@@ -93,7 +97,81 @@ def compile_fn(fn: Callable[..., Any], options: CompileOptions) -> Callable[...,
             kwargs["options"] = inductor_options
         else:
             kwargs["mode"] = options.mode
-    return torch.compile(fn, **kwargs)
+    return kwargs
+
+
+def compile_regions(
+    model: torch.nn.Module,
+    regions: type[torch.nn.Module] | Callable[[str, torch.nn.Module], bool] | None = None,
+    *,
+    compile: bool | str | CompileOptions = True,
+) -> list[str]:
+    """Compile each repeated block of `model` in place, as one graph shared by all of them.
+
+    Regional compilation: instead of one graph for the whole step (whose
+    compile time grows with the number of blocks), each block's forward is
+    compiled on its own. The blocks are instances of one class with the same
+    shapes, so torch.compile traces the first and reuses its graph for every
+    other (parameters are graph inputs): the compile time is that of one
+    block, flat in depth. Use it with an eager step, `lf.build(step,
+    compile=False)`: the gradient is then taken by `torch.autograd.grad`
+    around the compiled blocks (in torch 2.13 `torch.func.grad` cannot
+    differentiate a compiled function from eager code, and a whole compiled
+    step cannot hold regions: see bench/results/startup.md).
+
+        compile_regions(model)                     # every block of a ModuleList
+        step = lf.build(train_step, compile=False)
+
+    The blocks must be your own module classes: dynamo does not compile a
+    frame of torch's own modules (`nn.Linear`, ...) as the top of a graph. On
+    the first call torch 2.13 warns once, while tracing, that the `.grad` of
+    a non-leaf tensor is read (the parameters `lf.apply` swaps in); harmless.
+
+    Args:
+        model: the module; its blocks are compiled in place (`nn.Module.compile`).
+        regions: which sub-modules to compile: a module class, or a predicate
+            over (name, module). Default: the members of every
+            `nn.ModuleList` / `nn.Sequential` whose members are all of one class
+            (at least two of them).
+        compile: how (as `build`'s `compile=`; False compiles nothing).
+
+    Returns:
+        The names of the modules compiled.
+
+    Raises:
+        ValueError: nothing in `model` matches `regions`.
+    """
+    options = as_compile_options(compile)
+    if regions is None:
+        chosen = _repeated_blocks(model)
+    else:
+        kind = regions if isinstance(regions, type) else None
+        wanted: Callable[[str, torch.nn.Module], bool] = (
+            (lambda _, m: isinstance(m, kind)) if kind is not None else regions  # type: ignore[assignment]
+        )
+        chosen = [(n, m) for n, m in model.named_modules() if n and wanted(n, m)]
+    if not chosen:
+        raise ValueError(
+            f"`regions={regions!r}` matches no sub-module of {type(model).__name__}. Pass the "
+            f"blocks' class (e.g. `regions=Block`) or a predicate `(name, module) -> bool`."
+        )
+    if options is not None:
+        for _, module in chosen:
+            module.compile(**_compile_kwargs(options))
+    return [name for name, _ in chosen]
+
+
+def _repeated_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The members of every ModuleList / Sequential in `model` whose 2+ members share one class."""
+    found = []
+    for name, container in model.named_modules():
+        if not isinstance(container, torch.nn.ModuleList | torch.nn.Sequential):
+            continue
+        members = list(container.named_children())
+        if len(members) >= 2 and len({type(m) for _, m in members}) == 1:
+            prefix = f"{name}." if name else ""
+            found += [(prefix + child, m) for child, m in members]
+    return found
 
 
 def _with_own_code(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -226,7 +226,9 @@ def fit(
     # precision, sharded by its strategy) before a checkpoint is restored into it.
     options = {name: loop_kwargs.pop(name) for name in _BUILD_OPTIONS if name in loop_kwargs}
     train = as_train_step(step, **options)
-    start = _resume(prepare_loop_state(train, state), root, ckpt_path, active)
+    start = _resume(
+        prepare_loop_state(train, state), root, ckpt_path, active, compiled=train.compiled
+    )
     _sanity_check(train, start, loop_kwargs, num_sanity_val_steps)
     last: LoopState | None = None
     try:
@@ -304,8 +306,15 @@ def _has_checkpoint(run: Path) -> bool:
     )
 
 
-def _resume(start: LoopState, root: Path, ckpt_path: Any, callbacks: list[Callback]) -> LoopState:
-    """`start`, or the checkpoint `ckpt_path` names loaded into its structure (by its strategy)."""
+def _resume(
+    start: LoopState, root: Path, ckpt_path: Any, callbacks: list[Callback], *, compiled: bool
+) -> LoopState:
+    """`start`, or the checkpoint `ckpt_path` names loaded into its structure (by its strategy).
+
+    Resuming "last", a compiled step also gets the run's compile cache
+    (`CheckpointManager.load_compile_cache`) before its first step: the run's
+    own directory, which this user wrote.
+    """
     if ckpt_path is None:
         return start
     strategy: Strategy = start.strategy if start.strategy is not None else SingleProcess()
@@ -317,6 +326,8 @@ def _resume(start: LoopState, root: Path, ckpt_path: Any, callbacks: list[Callba
                 return start
             manager = CheckpointManager(run / "checkpoints")
         restored = manager.restore(start, callbacks=callbacks, strategy=strategy)
+        if restored is not None and compiled and manager.compile_cache:
+            manager.load_compile_cache()
         return start if restored is None else restored
     template = start.replace(
         metrics={}, eval_metrics=None, eval_at_step=-1, callbacks=callback_states(callbacks)

@@ -55,6 +55,12 @@ last metrics are not saved (the next step recomputes them), so
 `LoopState(state=template)` is a valid template to load into. A callback
 whose state the checkpoint holds but the run lacks is dropped, and one the
 checkpoint lacks starts fresh, each with a warning naming it.
+
+Beside the checkpoints, the writer keeps `compile_cache.bin`, what
+`torch.compile` built in this process (`lightfunc.save_compile_cache`), when
+something was compiled since the manager was made; `load_compile_cache()`
+(which `fit(ckpt_path="last")` calls) loads it before the first step, so a
+resumed run or another rank starts warm. `compile_cache=False` turns it off.
 """
 
 from __future__ import annotations
@@ -63,6 +69,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -75,6 +82,8 @@ from . import _checkpoint
 from ._atomic import atomic_write, remove_orphans, temp_name
 from ._callback import Callback, InterruptReason, callback_states
 from ._codec import Header
+from ._compile import compile_counts
+from ._compile_cache import CompileCacheInfo, load_compile_cache, save_compile_cache
 from ._contract import LoopState, Strategy
 from ._strategy import SingleProcess
 from ._tensorfile import CheckpointError, write_error
@@ -112,6 +121,9 @@ class CheckpointManager(Callback):
             points (`max_steps` mid-epoch, an early stop), so a resume never
             repeats steps. On by default when the newest state is kept
             (`save_last`, or no `monitor`).
+        compile_cache: at save points, keep `compile_cache.bin` (what
+            `torch.compile` built, see `lightfunc.save_compile_cache`) beside
+            the checkpoints, when something compiled since this manager was made.
 
     Raises:
         ValueError: for inconsistent arguments.
@@ -131,6 +143,7 @@ class CheckpointManager(Callback):
         filename: str = "step={step}",
         save_on_exception: bool = False,
         save_on_end: bool | None = None,
+        compile_cache: bool = True,
     ) -> None:
         check_positive_ints(
             every_n_steps=every_n_steps, every_n_epochs=every_n_epochs, keep_last_n=keep_last_n
@@ -153,6 +166,8 @@ class CheckpointManager(Callback):
         self.save_last, self.keep_last_n = save_last, keep_last_n
         self.filename, self.save_on_exception = filename, save_on_exception
         self.save_on_end = (save_last or monitor is None) if save_on_end is None else save_on_end
+        self.compile_cache = compile_cache
+        self._graphs_cached = _graphs_compiled()  # graphs compiled when the cache was last written
         # The strategy of the states saved or restored last (how to verify a checkpoint).
         self._strategy: Strategy = SingleProcess()
         self._saved_step: int | None = None  # the step saved or restored last
@@ -239,7 +254,26 @@ class CheckpointManager(Callback):
         }
         self._record(entry, writer=strategy.is_writer)
         self._saved_step = ls.step
+        if self.compile_cache and strategy.is_writer:
+            self._save_compile_cache()
         return path
+
+    def _save_compile_cache(self) -> None:
+        """Rewrite `compile_cache.bin` if a graph compiled since it was last written (or ever)."""
+        graphs = _graphs_compiled()
+        if graphs == self._graphs_cached:
+            return
+        try:
+            save_compile_cache(self.directory)
+        except OSError as error:  # the checkpoint is written; a cache is worth no failure
+            self._warn_once(f"could not write the compile cache in {self.directory}: {error}")
+            return
+        self._graphs_cached = graphs
+
+    def load_compile_cache(self) -> CompileCacheInfo | None:
+        """Load the directory's `compile_cache.bin` into torch's compile caches (see
+        `lightfunc.load_compile_cache`, and what it trusts); None when there is none."""
+        return load_compile_cache(self.directory)
 
     def _prepare(self, *, writer: bool) -> None:
         """Before the first save: create the directory, remove what dead writers left."""
@@ -593,6 +627,11 @@ class CheckpointManager(Callback):
             raise ValueError(
                 f"`filename={filename!r}` must be a plain file name (no '{os.sep}', not starting with '.')."
             )
+
+
+def _graphs_compiled() -> int:
+    """Graphs torch.compile compiled in this process so far (0 if it was never imported)."""
+    return compile_counts()["graphs"] if "torch._dynamo" in sys.modules else 0
 
 
 def _safe_name(name: Any) -> bool:

@@ -68,6 +68,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "lightfunc._accumulate",
             "lightfunc._strategy",
             "lightfunc._compile",
+            "lightfunc._compile_cache",  # compile_cache.bin: torch's cache artifacts + CPU kernels
             "lightfunc._build",
             "lightfunc.distributed.*",
         ),
