@@ -138,3 +138,194 @@ def test_compiled_step_leaves_its_input_state_untouched():
     state, _ = step(state, batch)
     _purity_check(step, state, batch)
     torch._dynamo.reset()
+
+
+# -- the eager gradient: torch.autograd.grad where no transform needs torch.func ----------------
+
+
+def _wrapped_inside(fn):  # type: ignore[no-untyped-def]
+    """`fn`, recording whether the tensor it is differentiated at arrives wrapped by torch.func."""
+    seen: list[bool] = []
+
+    def inner(w, *rest):  # type: ignore[no-untyped-def]
+        seen.append(torch._C._functorch.is_functorch_wrapped_tensor(tree_leaves(w)[0]))
+        return fn(w, *rest)
+
+    return inner, seen
+
+
+def test_eager_value_and_grad_runs_autograd_on_plain_tensors_and_equals_torch_func():
+    model = make_model(batchnorm=True)
+    params, buffers = lf.params_of(model), lf.buffers_of(model)
+    x, y = make_data(n=32)[0]
+
+    def loss_fn(p):  # type: ignore[no-untyped-def]
+        logits, new_buffers = lf.apply(model, p, buffers, x, train=True)
+        return F.cross_entropy(logits, y), (logits, new_buffers)
+
+    traced, seen = _wrapped_inside(loss_fn)
+    (loss, (logits, new_buffers)), grads = lf.value_and_grad(traced, has_aux=True)(params)
+    assert seen == [False]  # plain tensors: torch.autograd.grad, no torch.func wrappers
+    (ref_grads, (ref_loss, (ref_logits, ref_buffers))) = torch.func.grad_and_value(
+        loss_fn, has_aux=True
+    )(params)
+    assert torch.equal(loss, ref_loss) and torch.equal(logits, ref_logits)
+    assert not loss.requires_grad and not logits.requires_grad  # value and aux come back detached
+    for k in ref_grads:
+        assert torch.equal(grads[k], ref_grads[k]), k
+        assert not grads[k].requires_grad
+    for k in ref_buffers:
+        assert torch.equal(new_buffers[k], ref_buffers[k]), k
+    for k, v in lf.params_of(model).items():
+        assert torch.equal(params[k], v) and not params[k].requires_grad  # inputs untouched
+
+
+def test_eager_value_and_grad_gives_zeros_to_an_input_the_loss_does_not_reach():
+    params = {"used": torch.tensor([1.0, 2.0]), "unused": torch.tensor([3.0])}
+    value, grads = lf.value_and_grad(lambda p: (p["used"] ** 2).sum())(params)
+    assert value.item() == 5.0
+    assert grads["used"].tolist() == [2.0, 4.0] and grads["unused"].tolist() == [0.0]
+    value, grads = lf.value_and_grad(lambda p: torch.tensor(7.0))(params)  # reaches no input
+    assert value.item() == 7.0
+    assert grads["used"].tolist() == [0.0, 0.0] and grads["unused"].tolist() == [0.0]
+
+
+def test_value_and_grad_keeps_torch_func_where_transforms_compose():
+    def cube_sum(w):  # type: ignore[no-untyped-def]
+        return (w**3).sum()
+
+    traced, seen = _wrapped_inside(cube_sum)
+    w = torch.tensor([1.0, 2.0])
+    # grad of grad (MAML): d/dw sum(d/dw w^3) = 6 w
+    second = torch.func.grad(lambda v: lf.value_and_grad(traced)(v)[1].sum())(w)
+    assert second.tolist() == [6.0, 12.0]
+    # vmap (ensembles): one gradient per row
+    values, grads = torch.func.vmap(lf.value_and_grad(traced))(torch.tensor([[1.0], [3.0]]))
+    assert values.tolist() == [1.0, 27.0] and grads.tolist() == [[3.0], [27.0]]
+    # an input that already requires grad (part of an outer autograd graph): torch.func
+    leaf = torch.tensor([2.0], requires_grad=True)
+    _, g = lf.value_and_grad(traced)(leaf * 1.0)
+    assert g.tolist() == [12.0]
+    assert seen == [True, True, True]
+
+
+def test_eager_value_and_grad_with_a_loss_scale_unscales_the_autograd_gradients():
+    scale = lf.LossScale.create(2.0**10)
+    traced, seen = _wrapped_inside(lambda w: (w * w).sum())
+    value, grads = lf.value_and_grad(traced, loss_scale=scale)(torch.tensor([1.0, 3.0]))
+    assert seen == [False]
+    assert value.item() == 10.0 and grads.tolist() == [2.0, 6.0]
+
+
+# -- skip_unused: one multi-tensor check for all parameters --------------------------------------
+
+
+def _as_bools(flags: Any) -> list[bool]:
+    return [bool(f) for f in flags]
+
+
+def test_gradient_flags_are_exact_for_tiny_nan_inf_and_signed_zero_gradients():
+    from lightfunc.optim._masking import _gradient_flags
+
+    grads = [
+        torch.full((4,), 1e-30),  # its squares underflow in float32: the norm alone says zero
+        torch.tensor([0.0, float("nan")]),
+        torch.tensor([-float("inf")]),
+        torch.tensor([-0.0, 0.0]),
+        torch.zeros(3, 2),
+        torch.tensor([0.0, -2.0]),
+    ]
+    assert _as_bools(_gradient_flags(grads)) == [True, True, True, False, False, True]
+    assert _as_bools(_gradient_flags(grads[:1])) == [True]  # underflowing norm, exact answer
+    assert _gradient_flags([grads[1], grads[2], grads[5]]) == [True, True, True]  # no tensor
+    mixed = [torch.full((2,), 1e-300, dtype=torch.float64), torch.zeros(2), torch.ones(1)]
+    assert _as_bools(_gradient_flags(mixed)) == [True, False, True]
+    flags = torch.func.vmap(lambda g: torch.stack([*_gradient_flags([g, g * 0])]))(
+        torch.tensor([[0.0], [1.0]])
+    )
+    assert flags.tolist() == [[False, False], [True, False]]
+
+
+def _trainable_ops(n: int, skip_unused: bool) -> int:
+    params = _params(n)
+    grads = {k: torch.ones_like(v) for k, v in params.items()}
+    tx = lo.trainable_only(lo.adamw(1e-3, weight_decay=0.1), skip_unused=skip_unused)
+    state = tx.init(params)
+    with _CountOps() as counter:
+        tx.update(grads, state, params)
+    return counter.count
+
+
+def test_eager_skip_unused_costs_a_fixed_number_of_ops_whatever_the_number_of_parameters():
+    with_check = _trainable_ops(3, True), _trainable_ops(12, True)
+    assert with_check[0] == with_check[1]
+    # the check itself: a multi-tensor norm, a stack, a comparison, a count and its read back
+    assert with_check[0] - _trainable_ops(3, False) <= 5
+
+
+@pytest.mark.parametrize(
+    "compile", [False, pytest.param(True, marks=pytest.mark.compiled)], ids=["eager", "compiled"]
+)
+def test_skip_unused_leaves_an_unused_parameter_and_its_moments_as_they_were(compile):
+    params = {"a": torch.tensor([1.0, -2.0]), "b": torch.tensor([0.5]), "c": torch.tensor([3.0])}
+    tx = lo.trainable_only(lo.adamw(0.1, weight_decay=0.1))
+    state = tx.init(params)
+    _, state = tx.update({k: torch.ones_like(v) for k, v in params.items()}, state, params)
+    grads = {"a": torch.tensor([0.5, 0.0]), "b": torch.zeros(1), "c": torch.tensor([float("nan")])}
+
+    def update(g, s, p):  # type: ignore[no-untyped-def]
+        return tx.update(g, s, p)
+
+    run = torch.compile(update, fullgraph=True) if compile else update
+    updates, new_state = run(grads, state, params)
+    assert updates["b"].tolist() == [0.0]
+    assert torch.equal(new_state[0].mu["b"], state[0].mu["b"])
+    assert torch.equal(new_state[0].nu["b"], state[0].nu["b"])
+    assert updates["a"].abs().sum() > 0 and torch.isnan(updates["c"]).all()
+    assert new_state[0].mu["b"] is not state[0].mu["b"]  # a new tensor: the state stays pure
+    torch._dynamo.reset()
+
+
+def _flags_rank(mesh: Any) -> dict[str, Any]:
+    import torch.distributed._functional_collectives as funcol
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from lightfunc.optim._masking import _gradient_flags
+
+    device_mesh = init_device_mesh("cpu", (mesh.world_size,))
+    rank = mesh.global_rank
+    # Row shards: "a" is non-zero only on rank 1's rows, "b" nowhere, "c" on both.
+    full = {
+        "a": torch.tensor([[0.0], [0.0], [1.0], [1.0]]),
+        "b": torch.zeros(4, 1),
+        "c": torch.ones(4, 2),
+    }
+    grads = [distribute_tensor(v, device_mesh, [Shard(0)]) for v in full.values()]
+    calls: list[int] = []
+    real = funcol.all_reduce
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    funcol.all_reduce = counting
+    try:
+        flags = _gradient_flags(grads)
+    finally:
+        funcol.all_reduce = real
+    local_zero = not bool(grads[0].to_local().any())
+    return {"flags": ("ok", [bool(f) for f in flags]), "calls": ("ok", len(calls)), "rank": ("ok", rank),
+            "local_zero": ("ok", local_zero)}  # fmt: skip
+
+
+@pytest.mark.multiprocess
+def test_sharded_gradients_agree_on_their_flags_in_one_all_reduce():
+    from helpers import ok_results
+
+    from lightfunc.distributed._spawn import spawn
+
+    results = spawn(_flags_rank, 2, timeout=120)
+    assert ok_results(results, "flags") == [[True, False, True]] * 2
+    assert ok_results(results, "calls") == [1, 1]  # one collective for all sharded parameters
+    assert ok_results(results, "local_zero") == [True, False]  # rank 0's own rows of "a" are zero

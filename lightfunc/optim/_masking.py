@@ -26,9 +26,11 @@ from .._tree import (
     NAMESPACE,
     PyTree,
     register_dataclass,
+    tree_flatten,
     tree_flatten_with_paths,
     tree_map,
     tree_structure,
+    tree_unflatten,
 )
 from ._base import GradientTransformation, OptState, Params, Updates
 from ._transforms import set_to_zero
@@ -274,28 +276,74 @@ def multi_transform(
 # -- torch.optim's rules for frozen parameters and parameters without a gradient ------------
 
 
-def _has_gradient(g: torch.Tensor) -> torch.Tensor:
-    """Whether `g` holds any non-zero element (0-d bool); a `DTensor` shard agrees over its ranks.
+def _gradient_flags(grads: list[Any]) -> list[bool] | torch.Tensor:
+    """Per gradient, whether it holds any non-zero element (NaN and inf count: they are not zero).
 
-    A local shard can be all zero while the parameter as a whole has a
-    gradient (an embedding whose rows on this rank were not looked up), so the
-    verdict for a sharded gradient is the OR over the shards.
+    Eagerly on the CPU: one ``torch._foreach_norm`` pass over all gradients
+    and one read of a 0-d int64 count (the CPU read torch.optim also makes of
+    its step count: no device to wait for). When no norm is zero, every
+    parameter has a gradient and this returns ``[True] * n``, so that the
+    common step costs nothing more. A zero norm may be an unused parameter or
+    an underflow of tiny squares, so then (and elsewhere: compiled, GPU,
+    under `vmap`) the answer is exact: a bool vector stacked from one `any()`
+    per gradient, with no host read. A `DTensor` shard can be all zero while
+    the parameter as a whole has a gradient (an embedding whose rows on this
+    rank were not looked up): the local verdicts of all sharded gradients
+    travel in one all-reduce (max) per device mesh, not one per parameter.
     """
     dtensor = _dtensor_type()
-    if dtensor is None or not isinstance(g, dtensor):
-        return g.any()  # one kernel; NaN counts as a gradient (it is not zero)
-    import torch.distributed._functional_collectives as funcol
+    sharded = [i for i, g in enumerate(grads) if dtensor is not None and isinstance(g, dtensor)]
+    local = [g.to_local() for g in grads] if sharded else grads
+    if (
+        not sharded
+        and local[0].device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and not torch._C._functorch.is_functorch_wrapped_tensor(local[0])  # under vmap: tensors
+    ):
+        norms = torch._foreach_norm(local)
+        if len({n.dtype for n in norms}) == 1:
+            zero = torch.stack(norms).eq(0)
+        else:  # no cast of the norms: a float64 norm of 1e-300 is not zero, its float32 is
+            zero = torch.stack([n.eq(0) for n in norms])
+        if zero.sum().item() == 0:
+            return [True] * len(grads)
+    flags = torch.stack([g.any() for g in local])
+    if sharded:
+        import torch.distributed._functional_collectives as funcol
 
-    local = g.to_local().any().to(torch.int32)
-    return funcol.wait_tensor(funcol.all_reduce(local, "max", g.device_mesh)).to(torch.bool)
+        flags = flags.to(torch.int32)
+        meshes: dict[int, list[int]] = {}
+        for i in sharded:
+            meshes.setdefault(id(grads[i].device_mesh), []).append(i)
+        for at in meshes.values():
+            index = torch.tensor(at, device=flags.device)
+            agreed = funcol.all_reduce(flags[index], "max", grads[at[0]].device_mesh)
+            flags = flags.index_put((index,), funcol.wait_tensor(agreed))
+        flags = flags.to(torch.bool)
+    return flags
 
 
-def _zero_unless(u: torch.Tensor, has_grad: torch.Tensor) -> torch.Tensor:
+def _zero_unless(u: torch.Tensor, has_grad: torch.Tensor | bool) -> torch.Tensor:
     """`u` where the parameter has a gradient, else zeros (no allocation for a plain tensor)."""
+    if has_grad is True:
+        return u
+    if has_grad is False:
+        return torch.zeros_like(u)
     dtensor = _dtensor_type()
     if dtensor is not None and isinstance(u, dtensor):
         return _where(has_grad, u, torch.zeros_like(u))
     return torch.where(has_grad, u, 0.0)
+
+
+def _keep_where(
+    new: torch.Tensor, old: torch.Tensor, has_grad: torch.Tensor | bool
+) -> torch.Tensor:
+    """`new` where the parameter has a gradient, else (a copy of) `old`."""
+    if has_grad is True:
+        return new
+    if has_grad is False:
+        return old.clone()
+    return _where(has_grad, new, old)
 
 
 def _per_param_subtrees(state: OptState, like: PyTree) -> tuple[list[str], list[PyTree], Any]:
@@ -314,7 +362,7 @@ def _keep_untouched(new: OptState, old: OptState, has_grad: PyTree, like: PyTree
     kinds, new_leaves, spec = _per_param_subtrees(new, like)
     _, old_leaves, _ = _per_param_subtrees(old, like)
     out = [
-        tree_map(lambda n, o, h: _where(h, n, o), n_sub, o_sub, has_grad) if kind else n_sub
+        tree_map(_keep_where, n_sub, o_sub, has_grad) if kind else n_sub
         for kind, n_sub, o_sub in zip(kinds, new_leaves, old_leaves, strict=True)
     ]
     return optree.tree_unflatten(spec, out)
@@ -347,15 +395,23 @@ class _TrainableUpdate:
     def __call__(
         self, updates: Updates, state: OptState, params: Params | None = None
     ) -> tuple[Updates, OptState]:
-        mask = _trainable_mask(self.frozen, updates)
-        grads = _select(mask, updates)
-        new_updates, new_state = self.inner.update(
-            grads, state, None if params is None else _select(mask, params)
-        )
+        if self.frozen:
+            mask = _trainable_mask(self.frozen, updates)
+            grads = _select(mask, updates)
+            inner_params = None if params is None else _select(mask, params)
+        else:
+            grads, inner_params = updates, params
+        flags: list[bool] | torch.Tensor = []
+        if self.skip_unused:
+            # Read while the gradients are still in cache, before the update streams the state.
+            leaves, spec = tree_flatten(grads)
+            flags = _gradient_flags(leaves) if leaves else []
+        new_updates, new_state = self.inner.update(grads, state, inner_params)
         if new_updates is None:  # the inner optimizer deferred
             return None, new_state
-        if self.skip_unused:
-            has_grad = tree_map(_has_gradient, grads)
+        if not (isinstance(flags, list) and all(flags)):  # eager CPU, all used: nothing to do
+            per_leaf = list(flags) if isinstance(flags, list) else list(flags.unbind())
+            has_grad = tree_unflatten(spec, per_leaf)
             new_updates = tree_map(_zero_unless, new_updates, has_grad)
             new_state = _keep_untouched(new_state, state, has_grad, grads)
         if not self.frozen:
@@ -393,8 +449,12 @@ def trainable_only(
       per-parameter optimizer state (moments, momentum) keeps its value.
       `torch.func` gives a zero gradient to a parameter the loss does not
       reach, where torch.optim sees `grad=None` and skips it: this is that
-      rule. It costs one `any()` per parameter and a `where` per update and
-      moment per step. Step counters shared by all parameters (Adam's bias
+      rule. The check is one multi-tensor pass over all gradients per step
+      (plus, for `DTensor` shards, one all-reduce per device mesh). Eagerly
+      on the CPU, a step where every parameter has a gradient costs nothing
+      more; otherwise (a parameter without a gradient, compiled, GPU) it adds
+      a `where` per update and moment, which inductor fuses into the update's
+      loop. Step counters shared by all parameters (Adam's bias
       correction) still advance; torch counts per parameter, so a parameter
       unused for k steps and then used again gets a bias correction k steps
       further on than torch's (identical for parameters that are always or
