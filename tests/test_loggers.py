@@ -277,6 +277,11 @@ def test_metrics_leave_the_device_only_on_logging_steps(tmp_path, monkeypatch):
         original = getattr(torch.Tensor, name)
 
         def method(self, *args, **kwargs):
+            # Host reads of a 0-d int64 CPU count are not device reads: an eager optimizer's step
+            # count and skip_unused's count of all-zero gradients (as in test_loop).
+            cpu_count = self.device.type == "cpu" and self.ndim == 0 and self.dtype == torch.int64
+            if name == "item" and cpu_count:
+                return original(self, *args, **kwargs)
             if not gate["open"]:
                 raise AssertionError(f"Tensor.{name} called off a logging step")
             reads.add(gate["step"])

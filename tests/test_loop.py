@@ -158,9 +158,10 @@ def test_the_loop_never_reads_tensors_back_per_step(monkeypatch):
     real_item = torch.Tensor.item
 
     def item(tensor: torch.Tensor) -> Any:
-        # The one host read allowed: an eager optimizer on CPU reads its 0-d int64 step count
-        # as a Python number, as torch.optim does on CPU (no device there; on an accelerator
-        # `lightfunc.optim._transforms.host_scalar` keeps it a tensor).
+        # The host reads allowed: 0-d int64 counts on CPU, where there is no device to wait
+        # for. An eager optimizer reads its step count as a Python number, as torch.optim does
+        # on CPU, and skip_unused reads how many gradients are all zero (`_gradient_flags`); on
+        # an accelerator both stay tensors (`host_scalar`, the exact on-device flags).
         if tensor.device.type == "cpu" and tensor.ndim == 0 and tensor.dtype == torch.int64:
             return real_item(tensor)
         return forbidden()
