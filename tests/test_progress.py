@@ -135,12 +135,16 @@ def test_compile_lines_and_compile_time_kept_out_of_the_speed(monkeypatch):
         now[0] += 0.5
         bar.on_step_end(ls)
     bar._compile_started("eval_step")
-    bar._compile_ended(CompileEvent("eval_step", 1.5, True, now[0]))
+    bar._watch.events.append(CompileEvent("eval_step", 1.5, True, now[0]))
+    bar._compile_ended(bar._watch.events[-1])
+    bar._compile_started("eval_step")  # again: e.g. the last, smaller batch
+    bar._compile_ended(CompileEvent("eval_step", 1.8, True, now[0]))
     lines = out.getvalue().splitlines()
     assert lines[0] == "compiling train_step ... 30.0 s"
     assert lines[1].startswith("epoch 0 step 10/40 2.00 step/s eta 0:15 ")  # 0.5 s a step
     assert lines[2].startswith("epoch 1 step 20/40 2.00 step/s eta 0:10 ")
     assert lines[3] == "compiling eval_step ... 1.5 s (warm cache)"
+    assert lines[4] == "recompiling eval_step for new inputs ... 1.8 s (warm cache)"
     bar.on_end(states[-1])
 
 

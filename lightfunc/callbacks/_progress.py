@@ -209,7 +209,11 @@ class ProgressBar(Callback):
     def _compile_started(self, name: str) -> None:
         if self._bar is not None:
             self._bar.clear()
-        self._out.write(f"compiling {name} ... ")
+        # dynamic=False: a step called with new shapes (a smaller last batch) compiles again.
+        seen = self._watch is not None and any(e.name == name for e in self._watch.events)
+        self._out.write(
+            f"recompiling {name} for new inputs ... " if seen else f"compiling {name} ... "
+        )
         self._out.flush()
 
     def _compile_ended(self, event: CompileEvent) -> None:
