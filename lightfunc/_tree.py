@@ -84,6 +84,11 @@ def tree_map(
     return optree.tree_map(fn, tree, *rest, none_is_leaf=none_is_leaf, namespace=NAMESPACE)
 
 
+def tree_detach(tree: PyTree) -> PyTree:
+    """`tree` with every tensor leaf detached from autograd (other leaves as they are)."""
+    return tree_map(lambda x: x.detach() if isinstance(x, torch.Tensor) else x, tree)
+
+
 def tree_leaves(tree: PyTree) -> list[Any]:
     """The leaves of `tree`, in flattening order."""
     return optree.tree_leaves(tree, namespace=NAMESPACE)

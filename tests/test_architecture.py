@@ -49,7 +49,13 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("contract", ("lightfunc._contract", "lightfunc._rng", "lightfunc._callback")),
     (
         "functions",
-        ("lightfunc._func", "lightfunc._precision", "lightfunc._metrics", "lightfunc.optim.*"),
+        (
+            "lightfunc._func",
+            "lightfunc._sharded_func",
+            "lightfunc._precision",
+            "lightfunc._metrics",
+            "lightfunc.optim.*",
+        ),
     ),
     (
         "state and codec",

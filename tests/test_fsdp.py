@@ -163,22 +163,25 @@ def test_compiled_fsdp_step_is_one_graph_and_matches_one_process(two_compiled):
 
 def test_default_units_are_module_list_children_and_transformer_layers():
     net = worker.make_net()
-    assert lf._func.unit_names(net) == ["blocks.0", "blocks.1", "blocks.2"]
+    assert lf._sharded_func.unit_names(net) == ["blocks.0", "blocks.1", "blocks.2"]
     layer = torch.nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
     encoder = torch.nn.Sequential(torch.nn.Linear(4, 8), layer, torch.nn.Linear(8, 2))
-    assert lf._func.unit_names(encoder) == ["1"]
+    assert lf._sharded_func.unit_names(encoder) == ["1"]
 
 
 def test_set_units_takes_sub_modules_names_or_classes():
     net = worker.make_net()
-    assert lf._func.unit_names(set_units(net, [net.head, net.blocks[1]])) == ["head", "blocks.1"]
-    assert lf._func.unit_names(set_units(net, ["blocks.2", "head"])) == ["blocks.2", "head"]
-    assert lf._func.unit_names(set_units(net, [worker.Block])) == [
+    assert lf._sharded_func.unit_names(set_units(net, [net.head, net.blocks[1]])) == [
+        "head",
+        "blocks.1",
+    ]
+    assert lf._sharded_func.unit_names(set_units(net, ["blocks.2", "head"])) == ["blocks.2", "head"]
+    assert lf._sharded_func.unit_names(set_units(net, [worker.Block])) == [
         "blocks.0",
         "blocks.1",
         "blocks.2",
     ]
-    assert lf._func.unit_names(set_units(net, [])) == []
+    assert lf._sharded_func.unit_names(set_units(net, [])) == []
 
 
 def test_set_units_names_a_bad_argument():
@@ -199,7 +202,7 @@ def test_set_units_names_a_bad_argument():
 
 def test_fsdp_units_take_names_classes_predicates_and_sub_modules():
     net = worker.make_net()
-    names = lf._func.unit_names
+    names = lf._sharded_func.unit_names
     assert names(net, ["head", "blocks.0"]) == ["head", "blocks.0"]
     assert names(net, worker.Block) == ["blocks.0", "blocks.1", "blocks.2"]
     assert names(net, (torch.nn.Embedding, torch.nn.LayerNorm)) == [

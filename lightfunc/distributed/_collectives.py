@@ -1,7 +1,7 @@
 """Bucketed functional collectives: what `data_parallel` and `fully_sharded` put in a step's graph.
 
 (The per-unit all-gather and reduce-scatter of sharded parameters live in
-`lightfunc._func`, beside `apply`, which calls them.)
+`lightfunc._sharded_func`, which `lightfunc._func.apply` calls.)
 
 Functional collectives (`torch.distributed._functional_collectives`) return
 new tensors instead of writing into their inputs, so they fit a pure step,

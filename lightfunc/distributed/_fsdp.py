@@ -51,7 +51,7 @@ Gathering per unit inside the graph (SimpleFSDP) is not built: in torch
 (eager and compiled), so it needs `torch.autograd.grad` traced by dynamo
 (`torch._dynamo.config.trace_autograd_ops=True`), the gathers attached to
 the module before compiling (parametrizations), and a recompute policy so
-the backward re-gathers instead of keeping every unit (see `lightfunc/_func.py`).
+the backward re-gathers instead of keeping every unit (see `lightfunc/_sharded_func.py`).
 
 The policy (`units`, `gather_in_compute_dtype`) reaches `lf.apply` as a
 `GatherPolicy` on torch's function-mode stack for the duration of the
@@ -75,8 +75,8 @@ from typing import Any
 import torch
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
-from .._func import GatherOnUse, GatherPolicy, Units, check_units, gathered, unit_names
 from .._metrics import Reduction
+from .._sharded_func import GatherOnUse, GatherPolicy, Units, check_units, gathered, unit_names
 from .._state import TrainState, map_train_states
 from .._tree import PyTree, tree_flatten, tree_flatten_with_paths, tree_map, tree_unflatten
 from ..optim._base import GradientTransformation, OptState, Params, Updates

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from .._func import check_units, unit_names
+from .._sharded_func import check_units, unit_names
 from ._collectives import chunk_rows
 from ._mesh import Mesh
 from ._states import check_mesh

@@ -149,7 +149,7 @@ class FSDP(_MeshStrategy):
         units: Any = None,
         gather_in_compute_dtype: bool = True,
     ) -> None:
-        from .._func import check_units
+        from .._sharded_func import check_units
 
         super().__init__(mesh, bucket_cap_mb=bucket_cap_mb)
         self.units = check_units(units, "FSDP")
