@@ -23,6 +23,17 @@ DEVICE_READS = (
 )
 
 
+def is_cpu_count(tensor: torch.Tensor) -> bool:
+    """A 0-d int64 CPU tensor: reading it (`.item()`) is a host read, not a device sync.
+
+    The no-sync tests allow `.item()` on these only: an eager optimizer reads
+    its step count as a Python number, as torch.optim does on CPU, and
+    skip_unused reads how many gradients are all zero (`_gradient_flags`); on
+    an accelerator both stay tensors (`host_scalar`, the exact on-device flags).
+    """
+    return tensor.device.type == "cpu" and tensor.ndim == 0 and tensor.dtype == torch.int64
+
+
 def make_model(seed: int = 0, *, dropout: float = 0.0, batchnorm: bool = True) -> torch.nn.Module:
     torch.manual_seed(seed)
     # No bias before BatchNorm: its true gradient is exactly zero, and Adam would

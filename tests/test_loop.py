@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import DEVICE_READS, make_data, make_model, make_steps
+from helpers import DEVICE_READS, is_cpu_count, make_data, make_model, make_steps
 
 import lightfunc as lf
 from lightfunc.testing import assert_trees_close
@@ -158,11 +158,7 @@ def test_the_loop_never_reads_tensors_back_per_step(monkeypatch):
     real_item = torch.Tensor.item
 
     def item(tensor: torch.Tensor) -> Any:
-        # The host reads allowed: 0-d int64 counts on CPU, where there is no device to wait
-        # for. An eager optimizer reads its step count as a Python number, as torch.optim does
-        # on CPU, and skip_unused reads how many gradients are all zero (`_gradient_flags`); on
-        # an accelerator both stay tensors (`host_scalar`, the exact on-device flags).
-        if tensor.device.type == "cpu" and tensor.ndim == 0 and tensor.dtype == torch.int64:
+        if is_cpu_count(tensor):  # a host read, not a device one (see the helper)
             return real_item(tensor)
         return forbidden()
 

@@ -63,6 +63,18 @@ def _run(callbacks: list[Any], signals: dict[int, list[int]]) -> list[int]:
 # -- one process ---------------------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def _python_sigint():
+    """Python's own SIGINT handler during each test, as in a run started in the foreground.
+
+    A process started in the background by a non-interactive shell inherits SIGINT ignored, and
+    Python then leaves it ignored; the tests of what a second Ctrl-C does need Python's handler.
+    """
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.parametrize("number", _STOP_SIGNALS, ids=lambda n: signal.Signals(n).name)
 def test_a_stop_signal_saves_the_step_and_stops_cleanly(number: int, tmp_path: Path) -> None:
     before = {n: signal.getsignal(n) for n in _STOP_SIGNALS}
