@@ -8,6 +8,7 @@ where an object is built or a run starts, never per step.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 
@@ -107,3 +108,21 @@ def check_int(name: str, value: Any, *, low: int, hint: str = "") -> int:
             f"`{name}` must be an int >= {low}, got {value}." + (f" {hint}" if hint else "")
         )
     return value
+
+
+def check_optional_str(arg: str, value: Any) -> None:
+    """Raise TypeError unless `value` is a string or None."""
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"`{arg}` must be a string or None, got {type(value).__name__} {value!r}.")
+
+
+def check_mapping(arg: str, value: Any) -> dict[str, Any]:
+    """`value` as a dict (None: empty), after checking it is a mapping with string keys."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise TypeError(
+            f"`{arg}` must be a mapping of argument names (str) to values, or None, got "
+            f"{type(value).__name__} {value!r:.80}."
+        )
+    return dict(value)

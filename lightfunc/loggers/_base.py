@@ -354,3 +354,13 @@ def _check_name(name: Any) -> str:
             f"`epoch`. Rename the metric (e.g. {name + '_metric'!r})."
         )
     return name
+
+
+def final_values(ls: LoopState) -> dict[str, float]:
+    """The run's final values at `ls` (a sync): train metrics, the last evaluation's (as
+    `val_<name>`), `step` and `epoch`."""
+    values = {name: to_float(name, value) for name, value in ls.metrics.items()}
+    for name, value in (ls.eval_metrics or {}).items():
+        key = eval_metric_name(name)
+        values[key] = to_float(key, value)
+    return {**values, "step": ls.step, "epoch": ls.epoch}

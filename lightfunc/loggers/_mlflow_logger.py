@@ -10,9 +10,9 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from .._callback import InterruptReason
-from ._base import Logger, check_hparams
+from .._validate import check_mapping, check_optional_str
+from ._base import Logger, check_hparams, final_values
 from ._tensorboard_logger import flatten_hparams
-from ._wandb_logger import check_mapping, check_optional_str, final_values
 
 if TYPE_CHECKING:
     from .._contract import LoopState

@@ -8,8 +8,8 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 from .._callback import InterruptReason
-from .._contract import eval_metric_name
-from ._base import Logger, to_float
+from .._validate import check_mapping, check_optional_str
+from ._base import Logger, final_values
 
 if TYPE_CHECKING:
     from .._contract import LoopState
@@ -196,31 +196,3 @@ class WandbLogger(Logger):
         if self._run is not None:
             self._run.finish()
             self._run = None
-
-
-def final_values(ls: LoopState) -> dict[str, float]:
-    """The run's final values at `ls` (a sync): train metrics, the last evaluation's (as
-    `val_<name>`), `step` and `epoch`."""
-    values = {name: to_float(name, value) for name, value in ls.metrics.items()}
-    for name, value in (ls.eval_metrics or {}).items():
-        key = eval_metric_name(name)
-        values[key] = to_float(key, value)
-    return {**values, "step": ls.step, "epoch": ls.epoch}
-
-
-def check_optional_str(arg: str, value: Any) -> None:
-    """Raise TypeError unless `value` is a string or None."""
-    if value is not None and not isinstance(value, str):
-        raise TypeError(f"`{arg}` must be a string or None, got {type(value).__name__} {value!r}.")
-
-
-def check_mapping(arg: str, value: Any) -> dict[str, Any]:
-    """`value` as a dict (None: empty), after checking it is a mapping with string keys."""
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
-        raise TypeError(
-            f"`{arg}` must be a mapping of argument names (str) to values, or None, got "
-            f"{type(value).__name__} {value!r:.80}."
-        )
-    return dict(value)
