@@ -29,7 +29,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--threads", type=int, help="torch threads (default 1: steadier on shared machines)"
     )
-    p.add_argument("--workloads", help="comma-separated subset of mlp,cnn,gpt (default: all)")
+    p.add_argument(
+        "--workloads", help="comma-separated subset of mlp,cnn,gpt,wide (default: mlp,cnn,gpt)"
+    )
     p.add_argument(
         "--impls",
         help="comma-separated implementations (default: all available; raw_eager is always "

@@ -181,13 +181,16 @@ def lightfunc_train_step(workload: Workload, model: torch.nn.Module) -> Callable
     return train_step
 
 
+# Keyed by the workload object, held in the value too: keyed by its id alone, a freed
+# workload's id could be taken by the next one, which would then get the old model's step.
 _SHARED: dict[
-    tuple[int, bool | str], tuple[torch.nn.Module, lf.optim.GradientTransformation, lf.Step[Any]]
+    tuple[str, int, bool | str, bool],
+    tuple[Workload, torch.nn.Module, lf.optim.GradientTransformation, lf.Step[Any]],
 ] = {}
 
 
 def shared_step(
-    workload: Workload, compile: bool | str
+    workload: Workload, compile: bool | str, donate: bool = False
 ) -> tuple[torch.nn.Module, lf.optim.GradientTransformation, lf.Step[Any]]:
     """One model, optimizer and built step per workload and compile setting, shared by the lightfunc runners.
 
@@ -196,12 +199,14 @@ def shared_step(
     object, and every call to the second entry first fails the guards of the
     first: a cost of holding several runners in one process, not of lightfunc.
     """
-    key = (id(workload), compile)
+    key = (workload.name, id(workload), compile, donate)
     if key not in _SHARED:
         model = workload.make_model().to(workload.batches[0][0].device)
         tx = lf.optim.adamw(LR, b1=BETAS[0], b2=BETAS[1], eps=EPS, weight_decay=WEIGHT_DECAY)
-        _SHARED[key] = model, tx, lf.build(lightfunc_train_step(workload, model), compile=compile)
-    return _SHARED[key]
+        step = lf.build(lightfunc_train_step(workload, model), compile=compile, donate=donate)
+        _SHARED[key] = workload, model, tx, step
+    _, model, tx, step = _SHARED[key]
+    return model, tx, step
 
 
 class LightfuncStep(Runner):
@@ -209,9 +214,11 @@ class LightfuncStep(Runner):
 
     name = "lightfunc_compiled"
 
-    def __init__(self, workload: Workload, *, compile: bool | str = True) -> None:
+    def __init__(
+        self, workload: Workload, *, compile: bool | str = True, donate: bool = False
+    ) -> None:
         super().__init__(workload)
-        model, tx, self._step = shared_step(workload, compile)
+        model, tx, self._step = shared_step(workload, compile, donate)
         self.state = lf.TrainState.create(model, tx)
 
     def step(self) -> torch.Tensor:
@@ -227,6 +234,22 @@ class LightfuncEager(LightfuncStep):
 
     def __init__(self, workload: Workload) -> None:
         super().__init__(workload, compile=False)
+
+
+class LightfuncCompiledDonate(LightfuncStep):
+    """`lf.build(train_step, donate=True)`: the new state written into the old one's storage."""
+
+    name = "lightfunc_compiled_donate"
+
+    def __init__(self, workload: Workload) -> None:
+        super().__init__(workload, donate=True)
+
+
+class LightfuncEagerDonate(LightfuncStep):
+    name = "lightfunc_eager_donate"
+
+    def __init__(self, workload: Workload) -> None:
+        super().__init__(workload, compile=False, donate=True)
 
 
 class LightfuncMaxAutotune(LightfuncStep):
@@ -344,6 +367,8 @@ RUNNERS: dict[str, type[Runner]] = {
         RawCompiledFunctional,
         LightfuncEager,
         LightfuncStep,
+        LightfuncCompiledDonate,
+        LightfuncEagerDonate,
         LightfuncMaxAutotune,
         LightfuncLoop,
         LightfuncFit,

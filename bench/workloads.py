@@ -6,6 +6,10 @@
 - `gpt`: a decoder-only character transformer (4 layers, width 256, 4 heads,
   sequence 128, batch 16) on bytes of the Python standard library's own
   source files (compute-bound).
+- `wide`: 64-1024-1024-1024-1024-10 MLP on the digits, batch 16: the training
+  state (3.2M parameters and AdamW's moments, 38 MB) outweighs the
+  activations, the regime of a model near its device's memory (not in the
+  default set; `--workloads wide`).
 
 FLOPs per training step are counted as 3x the forward FLOPs (forward 1x,
 backward 2x) of the matmuls and convolutions only:
@@ -44,8 +48,8 @@ class Workload:
 
 
 def make_workload(name: str, *, device: torch.device | None = None) -> Workload:
-    """The workload called `name` ("mlp", "cnn" or "gpt"), its batches on `device`."""
-    factories = {"mlp": _mlp, "cnn": _cnn, "gpt": _gpt}
+    """The workload called `name` ("mlp", "cnn", "gpt" or "wide"), its batches on `device`."""
+    factories = {"mlp": _mlp, "cnn": _cnn, "gpt": _gpt, "wide": _wide}
     if name not in factories:
         raise ValueError(f"unknown workload {name!r}; expected one of {sorted(factories)}")
     return factories[name](device if device is not None else torch.device("cpu"))
@@ -103,6 +107,22 @@ def _mlp(device: torch.device) -> Workload:
     return Workload(
         "mlp", _seeded(make), _digit_batches(batch, device, image=False), classification_loss, 3.0 * forward,
         "MLP 64-256-256-10 on digits, batch 64",
+    )  # fmt: skip
+
+
+def _wide(device: torch.device) -> Workload:
+    batch, sizes = 16, (64, 1024, 1024, 1024, 1024, 10)
+
+    def make() -> torch.nn.Module:
+        layers: list[torch.nn.Module] = []
+        for a, b in itertools.pairwise(sizes):
+            layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
+        return torch.nn.Sequential(*layers[:-1])
+
+    forward = sum(2 * batch * a * b for a, b in itertools.pairwise(sizes))
+    return Workload(
+        "wide", _seeded(make), _digit_batches(batch, device, image=False), classification_loss,
+        3.0 * forward, "MLP 64-1024x4-10 on digits, batch 16 (state-dominated)",
     )  # fmt: skip
 
 

@@ -49,6 +49,7 @@ from ._contract import TrainStep as TrainStep
 from ._data import Loader as Loader
 from ._device import resolve_device as resolve_device
 from ._device import to_device as to_device
+from ._donate import DonatedStateError as DonatedStateError
 from ._evaluate import evaluate as evaluate
 from ._evaluate import predict as predict
 from ._fit import fit as fit

@@ -46,6 +46,7 @@ import torch
 from ._accumulate import micro_step, split_batch
 from ._compile import CompileOptions, as_compile_options, compile_fn
 from ._contract import Metrics, Strategy
+from ._donate import consume, donating, refuse_consumed
 from ._metrics import Reduction, check_reductions, combine
 from ._precision import Policy, parse_precision
 from ._precision_step import (
@@ -58,7 +59,14 @@ from ._precision_step import (
 from ._rng import RngKey, seeded
 from ._state import TrainState, map_train_states, train_states
 from ._strategy import as_strategy
-from ._tree import PyTree, describe_leaf, tree_flatten_with_paths, tree_structure
+from ._tree import (
+    PyTree,
+    describe_leaf,
+    tree_flatten_with_paths,
+    tree_rebuild,
+    tree_structure,
+    tree_walk,
+)
 from ._validate import check_positive_int
 from .optim._base import GradientTransformation
 
@@ -99,8 +107,10 @@ class Step(Generic[S]):
         skip_nonfinite: bool = False,
         accumulate_grad_batches: int = 1,
         metric_reductions: Mapping[str, Reduction] | None = None,
+        donate: bool = False,
     ) -> None:
         self.fn = fn
+        self.donate = donate
         self.kind = kind
         self.compile_options = compile_options
         self.precision = precision
@@ -113,15 +123,17 @@ class Step(Generic[S]):
         self.metric_reductions: dict[str, Reduction] = reductions
         self.__name__ = getattr(fn, "__name__", "step")
         self.__doc__ = getattr(fn, "__doc__", None)
+        compiled = compile_options is not None
+        # `_eager` is always pure (the first call's checks rerun it on the state); `_run` donates.
         if accumulate_grad_batches == 1:
-            self._eager = self._pipeline(final=True, compiled=False)
-            self._run = self._pipeline(final=True, compiled=compile_options is not None)
+            self._eager = self._pipeline(final=True, compiled=False, donate=False)
+            self._run = self._pipeline(final=True, compiled=compiled, donate=donate)
         else:
-            self._micro = self._pipeline(final=False, compiled=compile_options is not None)
-            self._final = self._pipeline(final=True, compiled=compile_options is not None)
+            self._micro = self._pipeline(final=False, compiled=compiled, donate=donate)
+            self._final = self._pipeline(final=True, compiled=compiled, donate=donate)
             self._eager = self._accumulated_with(
-                self._pipeline(final=False, compiled=False),
-                self._pipeline(final=True, compiled=False),
+                self._pipeline(final=False, compiled=False, donate=False),
+                self._pipeline(final=True, compiled=False, donate=False),
             )
             self._run = self._accumulated_with(self._micro, self._final)
             self._weights: dict[tuple[float, ...], list[torch.Tensor]] = {}
@@ -130,7 +142,7 @@ class Step(Generic[S]):
         # validate="always": the structure and in-place checks on every call (a debug mode).
         self._validate_always = validate == "always"
 
-    def _pipeline(self, *, final: bool, compiled: bool) -> Callable[..., Any]:
+    def _pipeline(self, *, final: bool, compiled: bool, donate: bool) -> Callable[..., Any]:
         """The user's function under every transform, in their one fixed order.
 
         `final` is False for the micro-batches of an accumulated update that
@@ -169,6 +181,11 @@ class Step(Generic[S]):
             # optimizer wrappers the strategy relies on, so gradients are
             # reduced once per update, on their sum.
             ("accumulate", (lambda f: micro_step(f, final=final)) if accumulating else None),
+            # Last inside compile: the new state is copied into the old one's tensors in the
+            # graph, where inductor writes it there directly (see lightfunc/_donate.py).
+            # Eagerly nothing is copied (the new tensors exist already; a copy would only cost
+            # time): `__call__` marks the old state consumed all the same.
+            ("donate", donating if donate and compiled else None),
             # Outermost of what runs per micro-batch: one graph each for the
             # deferring and the updating micro-batches.
             (
@@ -183,6 +200,27 @@ class Step(Generic[S]):
             if transform is not None:
                 fn = transform(fn)
         return fn
+
+    def undonated(self) -> Step[S]:
+        """This step without `donate=True` (itself when it does not donate).
+
+        For code that runs a step on a state it must leave intact, such as the
+        tuners (`lightfunc.tune`), which step from the caller's own state.
+        A new step: compiled, it compiles its own graphs.
+        """
+        if not self.donate:
+            return self
+        return Step(
+            self.fn,
+            kind=self.kind,
+            compile_options=self.compile_options,
+            validate="always" if self._validate_always else self._pending_validation,
+            strategy=self.strategy,
+            precision=self.precision,
+            skip_nonfinite=self.skip_nonfinite,
+            accumulate_grad_batches=self.accumulate_grad_batches,
+            metric_reductions=self.metric_reductions,
+        )
 
     @property
     def compiled(self) -> bool:
@@ -203,6 +241,14 @@ class Step(Generic[S]):
         return self.strategy.prepare(state)
 
     def __call__(self, state: S, batch: Any) -> Any:
+        if self.donate:
+            refuse_consumed(state, self.__name__)
+            out = self._call_keyed(state, batch)
+            consume(state, self.__name__, keep=out[0])
+            return out
+        return self._call_keyed(state, batch)
+
+    def _call_keyed(self, state: Any, batch: Any) -> Any:
         key = getattr(state, "rng", None)
         if not isinstance(key, RngKey):
             return self._call(state, batch)
@@ -247,7 +293,12 @@ class Step(Generic[S]):
             )
             if self.kind == "train" and self.precision.needs_loss_scaling:
                 check_loss_scaled(self._eager, state, batch, self.__name__)
-        versions = _versions({"state": state, "batch": batch})
+        # A compiled donating step overwrites `state`: the checks below read a copy taken
+        # first (the first call only; validate=False skips it).
+        overwrites = self.donate and self.compile_options is not None
+        before = _clone_tensors(state) if overwrites else state
+        inputs = {"batch": batch} if overwrites else {"state": state, "batch": batch}
+        versions = _versions(inputs)
         try:
             out = self._run(state, batch)
         except Exception as compile_error:
@@ -268,11 +319,11 @@ class Step(Generic[S]):
                 f"Build it with compile=False to run eagerly, or try "
                 f"compile=lightfunc.CompileOptions(fullgraph=False)."
             ) from compile_error
-        _check_not_mutated(versions, {"state": state, "batch": batch}, self.__name__)
+        _check_not_mutated(versions, inputs, self.__name__)
         if self.kind == "train":
-            _check_train_output(out, state, self.__name__)
+            _check_train_output(out, before, self.__name__)
             if self._pending_validation:
-                _check_learns(self._eager, state, batch, out[0], self.__name__)
+                _check_learns(self._eager, before, batch, out[0], self.__name__)
         self._pending_validation = False
         return out
 
@@ -282,6 +333,8 @@ class Step(Generic[S]):
             how += f", precision={describe(self.precision)}"
         if self.accumulate_grad_batches > 1:
             how += f", accumulate_grad_batches={self.accumulate_grad_batches}"
+        if self.donate:
+            how += ", donate=True"
         if self.strategy.world_size > 1 or self.strategy.name != "single":
             how += f", strategy={self.strategy!r}"
         return f"Step({self.__name__}, kind={self.kind}, {how})"
@@ -298,6 +351,7 @@ def build(
     strategy: Strategy | str | None = None,
     mesh: Any = None,
     metric_reductions: Mapping[str, Reduction] | None = None,
+    donate: bool = False,
 ) -> Step[Any]:
     """Build a train step: `train_step(state, batch) -> (new_state, metrics)`.
 
@@ -336,6 +390,12 @@ def build(
             (and in `evaluate`), by name: "mean" (weighted by examples),
             "sum", "max", "min", "any" or "last". Unnamed metrics: floats
             "mean", ints "sum", bools "any".
+        donate: a compiled step writes the new state into the old state's
+            tensors (see `lightfunc/_donate.py`): no second copy of the
+            parameters and optimizer state is allocated, as with torch.optim's
+            in-place update. Either way (eager steps copy nothing) the state
+            passed in is consumed: using it afterwards raises
+            `lightfunc.DonatedStateError`. Not with `FSDP`.
 
     Returns:
         A `Step`, called as `new_state, metrics = step(state, batch)`.
@@ -372,6 +432,15 @@ def build(
     if skip and pol is None:
         pol = parse_precision("32-true")
     check_positive_int("accumulate_grad_batches", accumulate_grad_batches, optional=False)
+    chosen = as_strategy(strategy, mesh)
+    if not isinstance(donate, bool):
+        raise TypeError(f"`donate` must be True or False, got {donate!r}.")
+    if donate and chosen.name == "fsdp":
+        raise ValueError(
+            "`donate=True` was given with the FSDP strategy, whose state is DTensor shards that "
+            "donation does not reach: an FSDP step already holds only this rank's shards. Drop "
+            "`donate=True`, or use it with one process or DDP."
+        )
     return Step(
         train_step,
         kind="train",
@@ -380,8 +449,9 @@ def build(
         precision=pol,
         skip_nonfinite=skip,
         accumulate_grad_batches=accumulate_grad_batches,
-        strategy=as_strategy(strategy, mesh),
+        strategy=chosen,
         metric_reductions=check_reductions(metric_reductions),
+        donate=donate,
     )
 
 
@@ -424,6 +494,12 @@ def _check_callable(fn: Any, name: str) -> None:
         raise TypeError(
             f"`{name}` must be a function `(state, batch) -> ...`, got {type(fn).__name__}."
         )
+
+
+def _clone_tensors(tree: Any) -> Any:
+    """`tree` with every tensor cloned (the first call of a donating step checks this copy)."""
+    _, leaves = tree_walk(tree)
+    return tree_rebuild(tree, iter([t.clone() for t in leaves]))
 
 
 def _with_key(state: Any, key: RngKey | None) -> Any:

@@ -81,6 +81,7 @@ def loop(
     skip_nonfinite: bool | None = None,
     strategy: str | Strategy | None = None,
     compile: bool | str | CompileOptions | None = None,
+    donate: bool | None = None,
 ) -> Iterator[LoopState]:
     """Run `step` over `train_data`, yielding a `LoopState` after every step.
 
@@ -122,7 +123,7 @@ def loop(
             interrupts (`on_interrupt`), SIGTERM, SIGINT or SIGUSR1 asks the
             loop to stop after the current step (a second SIGINT raises
             KeyboardInterrupt at once).
-        precision, accumulate_grad_batches, skip_nonfinite, strategy, compile:
+        precision, accumulate_grad_batches, skip_nonfinite, strategy, compile, donate:
             `lightfunc.build`'s options, for a plain `step` only (a built
             step carries its own; giving one raises). The state is prepared
             by the step (`Step.prepare`: cast for its precision, sharded by
@@ -186,6 +187,7 @@ def loop(
         skip_nonfinite=skip_nonfinite,
         strategy=strategy,
         compile=compile,
+        donate=donate,
     )
     evaluate_ = None if eval_step is None else _as_eval_step(eval_step, like=train)
     device = resolve_device(accelerator, devices)

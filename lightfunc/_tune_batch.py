@@ -165,7 +165,8 @@ def find_batch_size(
         check_int("max_batch_size", max_batch_size, low=1)
     if max_memory is not None:
         check_int("max_memory", max_memory, low=1, hint="It is a number of bytes, e.g. 2**30.")
-    built = step if isinstance(step, Step) else build(step)
+    # Every trial steps from the caller's state, which must stay intact: never donate it.
+    built = (step if isinstance(step, Step) else build(step)).undonated()
     prepared = built.prepare(state)
     device = _device_of(prepared)
     if max_memory is None and device.type != "cuda":

@@ -327,6 +327,7 @@ def lr_find(
         raise TypeError(
             f"`step` must be a train step, got {built!r}. Pass `lightfunc.build(train_step)`."
         )
+    built = built.undonated()  # the sweep steps from the caller's state, which must stay intact
     prepared = built.prepare(state)
     base_lr, device = _base_lr_and_device(prepared)
     lrs = sweep_lrs(min_lr, max_lr, num_training, mode)

@@ -75,6 +75,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "lightfunc._strategy",
             "lightfunc._compile",
             "lightfunc._compile_cache",  # compile_cache.bin: torch's cache artifacts + CPU kernels
+            "lightfunc._donate",  # build(donate=True): new state written into the old storage
             "lightfunc._build",
             "lightfunc.distributed.*",
         ),

@@ -1,0 +1,260 @@
+"""`build(..., donate=True)`: the new state in the old state's storage, the old state consumed."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import lightfunc as lf
+import lightfunc.distributed
+
+# Same model, data and optimizer for the pure and the donating run: results must agree bit for
+# bit (float32: the same operations in the same order; compiled, inductor emits the same
+# arithmetic whether the result goes to a new buffer or into the old one).
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.ReLU(), torch.nn.Linear(12, 3))
+
+
+def _batches(n: int = 5) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [
+        (torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(n)
+    ]
+
+
+def _train_step(model: torch.nn.Module) -> Any:
+    def train_step(state: lf.TrainState, batch: Any) -> Any:
+        x, y = batch
+
+        def loss_fn(params: dict[str, torch.Tensor]) -> torch.Tensor:
+            out, _ = lf.apply(model, params, state.buffers, x, train=True)
+            return torch.nn.functional.cross_entropy(out, y)
+
+        loss, grads = lf.value_and_grad(loss_fn)(state.params)
+        # `step` is a tensor of the old state: donation must not let it show the new count.
+        return state.apply_gradients(grads), {"loss": loss, "step": state.step}
+
+    return train_step
+
+
+def _run(compile: bool, donate: bool, **build: Any) -> tuple[lf.TrainState, list[dict[str, float]]]:
+    model = _model()
+    step = lf.build(_train_step(model), compile=compile, donate=donate, **build)
+    state = lf.TrainState.create(model, lf.optim.adamw(1e-2, weight_decay=0.1))
+    seen = []
+    for batch in _batches():
+        state, metrics = step(state, batch)
+        seen.append({k: float(v) for k, v in metrics.items()})
+    return state, seen
+
+
+def _assert_states_equal(a: lf.TrainState, b: lf.TrainState) -> None:
+    leaves_a, leaves_b = lf.tree_leaves(a), lf.tree_leaves(b)
+    assert len(leaves_a) == len(leaves_b)
+    for x, y in zip(leaves_a, leaves_b, strict=True):
+        assert torch.equal(x, y)
+
+
+def test_eager_donating_step_matches_the_pure_one_and_consumes_the_state() -> None:
+    pure, pure_metrics = _run(compile=False, donate=False)
+    donated, donated_metrics = _run(compile=False, donate=True)
+    _assert_states_equal(pure, donated)
+    assert pure_metrics == donated_metrics
+    assert [m["step"] for m in donated_metrics] == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+
+def test_a_consumed_state_raises_on_every_use() -> None:
+    model = _model()
+    step = lf.build(_train_step(model), compile=False, donate=True)
+    state = lf.TrainState.create(model, lf.optim.sgd(0.1))
+    params = state.params  # a caller that kept the old dict
+    new, _ = step(state, _batches(1)[0])
+    match = "donated to `train_step`"
+    with pytest.raises(lf.DonatedStateError, match=match):
+        state.params["0.weight"]
+    with pytest.raises(lf.DonatedStateError, match=match):
+        params["0.weight"] + 1
+    with pytest.raises(lf.DonatedStateError, match=match):
+        state.step + 1
+    with pytest.raises(lf.DonatedStateError, match="passed to a step that already consumed it"):
+        step(state, _batches(1)[0])
+    with pytest.raises(lf.DonatedStateError, match=match):
+        lf.save(state, "unused.safetensors")  # never writes: the error comes first
+    assert not Path("unused.safetensors").exists()
+    assert "<donated>" in repr(state)  # printing a consumed state is fine
+    step(new, _batches(1)[0])  # the returned state is the live one
+
+
+def test_a_dict_of_states_is_consumed_one_level_down() -> None:
+    model = _model()
+    inner = _train_step(model)
+
+    def two_step(states: dict[str, lf.TrainState], batch: Any) -> Any:
+        a, metrics = inner(states["a"], batch)
+        return {"a": a, "b": states["b"]}, metrics
+
+    step = lf.build(two_step, compile=False, donate=True, validate=False)
+    states = {
+        "a": lf.TrainState.create(model, lf.optim.sgd(0.1)),
+        "b": lf.TrainState.create(model, lf.optim.sgd(0.1)),
+    }
+    new, _ = step(states, _batches(1)[0])
+    with pytest.raises(lf.DonatedStateError):
+        states["a"].params["0.weight"]
+    # "b" went through unchanged: it is part of the new state, so it stays readable.
+    assert new["b"] is states["b"]
+    assert new["b"].params["0.weight"].shape == (12, 6)
+
+
+def test_donate_is_checked_at_build() -> None:
+    with pytest.raises(TypeError, match="`donate` must be True or False, got 'yes'"):
+        lf.build(_train_step(_model()), donate="yes")  # type: ignore[arg-type]
+    mesh = lf.distributed.init_mesh()
+    with pytest.raises(ValueError, match="`donate=True` was given with the FSDP strategy"):
+        lf.build(_train_step(_model()), strategy=lf.distributed.FSDP(mesh), donate=True)
+
+
+def test_loop_and_fit_run_a_donating_step_with_checkpoints(tmp_path: Path) -> None:
+    model = _model()
+    data = _batches(6)
+
+    straight = {}
+    for donate in (False, True):
+        manager = lf.CheckpointManager(tmp_path / f"ckpt_{donate}", every_n_steps=2)
+        last = None
+        for ls in lf.loop(
+            _train_step(model),
+            lf.TrainState.create(model, lf.optim.adamw(1e-2)),
+            data,
+            max_steps=4,
+            compile=False,
+            donate=donate,
+            checkpoint=manager,
+        ):
+            last = ls
+        # Resume from the step-4 checkpoint and finish: the same state as a straight run.
+        restored = manager.restore(lf.TrainState.create(model, lf.optim.adamw(1e-2)))
+        assert restored is not None and restored.step == 4
+        for ls in lf.loop(
+            _train_step(model), restored, data, max_steps=6, compile=False, donate=donate
+        ):
+            last = ls
+        assert last is not None and last.step == 6
+        straight[donate] = last.state
+    _assert_states_equal(straight[False], straight[True])
+    fitted = lf.fit(
+        lf.build(_train_step(model), compile=False, donate=True),
+        lf.TrainState.create(model, lf.optim.adamw(1e-2)),
+        data,
+        max_steps=6,
+        default_root_dir=tmp_path / "runs",
+        enable_progress_bar=False,
+    )
+    _assert_states_equal(straight[False], fitted.state)
+
+
+def test_the_tuners_never_consume_the_callers_state() -> None:
+    model = _model()
+    step = lf.build(_train_step(model), compile=False, donate=True)
+    state = lf.TrainState.create(model, lf.optim.adamw(1e-3))
+    before = [t.clone() for t in lf.tree_leaves(state)]
+    lf.tune.lr_find(step, state, _batches(4) * 3, num_training=12, skip_begin=1, skip_end=1)
+    lf.tune.find_batch_size(
+        step,
+        state,
+        lambda n: (torch.randn(n, 6), torch.randint(0, 3, (n,))),
+        max_memory=2**30,
+        max_batch_size=8,
+        steps_per_trial=1,
+    )
+    for old, now in zip(before, lf.tree_leaves(state), strict=True):
+        assert torch.equal(old, now)
+    step(state, _batches(1)[0])  # still the caller's to donate
+
+
+@pytest.mark.compiled
+def test_compiled_donating_step_reuses_the_storage_and_matches_the_pure_one() -> None:
+    pure, pure_metrics = _run(compile=True, donate=False)
+    model = _model()
+    step = lf.build(_train_step(model), compile=True, donate=True)
+    state = lf.TrainState.create(model, lf.optim.adamw(1e-2, weight_decay=0.1))
+    pointers = [t.data_ptr() for t in lf.tree_leaves(state)]
+    seen = []
+    for batch in _batches():
+        state, metrics = step(state, batch)
+        seen.append({k: float(v) for k, v in metrics.items()})
+    # Every parameter, moment and the step count stayed in the storage they were created in.
+    assert [t.data_ptr() for t in lf.tree_leaves(state)] == pointers
+    _assert_states_equal(pure, state)
+    assert seen == pure_metrics
+    assert [m["step"] for m in seen] == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Pair:
+    a: torch.Tensor
+    b: torch.Tensor
+
+
+lf.register_dataclass(_Pair)
+
+
+@pytest.mark.compiled
+def test_compiled_donation_skips_what_cannot_be_donated() -> None:
+    # The same tensor twice, a leaf whose shape changes and one returned as it is.
+    def step_fn(state: dict[str, Any], batch: torch.Tensor) -> Any:
+        pair = state["pair"]
+        new = {
+            "pair": _Pair(a=pair.a + batch, b=pair.b * 2),
+            "grow": torch.cat([state["grow"], batch[:1]]),
+            "same": state["same"],
+        }
+        return new, {"sum": pair.a.sum()}
+
+    step = lf.build(step_fn, compile=True, donate=True, validate=False)
+    shared = torch.ones(3)
+    same = torch.zeros(2)
+    state = {"pair": _Pair(a=shared, b=shared), "grow": torch.zeros(1), "same": same}
+    new, metrics = step(state, torch.full((3,), 5.0))
+    assert torch.equal(shared, torch.ones(3))  # written twice would be wrong: not donated
+    assert torch.equal(new["pair"].a, torch.full((3,), 6.0))
+    assert torch.equal(new["pair"].b, torch.full((3,), 2.0))
+    assert new["grow"].shape == (2,)
+    assert new["same"] is same
+    assert float(metrics["sum"]) == 3.0
+
+
+@pytest.mark.compiled
+def test_compiled_donating_step_keeps_the_first_call_checks() -> None:
+    model = _model()
+
+    def ignores_params(state: lf.TrainState, batch: Any) -> Any:
+        x, y = batch
+
+        def loss_fn(params: dict[str, torch.Tensor]) -> torch.Tensor:
+            return torch.nn.functional.cross_entropy(model(x), y) + 0 * sum(
+                p.sum() for p in params.values()
+            )
+
+        loss, grads = lf.value_and_grad(loss_fn)(state.params)
+        return state.apply_gradients(grads), {"loss": loss}
+
+    step = lf.build(ignores_params, compile=True, donate=True)
+    state = lf.TrainState.create(model, lf.optim.sgd(0.1))
+    with pytest.raises(ValueError, match="the loss does not depend on the parameters"):
+        step(state, _batches(1)[0])
+
+
+@pytest.mark.compiled
+def test_compiled_donation_with_accumulation_matches_the_pure_step() -> None:
+    pure, pure_metrics = _run(compile=True, donate=False, accumulate_grad_batches=2)
+    donated, donated_metrics = _run(compile=True, donate=True, accumulate_grad_batches=2)
+    _assert_states_equal(pure, donated)
+    assert pure_metrics == donated_metrics
