@@ -24,7 +24,7 @@ from typing import Any, NamedTuple, Protocol
 
 import torch
 
-from .._tree import PyTree, tree_map
+from .._tree import PyTree, tree_flatten, tree_map, tree_unflatten
 
 OptState = Any
 Params = PyTree
@@ -58,5 +58,44 @@ class GradientTransformation(NamedTuple):
 
 
 def apply_updates(params: Params, updates: Updates) -> Params:
-    """Return `params + updates`, leaf by leaf, in each parameter's dtype."""
-    return tree_map(lambda p, u: p + u.to(p.dtype), params, updates)
+    """Return `params + updates`, leaf by leaf, in each parameter's dtype.
+
+    Eagerly, when both trees have the same structure and every leaf is a
+    plain floating tensor (same shape and device as its update, neither
+    requiring grad), the sum is one multi-tensor `torch._foreach_add`: the
+    same additions (bit for bit) without a Python call per parameter.
+    Elsewhere (compiling, under a `torch.func` transform, DTensor shards,
+    broadcasting updates) it is a `tree_map` of `p + u.to(p.dtype)`.
+    """
+    added = _foreach_added(params, updates)
+    if added is not None:
+        return added
+    return tree_map(_add_leaf, params, updates)
+
+
+def _add_leaf(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    return p + u.to(p.dtype)
+
+
+def _foreach_added(params: Params, updates: Updates) -> Params | None:
+    """`apply_updates(params, updates)` as one `torch._foreach_add`, or None where it does not apply."""
+    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+        return None
+    ps, spec = tree_flatten(params)
+    us, u_spec = tree_flatten(updates)
+    if not ps or u_spec != spec:
+        return None
+    tensor = torch.Tensor
+    for p, u in zip(ps, us, strict=True):
+        if (
+            type(p) is not tensor
+            or type(u) is not tensor
+            or not p.is_floating_point()
+            or p.requires_grad
+            or u.requires_grad
+            or p.shape != u.shape
+            or p.device != u.device
+        ):
+            return None
+    us = [u if u.dtype == p.dtype else u.to(p.dtype) for p, u in zip(ps, us, strict=True)]
+    return tree_unflatten(spec, torch._foreach_add(ps, us))
