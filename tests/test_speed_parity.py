@@ -315,8 +315,11 @@ def _flags_rank(mesh: Any) -> dict[str, Any]:
     finally:
         funcol.all_reduce = real
     local_zero = not bool(grads[0].to_local().any())
+    # Every parameter has a gradient somewhere ("a" only on rank 1): plain Python verdicts, so
+    # the update adds no `where` (eagerly on the CPU, as for unsharded gradients).
+    all_used = _gradient_flags([grads[0], grads[2]])
     return {"flags": ("ok", [bool(f) for f in flags]), "calls": ("ok", len(calls)), "rank": ("ok", rank),
-            "local_zero": ("ok", local_zero)}  # fmt: skip
+            "local_zero": ("ok", local_zero), "all_used": ("ok", [repr(f) for f in all_used])}  # fmt: skip
 
 
 @pytest.mark.multiprocess
@@ -329,3 +332,4 @@ def test_sharded_gradients_agree_on_their_flags_in_one_all_reduce():
     assert ok_results(results, "flags") == [[True, False, True]] * 2
     assert ok_results(results, "calls") == [1, 1]  # one collective for all sharded parameters
     assert ok_results(results, "local_zero") == [True, False]  # rank 0's own rows of "a" are zero
+    assert ok_results(results, "all_used") == [["True", "True"]] * 2  # Python bools, not tensors
