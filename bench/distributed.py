@@ -1,7 +1,9 @@
 """Memory and step time of sharded steps (lightfunc and torch's own) on 1, 2 and 4 processes.
 
-    python -m bench.distributed [--sections memory,mixed,phases,speed] [--worlds 1,2,4]
-                                [--mixed-worlds 2] [--mem-steps 3] [--workloads mlp,gpt]
+    python -m bench.distributed [--sections memory,mixed,phases,time,speed] [--worlds 1,2,4]
+                                [--setups "lightfunc FSDP,torch FSDP2"] [--time-worlds 2,4]
+                                [--time-steps 8] [--mixed-worlds 2] [--mem-steps 3]
+                                [--workloads mlp,gpt]
                                 [--eager] [--rounds 5] [--steps 10] [--out bench/results]
 
 `memory` (the default section): a 25.5M-parameter GPT (8 blocks in an
@@ -29,6 +31,11 @@ resident set's peak in each phase of the step (between steps, forward,
 backward, update), sampled every millisecond in a thread, with glibc's
 mmap threshold fixed so that freed tensors leave the resident set: where
 the difference between the two comes from.
+
+`time` (not on by default; `memory` runs the same alternation, 3 steps): lightfunc
+FSDP and FSDP2 alternating step by step at 2 and 4 ranks, with each step's CPU
+time split by phase (forward, backward, update, between steps): where the step
+time goes, and the per-step time ratio with its quartiles.
 
 `probe` (not on by default): whether per-unit all-gathers inside one compiled
 graph trace in this torch (`_probe_run`): parametrized weights differentiated
@@ -450,26 +457,115 @@ def _memory_run(mesh: lfd.Mesh, setup: str, steps: int) -> dict[str, Any]:
     }
 
 
-def _paired_run(mesh: lfd.Mesh, steps: int) -> dict[str, float]:
+PAIRED = ("lightfunc FSDP", "torch FSDP2")
+
+
+def _paired_run(mesh: lfd.Mesh, steps: int) -> dict[str, Any]:
     """lightfunc FSDP and torch FSDP2 steps alternated in the same ranks: a fair time ratio
-    on a machine whose load changes (the separate runs above measure memory)."""
+    on a machine whose load changes (the separate runs above measure memory).
+
+    Per step and setup (after one warm-up step each): the wall time, the
+    process's CPU time (every thread: the rank's own and gloo's) and the CPU
+    time of each phase of the step (`_setup`'s phase marks: forward,
+    backward, update, between steps), on this rank.
+    """
     torch.set_num_threads(1)
     batches = [
         tuple(t.chunk(mesh.world_size)[mesh.global_rank] for t in b)
         for b in _gpt_batches(steps + 1)
     ]
     _load_shared_code()
-    runs = {name: _setup(mesh, name)[0] for name in ("lightfunc FSDP", "torch FSDP2")}
-    times: dict[str, list[float]] = {name: [] for name in runs}
+    marks: list[tuple[str, float]] = []
+    runs = {
+        name: _setup(mesh, name, phase=lambda p: marks.append((p, time.process_time())))[0]
+        for name in PAIRED
+    }
+    out: dict[str, dict[str, list[float]]] = {
+        name: {key: [] for key in ("wall", "cpu", *PHASES)} for name in runs
+    }
     for i, batch in enumerate(batches):
         for name, one in runs.items():
             mesh.barrier()
-            start = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
+            marks[:] = [("forward", cpu)]  # the step's own set-up counts as forward
             one(batch)
+            cpu_end, wall_end = time.process_time(), time.perf_counter()
             mesh.barrier()
-            if i:  # the first is a warm-up
-                times[name].append(time.perf_counter() - start)
-    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+            if not i:  # the first is a warm-up
+                continue
+            out[name]["wall"].append(1e3 * (wall_end - wall))
+            out[name]["cpu"].append(1e3 * (cpu_end - cpu))
+            spent = dict.fromkeys(PHASES, 0.0)
+            for (phase, start), (_, end) in zip(marks, [*marks[1:], ("", cpu_end)], strict=True):
+                spent[phase] += 1e3 * (end - start)
+            for phase in PHASES:
+                out[name][phase].append(spent[phase])
+    return out
+
+
+def _quartiles(values: list[float]) -> tuple[float, float, float]:
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], statistics.median(values), q[2]
+
+
+def _paired_summary(world: int, steps: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
+    """Medians per setup, and the per-step ratios lightfunc FSDP / FSDP2 (median, quartiles)."""
+    mine, ref = steps["lightfunc FSDP"], steps["torch FSDP2"]
+    return {
+        "world": world,
+        "steps": len(mine["wall"]),
+        "setups": {
+            name: {key: statistics.median(v) for key, v in per.items()}
+            for name, per in steps.items()
+        },
+        "wall_ratio": _quartiles([a / b for a, b in zip(mine["wall"], ref["wall"], strict=True)]),
+        "cpu_ratio": _quartiles([a / b for a, b in zip(mine["cpu"], ref["cpu"], strict=True)]),
+        "per_step": steps,
+    }
+
+
+def measure_time(worlds: tuple[int, ...], steps: int, timeout_s: float) -> list[dict[str, Any]]:
+    """The paired timing alone (`--sections time`), at each world size."""
+    out = []
+    for world in worlds:
+        print(f"paired timing x{world} ...", flush=True)
+        out.append(
+            _paired_summary(world, spawn(_paired_run, world, args=(steps,), timeout=timeout_s)[0])
+        )
+    return out
+
+
+def time_markdown(pairs: list[dict[str, Any]]) -> str:
+    lines = [
+        "Where the step time goes: lightfunc FSDP and torch FSDP2 alternating step by step in "
+        "the same ranks (fp32, eager), rank 0, medians over the steps after one warm-up. CPU "
+        "time is the process's (the rank's thread and gloo's), so it leaves out the time spent "
+        "waiting for the other ranks or for a core; the phases split it (forward: the step's "
+        "set-up and the forward, update: the optimizer and, for lightfunc, the step's metric "
+        "and buffer reductions; between: FSDP2's `zero_grad` and loss all-reduce). Ratios: "
+        "per step, lightfunc / FSDP2, median (quartiles).",
+        "",
+        "| ranks | setup | wall ms | CPU ms | forward | backward | update | between "
+        "| wall ratio | CPU ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for pair in pairs:
+        for name, m in pair["setups"].items():
+            mine = name == "lightfunc FSDP"
+            ratios = (
+                " | ".join(
+                    f"{q[1]:.2f}x ({q[0]:.2f}-{q[2]:.2f})"
+                    for q in (pair["wall_ratio"], pair["cpu_ratio"])
+                )
+                if mine
+                else " | "
+            )
+            lines.append(
+                f"| {pair['world']} | {name} | {m['wall']:.0f} | {m['cpu']:.0f} | "
+                + " | ".join(f"{m[p]:.0f}" for p in ("forward", "backward", "update", "between"))
+                + f" | {ratios} |"
+            )
+    return "\n".join(lines) + "\n"
 
 
 PHASES = ("between", "forward", "backward", "update")
@@ -573,7 +669,8 @@ def measure_memory(
     pairs = {}
     for world in worlds if paired else ():
         print(f"paired timing x{world} ...", flush=True)
-        pairs[world] = spawn(_paired_run, world, args=(steps,), timeout=timeout_s)[0]
+        steps_of = spawn(_paired_run, world, args=(steps,), timeout=timeout_s)[0]
+        pairs[world] = {name: statistics.median(per["wall"]) for name, per in steps_of.items()}
     for r in records:
         if r["setup"] in pairs.get(r["world"], {}):
             r["paired_ms_per_step"] = pairs[r["world"]][r["setup"]]
@@ -583,7 +680,12 @@ def measure_memory(
         r["loss_vs_1_process"] = abs(r["loss"] - one["loss"])
         r["loss_vs_lightfunc_1"] = abs(r["loss"] - first["loss"])
         ref = next(
-            b for b in records if b["setup"].startswith("torch FSDP2") and b["world"] == r["world"]
+            (
+                b
+                for b in records
+                if b["setup"].startswith("torch FSDP2") and b["world"] == r["world"]
+            ),
+            r,  # a rerun of some setups only (`--setups`): no FSDP2 row to compare with
         )
         r["time_vs_fsdp2"] = r["ms_per_step"] / ref["ms_per_step"]
         if "paired_ms_per_step" in r:
@@ -752,8 +854,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--sections",
         default="memory,mixed,phases",
-        help="comma-separated: memory, mixed, phases, probe, speed",
+        help="comma-separated: memory, mixed, phases, time, probe, speed",
     )
+    parser.add_argument(
+        "--setups",
+        default=",".join(SETUPS),
+        help="setups of the memory section (a partial rerun: no paired timing, ratios to itself)",
+    )
+    parser.add_argument("--time-worlds", default="2,4", help="process counts of the time section")
+    parser.add_argument("--time-steps", type=int, default=8, help="timed steps of the time section")
     parser.add_argument("--worlds", default="1,2,4", help="process counts of the memory section")
     parser.add_argument("--mixed-worlds", default="2", help="process counts of the mixed section")
     parser.add_argument("--mem-steps", type=int, default=3)
@@ -772,7 +881,10 @@ def main(argv: list[str] | None = None) -> None:
     text = []
     if "memory" in sections:
         worlds = tuple(int(w) for w in args.worlds.split(","))
-        records = measure_memory(worlds, args.mem_steps, timeout_s=900.0)
+        setups = tuple(args.setups.split(","))
+        records = measure_memory(
+            worlds, args.mem_steps, timeout_s=900.0, setups=setups, paired=setups == SETUPS
+        )
         results["memory"] = {"steps": args.mem_steps, "records": records}
         text.append(memory_markdown(records, args.mem_steps))
         text.append(MEMORY_MODEL)
@@ -787,6 +899,11 @@ def main(argv: list[str] | None = None) -> None:
         phases = measure_phases(2, args.mem_steps, timeout_s=900.0)
         results["phases"] = {"steps": args.mem_steps, "records": phases}
         text.append(phases_markdown(phases, args.mem_steps))
+    if "time" in sections:
+        worlds = tuple(int(w) for w in args.time_worlds.split(","))
+        pairs = measure_time(worlds, args.time_steps, timeout_s=1800.0)
+        results["time"] = {"records": pairs}
+        text.append(time_markdown(pairs))
     if "probe" in sections:
         print("probe: compiled per-unit gathers x2 ...", flush=True)
         results["probe"] = spawn(_probe_run, 2, timeout=900.0)[0]

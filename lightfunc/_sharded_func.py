@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -36,12 +37,15 @@ Buffers = dict[str, torch.Tensor]
 #   (default: every child of an `nn.ModuleList` and every Transformer layer;
 #   `FSDP(mesh, units=...)` chooses others through a `GatherPolicy` on torch's
 #   function-mode stack) in a forward pre-hook, right before the unit runs, and
-#   drops them after it. The gather is an autograd Function whose backward
+#   drops them after it; the next unit's gather is issued as one unit starts, so
+#   that it travels while that unit computes (`_Schedule`, as FSDP2 prefetches).
+#   The gather is an autograd Function whose backward
 #   reduce-scatters (averages) the unit's gradients into shards. Under autocast,
 #   Linear / Conv weights travel and live in autocast's dtype (`_gather_dtypes`).
 #   While the unit runs, saved-tensor hooks replace any tensor autograd would
 #   keep that lives in the gathered storage (a weight, or a view of it) by a
-#   token, and the backward re-gathers the unit once when it first needs one.
+#   token, and the backward re-gathers the unit once when it first needs one
+#   (issuing the re-gather of the unit before it in the forward at the same time).
 # - `value_and_grad` differentiates with `torch.autograd.grad` over the shards
 #   (`torch.func.grad` cannot differentiate through DTensor, and functorch
 #   disables saved-tensor hooks), and returns averaged `DTensor` shard gradients.
@@ -95,54 +99,88 @@ def _wait(t: torch.Tensor) -> torch.Tensor:
     return funcol.wait_tensor(t)
 
 
-def _gather_rows(
-    locals_: Sequence[torch.Tensor],
-    shards: Sequence[Any],
-    dtypes: Sequence[torch.dtype] | None = None,
-) -> list[torch.Tensor]:
-    """The full tensors of the row shards `locals_` (of DTensors `shards`): one all-gather.
+class _InFlight:
+    """An all-gather of DTensor row shards, issued: `finish()` waits and returns the full tensors.
 
     `dtypes` (default: the shards' own) is the dtype each tensor travels and
     arrives in: a shard is cast before the gather, so a bfloat16 gather moves
     and holds half the bytes. Mixed dtypes travel as the bytes of one buffer,
-    still one collective. Each full tensor is copied out of the gathered
-    buffer into its own storage, so the buffer is freed at once and each
-    tensor can be recognised by its storage.
+    still one collective. Issued at construction (eager functional
+    collectives run in the background), so the next unit's gather can be on
+    its way while the current unit computes (`_Schedule`).
     """
-    mesh, world = shards[0].device_mesh, shards[0].device_mesh.size()
-    dtypes = list(dtypes) if dtypes is not None else [x.dtype for x in locals_]
-    padded = []
-    for x, d, dtype in zip(locals_, shards, dtypes, strict=True):
-        chunk, _ = _chunk(d.shape[0], world, 0)
-        x = x.to(dtype)
-        pad = (
-            x
-            if x.shape[0] == chunk
-            else torch.cat([x, x.new_zeros(chunk - x.shape[0], *x.shape[1:])])
-        )
-        padded.append(pad.reshape(-1))
-    if len(set(dtypes)) == 1:
-        table = _wait(funcol.all_gather_single(torch.cat(padded), 0, mesh))
-        parts = list(table.view(world, -1).split([p.numel() for p in padded], dim=1))
-    else:  # as bytes, the widest dtypes first so that every part stays aligned
-        order = sorted(range(len(padded)), key=lambda i: -padded[i].element_size())
-        raw = [padded[i].view(torch.uint8) for i in order]
-        row = sum(r.numel() for r in raw)
-        raw.append(raw[0].new_zeros(-row % 8))
-        table = _wait(funcol.all_gather_single(torch.cat(raw), 0, mesh)).view(world, -1)
-        parts = [torch.empty(0)] * len(padded)
-        start = 0
-        for i, r in zip(order, raw, strict=False):
-            parts[i] = table[:, start : start + r.numel()].view(dtypes[i])
-            start += r.numel()
-    return [
-        part.reshape(-1, *d.shape[1:])[: d.shape[0]].contiguous()
-        for part, d in zip(parts, shards, strict=True)
-    ]
+
+    __slots__ = ("dtypes", "order", "shards", "sizes", "table", "waited")
+
+    def __init__(self, shards: Sequence[Any], dtypes: Sequence[torch.dtype] | None = None) -> None:
+        mesh, world = shards[0].device_mesh, shards[0].device_mesh.size()
+        with torch.no_grad():
+            locals_ = [d.to_local() for d in shards]
+        self.shards = shards
+        self.dtypes = list(dtypes) if dtypes is not None else [x.dtype for x in locals_]
+        padded = []
+        for x, d, dtype in zip(locals_, shards, self.dtypes, strict=True):
+            chunk, _ = _chunk(d.shape[0], world, 0)
+            x = x.to(dtype)
+            pad = (
+                x
+                if x.shape[0] == chunk
+                else torch.cat([x, x.new_zeros(chunk - x.shape[0], *x.shape[1:])])
+            )
+            padded.append(pad.reshape(-1))
+        self.order: list[int] | None = None
+        if len(set(self.dtypes)) == 1:
+            flat = torch.cat(padded)
+            self.sizes = [p.numel() for p in padded]
+        else:  # as bytes, the widest dtypes first so that every part stays aligned
+            self.order = sorted(range(len(padded)), key=lambda i: -padded[i].element_size())
+            raw = [padded[i].view(torch.uint8) for i in self.order]
+            row = sum(r.numel() for r in raw)
+            raw.append(raw[0].new_zeros(-row % 8))
+            flat = torch.cat(raw)
+            self.sizes = [r.numel() for r in raw[:-1]]
+        self.table = funcol.all_gather_single(flat, 0, mesh)
+        self.waited = False
+
+    def wait(self) -> None:
+        """Wait for the collective (idempotent), without copying anything out."""
+        if not self.waited:
+            self.table, self.waited = _wait(self.table), True
+
+    def finish(self) -> list[torch.Tensor]:
+        """The full tensors, each copied into its own storage (the buffer is freed at once,
+        and each tensor can be recognised by its storage)."""
+        self.wait()
+        table = self.table.view(self.shards[0].device_mesh.size(), -1)
+        if self.order is None:
+            parts = list(table.split(self.sizes, dim=1))
+        else:
+            parts = [torch.empty(0)] * len(self.sizes)
+            start = 0
+            for i, size in zip(self.order, self.sizes, strict=True):
+                parts[i] = table[:, start : start + size].view(self.dtypes[i])
+                start += size
+        return [
+            part.reshape(-1, *d.shape[1:])[: d.shape[0]].contiguous()
+            for part, d in zip(parts, self.shards, strict=True)
+        ]
+
+
+def _gather_rows(
+    shards: Sequence[Any], dtypes: Sequence[torch.dtype] | None = None
+) -> list[torch.Tensor]:
+    """The full tensors of DTensor row shards `shards`: one all-gather (see `_InFlight`)."""
+    return _InFlight(shards, dtypes).finish()
 
 
 def _scatter_rows(fulls: Sequence[torch.Tensor], shards: Sequence[Any]) -> list[torch.Tensor]:
-    """Each rank's averaged row chunk of the per-rank `fulls`: one reduce-scatter."""
+    """Each rank's averaged row chunk of the per-rank `fulls`: one reduce-scatter.
+
+    Waited for at once. (Left in flight until the next unit's, as FSDP2
+    does, the chunks would be `AsyncCollectiveTensor` views until the end of
+    the backward, and turning them back into plain `DTensor` shards cost
+    more CPU time than the overlap saved on the 2-core gloo bench.)
+    """
     mesh, world = shards[0].device_mesh, shards[0].device_mesh.size()
     rank = mesh.get_local_rank()
     tables = []
@@ -163,29 +201,36 @@ def _scatter_rows(fulls: Sequence[torch.Tensor], shards: Sequence[Any]) -> list[
 
 
 class _Gather(torch.autograd.Function):
-    """Row shards in, full tensors out; the backward reduce-scatters (averages) the gradients."""
+    """Row shards in, full tensors out; the backward reduce-scatters (averages) the gradients.
+
+    The all-gather itself is issued before (`_InFlight`, possibly while the
+    previous unit ran); the forward waits for it and copies the tensors out.
+    """
 
     @staticmethod
-    def forward(
-        ctx: Any, shards: Sequence[Any], dtypes: Sequence[torch.dtype], *locals_: torch.Tensor
-    ) -> tuple[torch.Tensor, ...]:
-        ctx.shards = shards  # DTensors: the layout, and the state's own shards (no copy)
-        return tuple(_gather_rows(locals_, shards, dtypes))
+    def forward(ctx: Any, inflight: _InFlight, *locals_: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.shards = inflight.shards  # DTensors: the layout, and the state's own shards (no copy)
+        return tuple(inflight.finish())
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:
-        return (None, None, *_scatter_rows(grads, ctx.shards))
+        return (None, *_scatter_rows(grads, ctx.shards))
 
 
 def _gather(
-    shards: Sequence[Any], dtypes: Sequence[torch.dtype] | None = None
+    shards: Sequence[Any],
+    dtypes: Sequence[torch.dtype] | None = None,
+    inflight: _InFlight | None = None,
 ) -> list[torch.Tensor]:
-    """Full tensors of DTensor row shards; differentiable when the shards require grad."""
-    locals_ = [d.to_local() for d in shards]
-    dtypes = list(dtypes) if dtypes is not None else [x.dtype for x in locals_]
-    if torch.is_grad_enabled() and any(x.requires_grad for x in locals_):
-        return list(_Gather.apply(tuple(shards), tuple(dtypes), *locals_))
-    return _gather_rows([x.detach() for x in locals_], shards, dtypes)
+    """Full tensors of DTensor row shards; differentiable when the shards require grad.
+
+    `inflight`: their all-gather, if already issued (with these `dtypes`).
+    """
+    inflight = inflight if inflight is not None else _InFlight(shards, dtypes)
+    if torch.is_grad_enabled() and any(d.requires_grad for d in shards):
+        locals_ = [d.to_local() for d in shards]
+        return list(_Gather.apply(inflight, *locals_))
+    return inflight.finish()
 
 
 def _whole(x: Any) -> Any:
@@ -322,27 +367,119 @@ class _Token:
         )
 
 
-def _unit_hooks(
-    unit: torch.nn.Module,
-    names: list[str],
-    local_names: list[str],
-    params: Params,
-    policy: GatherPolicy,
-) -> list[Any]:
-    """Forward hooks on `unit` that gather its shards before it runs and release them after."""
-    shards = [params[n] for n in names]
-    owners = [_owner(unit, n) for n in local_names]
+class _Unit:
+    """One unit of an `lf.apply` call: its sub-module, its shards, their names inside it."""
+
+    __slots__ = ("local_names", "module", "owners", "shards")
+
+    def __init__(self, module: torch.nn.Module, local_names: list[str], shards: list[Any]) -> None:
+        self.module, self.local_names, self.shards = module, local_names, shards
+        self.owners = [_owner(module, n) for n in local_names]
+
+
+class _Run:
+    """One forward of a unit with autograd on: what its backward re-gathers, and when."""
+
+    __slots__ = ("__weakref__", "dtypes", "full", "shards", "tokens")
+
+    def __init__(self, shards: list[Any], dtypes: list[torch.dtype]) -> None:
+        self.shards, self.dtypes = shards, dtypes
+        self.tokens = 0  # tensors of the gathered storage that autograd saved as tokens
+        self.full: list[torch.Tensor] | None = None  # re-gathered by the first unpack
+
+
+class _Schedule:
+    """The collectives of one `lf.apply` call that run ahead of their use, as FSDP2's do.
+
+    - Forward: while unit i runs, unit i+1's all-gather is on its way (the
+      units in the order the model registers them; a unit that runs out of
+      that order finds no gather ahead for it, waits for the one in flight,
+      drops it and gathers its own: correct, one wasted collective).
+    - Backward (`backward=True`, only under `lf.value_and_grad`, which calls
+      `drain` when the backward is done): when a unit's backward re-gathers
+      it, the re-gather of the unit that ran before it in the forward is
+      issued too. (Reduce-scatters are waited for at once: see `_scatter_rows`.)
+
+    Every rank runs the same model, so every rank issues the same
+    collectives in the same order, as without the schedule. At most one
+    gather is ahead at any time: one unit's parameters more than a
+    synchronous schedule holds. Measured on the 2-core gloo bench
+    (bench/results/distributed.md): no measurable change in step time (per
+    step 0.97x-1.04x the synchronous schedule's, within the spread), as a
+    collective there cannot run beside the compute without taking a core
+    from a rank; on devices whose collectives run beside the compute, this
+    is what overlaps them.
+    """
+
+    def __init__(self, backward: bool) -> None:
+        self.backward = backward
+        self.ahead: tuple[Any, _InFlight] | None = None
+        self.runs: list[weakref.ref[_Run]] = []
+
+    def take(self, key: Any) -> _InFlight | None:
+        """The gather issued ahead for `key`, else None (any other in flight is waited, dropped)."""
+        ahead, self.ahead = self.ahead, None
+        if ahead is None:
+            return None
+        if ahead[0] is key or (isinstance(key, tuple) and ahead[0] == key):
+            return ahead[1]
+        ahead[1].wait()
+        return None
+
+    def issue(self, key: Any, shards: list[Any], dtypes: list[torch.dtype]) -> None:
+        self.drop()
+        self.ahead = (key, _InFlight(shards, dtypes))
+
+    def drop(self) -> None:
+        if self.ahead is not None:
+            self.ahead[1].wait()
+            self.ahead = None
+
+    def regather(self, run: _Run) -> list[torch.Tensor]:
+        """`run`'s parameters again, for its backward; the previous run's re-gather goes ahead."""
+        inflight = self.take(run) or _InFlight(run.shards, run.dtypes)
+        if self.backward:
+            at = next(i for i, r in enumerate(self.runs) if r() is run)
+            for ref in reversed(self.runs[:at]):
+                prev = ref()
+                if prev is not None and prev.tokens and prev.full is None:
+                    self.issue(prev, prev.shards, prev.dtypes)
+                    break
+        return inflight.finish()
+
+    def drain(self) -> None:
+        """Wait for the gather still in flight (the backward is over, or failed)."""
+        self.drop()
+
+
+def _unit_hooks(plan: list[_Unit], at: int, policy: GatherPolicy, schedule: _Schedule) -> list[Any]:
+    """Forward hooks on unit `plan[at]`: gather its shards before it runs, release them after.
+
+    The gather was issued while the previous unit ran, if the schedule
+    guessed right; this unit's issues the next unit's.
+    """
+    unit = plan[at]
     stacks: list[contextlib.ExitStack] = []
 
     def before(_: torch.nn.Module, __: Any) -> None:
-        dtypes = _gather_dtypes(owners, shards, policy)  # autocast's state as the unit runs
-        full = _gather(shards, dtypes)
+        dtypes = _gather_dtypes(unit.owners, unit.shards, policy)  # autocast's state as it runs
+        key = (at, *dtypes)
+        inflight = schedule.take(key) or _InFlight(unit.shards, dtypes)
+        if at + 1 < len(plan):
+            following = plan[at + 1]
+            ahead = _gather_dtypes(following.owners, following.shards, policy)
+            schedule.issue((at + 1, *ahead), following.shards, ahead)
+        full = _gather(unit.shards, dtypes, inflight)
         stack = contextlib.ExitStack()
-        stack.enter_context(_reparametrize_module(unit, dict(zip(local_names, full, strict=True))))
+        stack.enter_context(
+            _reparametrize_module(unit.module, dict(zip(unit.local_names, full, strict=True)))
+        )
         if torch.is_grad_enabled():
+            run = _Run(unit.shards, dtypes)
+            schedule.runs.append(weakref.ref(run))
             storages = {t.untyped_storage().data_ptr(): i for i, t in enumerate(full)}
             stack.enter_context(
-                torch.autograd.graph.saved_tensors_hooks(*_releasing(storages, shards, dtypes))
+                torch.autograd.graph.saved_tensors_hooks(*_releasing(storages, run, schedule))
             )
         stacks.append(stack)
 
@@ -350,30 +487,30 @@ def _unit_hooks(
         stacks.pop().close()
 
     return [
-        unit.register_forward_pre_hook(before),
-        unit.register_forward_hook(after, always_call=True),
+        unit.module.register_forward_pre_hook(before),
+        unit.module.register_forward_hook(after, always_call=True),
     ]
 
 
 def _releasing(
-    storages: dict[int, int], shards: list[Any], dtypes: list[torch.dtype]
+    storages: dict[int, int], run: _Run, schedule: _Schedule
 ) -> tuple[Callable[..., Any], ...]:
     """Saved-tensor hooks: gathered storage is kept as a token and re-gathered once in backward."""
-    regathered: list[list[torch.Tensor]] = []
 
     def pack(t: torch.Tensor) -> Any:
         index = storages.get(t.untyped_storage().data_ptr()) if t.layout == torch.strided else None
-        return t if index is None else _Token(index, t)
+        if index is None:
+            return t
+        run.tokens += 1
+        return _Token(index, t)
 
     def unpack(saved: Any) -> torch.Tensor:
         if not isinstance(saved, _Token):
             return saved
-        if not regathered:  # the unit's backward: one all-gather for all of its nodes
+        if run.full is None:  # the unit's backward: one all-gather for all of its nodes
             with torch.no_grad():
-                locals_ = [d.to_local().detach() for d in shards]
-                regathered.append(_gather_rows(locals_, shards, dtypes))
-        full = regathered[0][saved.index]
-        return full.as_strided(saved.size, saved.stride, saved.offset)
+                run.full = schedule.regather(run)
+        return run.full[saved.index].as_strided(saved.size, saved.stride, saved.offset)
 
     return pack, unpack
 
@@ -386,10 +523,20 @@ class GatherOnUse(TorchFunctionMode):
     flows back through the gather (reduce-scattered, averaged).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, backward: bool = False) -> None:
         super().__init__()
         self.paused = 0  # > 0 inside `apply`, which gathers per unit itself
         self.full: dict[int, tuple[Any, torch.Tensor]] = {}
+        # `lf.value_and_grad`'s (backward=True) drains, after its backward, the schedules of
+        # the `apply` calls inside, which may then leave collectives in flight.
+        self.backward = backward
+        self.schedules: list[_Schedule] = []
+
+    def drain(self) -> None:
+        """Wait for the collectives the `apply` calls inside left in flight."""
+        for schedule in self.schedules:
+            schedule.drain()
+        self.schedules.clear()
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -509,20 +656,49 @@ def _apply_sharded(
         for n, p in params.items()
         if n not in rows
     }
-    if root:
-        shards = [params[n] for n in root]
-        dtypes = _gather_dtypes([_owner(module, n) for n in root], shards, policy)
-        plain.update(zip(root, _gather(shards, dtypes), strict=True))
+    # The units in the order the model registers them: the order they are expected to run in.
+    modules = module.named_modules(remove_duplicate=False)  # every path of a shared sub-module
+    position = {name: i for i, (name, _) in enumerate(modules)}
+    plan = [
+        _Unit(
+            module.get_submodule(unit),
+            [n[len(unit) + 1 :] for n in names],
+            [params[n] for n in names],
+        )
+        for unit, names in sorted(
+            units.items(), key=lambda item: position.get(item[0], len(position))
+        )
+        if names
+    ]
+    mode = _value_and_grad_mode()
+    schedule = _Schedule(backward=mode is not None and torch.is_grad_enabled())
+    if mode is not None and schedule.backward:
+        mode.schedules.append(schedule)
     handles: list[Any] = []
     try:
-        for unit, names in units.items():
-            if names:
-                local = [n[len(unit) + 1 :] for n in names]
-                handles += _unit_hooks(module.get_submodule(unit), names, local, params, policy)
+        if root:
+            shards = [params[n] for n in root]
+            dtypes = _gather_dtypes([_owner(module, n) for n in root], shards, policy)
+            inflight = _InFlight(shards, dtypes)
+            if plan:  # the first unit's gather travels with the rest's
+                first = _gather_dtypes(plan[0].owners, plan[0].shards, policy)
+                schedule.issue((0, *first), plan[0].shards, first)
+            plain.update(zip(root, _gather(shards, dtypes, inflight), strict=True))
+        for at in range(len(plan)):
+            handles += _unit_hooks(plan, at, policy, schedule)
         return functional_call(module, (plain, buffers), args, kwargs, strict=False)
     finally:
         for h in handles:
             h.remove()
+        schedule.drop()  # a gather issued for a unit that did not run
+
+
+def _value_and_grad_mode() -> GatherOnUse | None:
+    """The `GatherOnUse` of the `lf.value_and_grad` call in progress (which drains schedules)."""
+    for mode in reversed(_get_current_function_mode_stack()):
+        if isinstance(mode, GatherOnUse):
+            return mode if mode.backward else None
+    return None
 
 
 def _grad_sharded(
@@ -548,10 +724,14 @@ def _grad_sharded(
         leaves += [x for x in flat if isinstance(x, torch.Tensor) and x.requires_grad]
         specs.append((spec, flat))
         args_l[i] = tree_unflatten(spec, flat)
-    with torch.enable_grad(), GatherOnUse():
-        out = fn(*args_l, **kwargs)
-    loss = out[0] if has_aux else out
-    found = torch.autograd.grad(loss, leaves, allow_unused=True)
+    mode = GatherOnUse(backward=True)
+    try:
+        with torch.enable_grad(), mode:
+            out = fn(*args_l, **kwargs)
+        loss = out[0] if has_aux else out
+        found = torch.autograd.grad(loss, leaves, allow_unused=True)
+    finally:
+        mode.drain()
     by_leaf = {id(x): _reduced(x, g) for x, g in zip(leaves, found, strict=True)}
     grads = [tree_unflatten(spec, [by_leaf.get(id(x), x) for x in flat]) for spec, flat in specs]
     value = (loss.detach(), tree_detach(out[1])) if has_aux else loss.detach()
@@ -572,7 +752,7 @@ def _reduced(leaf: torch.Tensor, grad: Any) -> Any:
 def _full_leaves(leaves: list[Any]) -> list[Any]:
     """DTensor leaves as full plain tensors (row shards in one all-gather), others as they are."""
     rows = [x for x in leaves if _is_row_shard(x)]
-    gathered = iter(_gather_rows([x.to_local() for x in rows], rows) if rows else [])
+    gathered = iter(_gather_rows(rows) if rows else [])
     dtensor = _dtensor_type()
     return [
         next(gathered) if _is_row_shard(x) else x.to_local() if isinstance(x, dtensor) else x

@@ -29,6 +29,7 @@ EAGER = [
     "mixed_precision",
     "bf16_gather",
     "meta_init",
+    "schedule",
 ]
 
 
@@ -79,6 +80,28 @@ def test_parameters_are_gathered_one_unit_at_a_time(four):
         assert out["by_class"] == out["per_unit"], out  # set_units(model, [Block])
         # The largest gather is one block or the non-unit rest, not the whole model.
         assert out["largest_unit_gather"] < out["largest_whole_gather"] / 2, out
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_the_next_units_gather_is_issued_before_the_current_unit_computes(four):
+    for out in ok_results(four, "schedule"):
+        # Forward: the rest's and block 0's gathers go out together, block 1's before
+        # block 0's first matmul, and so on.
+        assert out["order"][:4] == ["AG", "AG", "AG", "mm"], out
+        # Backward: block 1's re-gather goes out with block 2's, before block 2's
+        # reduce-scatter, then block 0's with block 1's; the rest's reduce-scatter last.
+        assert out["collectives"] == [*["AG"] * 4, "AG", "AG", "RS", "AG", "RS", "RS", "RS"], out
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_units_that_run_out_of_the_expected_order_train_like_one_process(four):
+    for out in ok_results(four, "schedule"):
+        assert out["reversed"] <= TOL, out
+        # 7 gathers are needed; a wrong guess of the next unit in the forward costs one
+        # gather more (3 here), never a wrong value. The backward follows the forward's order.
+        assert out["reversed_gathers"] == 10, out
 
 
 @pytest.mark.multiprocess

@@ -13,9 +13,12 @@ and sees those shards as its parameters:
    layer; `fully_sharded(..., units=...)` / `FSDP(mesh, units=...)` choose
    others): the parameters outside every unit once, at the start of the
    call, and each unit's in one all-gather right before the unit runs; they
-   are dropped after it. While a unit runs, saved-tensor hooks keep a token
+   are dropped after it. The next unit's all-gather is issued as a unit
+   starts, so that it travels while the unit computes (FSDP2's prefetch;
+   at most one unit ahead). While a unit runs, saved-tensor hooks keep a token
    instead of any tensor in the gathered storage (a weight, or a view of
-   it), and the unit is re-gathered once when its backward first needs it.
+   it), and the unit is re-gathered once when its backward first needs it
+   (with the re-gather of the unit before it issued at the same time).
    Under a "-mixed" precision the weights of `nn.Linear` / `nn.Conv*` layers
    are gathered in the compute dtype (autocast would cast them at their use
    anyway: the same values, half the bytes moved and held, and autocast

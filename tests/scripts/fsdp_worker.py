@@ -287,6 +287,62 @@ def bf16_gather(mesh: lfd.Mesh) -> dict[str, Any]:
     return out
 
 
+class Reversed(Net):
+    """The blocks run in the reverse of their registration order: the gather schedule's guess
+    of the next unit is wrong every time."""
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens)
+        for block in reversed(self.blocks):
+            x = block(x)
+        return self.head(x.mean(1))
+
+
+class IssueOrder(TorchDispatchMode):
+    """The all-gathers ("AG"), reduce-scatters ("RS") and matmuls ("mm") in the order issued."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        op = func.name().split("::")[-1]
+        if func.namespace == "_c10d_functional" and op == "all_gather_into_tensor":
+            self.ops.append("AG")
+        elif func.namespace == "_c10d_functional" and op == "reduce_scatter_tensor":
+            self.ops.append("RS")
+        elif op in ("addmm", "mm"):
+            self.ops.append("mm")
+        return func(*args, **(kwargs or {}))
+
+
+def schedule(mesh: lfd.Mesh) -> dict[str, Any]:
+    """The order collectives are issued in (the next unit's gather goes ahead), and a model
+    whose units run out of the expected order: the same values as one process."""
+    model = make_net()
+    step = lfd.fully_sharded(train_step_for(model), mesh)
+    state = lfd.shard_state(lf.TrainState.create(model, optimizer(), seed=None), mesh)
+    with IssueOrder() as order:
+        step(state, mine(data(1)[0], mesh))
+    torch.manual_seed(0)
+    backwards = Reversed()
+    ref_state = lf.TrainState.create(backwards, optimizer(), seed=None)
+    ref, _ = train(lf.build(train_step_for(backwards), compile=False), ref_state, data())
+    torch.manual_seed(0)
+    sharded = lf.build(train_step_for(backwards), compile=False, strategy=lfd.FSDP(mesh))
+    state = sharded.prepare(lf.TrainState.create(Reversed(), optimizer(), seed=None))
+    batches = [mine(b, mesh) for b in data()]
+    with CountCollectives() as counted:
+        state, _ = sharded(state, batches[0])
+    state, _ = train(sharded, state, batches[1:])
+    return {
+        "order": order.ops,
+        "collectives": [op for op in order.ops if op != "mm"],
+        "reversed": max_diff(lfd.gather_state(state).params, ref.params),
+        "reversed_gathers": counted.counts.get("all_gather_into_tensor", 0),
+    }
+
+
 def meta_init(mesh: lfd.Mesh) -> dict[str, Any]:
     """A meta-device model: shards equal a CPU model's values; no rank holds the whole."""
     with torch.device("meta"):
@@ -314,6 +370,7 @@ CHECKS: dict[str, Callable[[lfd.Mesh], Any]] = {
     "mixed_precision": mixed_precision,
     "bf16_gather": bf16_gather,
     "meta_init": meta_init,
+    "schedule": schedule,
 }
 
 
