@@ -76,6 +76,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "lightfunc._compile",
             "lightfunc._compile_cache",  # compile_cache.bin: torch's cache artifacts + CPU kernels
             "lightfunc._donate",  # build(donate=True): new state written into the old storage
+            "lightfunc._step_checks",  # the checks of a built step's first call
             "lightfunc._build",
             "lightfunc.distributed.*",
         ),
