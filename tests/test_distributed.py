@@ -74,11 +74,12 @@ def _max_diff(a: Any, b: Any) -> float:
     )
 
 
-def _dp_run(mesh: lfd.Mesh, compile: bool) -> dict[str, Any]:
+def _dp_run(mesh: lfd.Mesh, compile: bool, donate: bool = False) -> dict[str, Any]:
     model = make_model(0, batchnorm=False)
     train_step, _ = make_steps(model)
     state = lf.TrainState.create(model, _optimizer(), seed=None)
-    step = lf.build(lfd.data_parallel(train_step, mesh), compile=compile)
+    pointers = [t.data_ptr() for t in lf.tree_leaves(state.params)]
+    step = lf.build(lfd.data_parallel(train_step, mesh), compile=compile, donate=donate)
     graphs = lf.compile_counts()["graphs"]
     state, metrics = _train(step, state, [_mine(b, mesh) for b in _data()])
     ref, ref_metrics = _reference()
@@ -87,6 +88,8 @@ def _dp_run(mesh: lfd.Mesh, compile: bool) -> dict[str, Any]:
         "opt_state": _max_diff(state.opt_state, ref.opt_state),
         "loss": abs(float(metrics["loss"]) - float(ref_metrics["loss"])),
         "graphs": lf.compile_counts()["graphs"] - graphs,
+        # Donated and compiled: the parameters stayed in the storage they were created in.
+        "same_storage": [t.data_ptr() for t in lf.tree_leaves(state.params)] == pointers,
     }
 
 
@@ -450,6 +453,7 @@ def _checks(mesh: lfd.Mesh, names: list[str]) -> dict[str, Any]:
         "dp_eager": lambda: _dp_run(mesh, compile=False),
         "fsdp_eager": lambda: _fsdp_run(mesh, compile=False),
         "dp_compiled": lambda: _dp_run(mesh, compile=True),
+        "dp_compiled_donate": lambda: _dp_run(mesh, compile=True, donate=True),
         "fsdp_compiled": lambda: _fsdp_run(mesh, compile=True),
         "buffers_and_metrics": lambda: _buffers_and_metrics(mesh),
         "communication": lambda: _communication(mesh),
@@ -490,7 +494,7 @@ EAGER = [
     "metric_reductions",
     "loop_fsdp_strategy",
 ]
-COMPILED = ["dp_compiled", "fsdp_compiled"]
+COMPILED = ["dp_compiled", "fsdp_compiled", "dp_compiled_donate"]
 
 
 @pytest.fixture(scope="module")
@@ -533,13 +537,15 @@ def test_two_ranks_match_one_process_on_the_concatenated_batch(ranks, name):
 
 @pytest.mark.multiprocess
 @pytest.mark.compiled
-@pytest.mark.parametrize("name", ["dp_compiled", "fsdp_compiled"])
+@pytest.mark.parametrize("name", ["dp_compiled", "fsdp_compiled", "dp_compiled_donate"])
 def test_compiled_two_ranks_match_one_process_in_one_graph(ranks, name):
     for out in ok_results(ranks, name):
         assert out["params"] <= TOL, out
         assert out["opt_state"] <= TOL, out
         assert out["loss"] <= TOL, out
         assert out["graphs"] == 1, out  # collectives inside the graph, and no recompiles
+        if name == "dp_compiled_donate":
+            assert out["same_storage"], out
 
 
 @pytest.mark.multiprocess
