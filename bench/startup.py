@@ -15,7 +15,10 @@ cache of an earlier measurement counts:
   before its first step. The transformer is measured at 4 and at 8 blocks.
   Reported: the first step's wall time and CPU time (this process plus its
   children: inductor compiles C++ kernels in subprocesses), and the time from
-  process start (before `import torch`) to the end of the first step.
+  process start (before `import torch`) to the end of the first step. The
+  `... precompiled` rows build the step with `CompileOptions(precompile=True)`,
+  so the cache also holds Dynamo's trace (`lightfunc._precompile`); each child
+  reports the graphs Dynamo traced (0 for a precompiled warm start).
 - `digits`: examples/digits.py's model and data (MLP with dropout, batch 64,
   AdamW lr 2e-3, weight decay 1e-2, constant rate), evaluated on the 360
   test digits after every epoch; the wall time from the start of the run
@@ -23,7 +26,9 @@ cache of an earlier measurement counts:
   reads >= 0.95 accuracy. lightfunc `lf.loop` compiled with a warm cache
   (from a cold run's file), compiled cold, and eager; Lightning's `Trainer`
   like for like (no progress bar, logger, checkpointing or model summary, no
-  sanity check). Each run's import time is reported beside it.
+  sanity check). Each run's import time is reported beside it; the
+  `_precompiled` runners build both steps with `precompile=True`.
+  `--runners` picks some; a partial run replaces only the rows it measured.
 
 The machine is shared: CPU seconds are the steadier figure; wall times are
 given with their spread over the repeats (min / median / max).
@@ -41,6 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -52,28 +58,44 @@ _T0 = time.perf_counter()  # process start, before torch is imported (for time-t
 
 @dataclasses.dataclass(frozen=True)
 class CompileConfig:
-    """One compile measurement: a bench workload, the transformer at `layers` blocks."""
+    """One compile measurement: a bench workload, the transformer at `layers` blocks.
+
+    `precompile`: the step is built with `CompileOptions(precompile=True)`, so
+    the cache also carries Dynamo's trace (`lightfunc._precompile`).
+    """
 
     workload: str
     layers: int = 4
+    precompile: bool = False
 
     @property
     def label(self) -> str:
+        name = self.workload
         if self.workload.startswith("gpt"):
-            return f"{self.workload} {self.layers} blocks"
-        return self.workload
+            name = f"{self.workload} {self.layers} blocks"
+        return f"{name} precompiled" if self.precompile else name
 
 
 COMPILE_CONFIGS = [
     CompileConfig("trivial"),  # `x + 1`: what any first compile on a new machine costs
     CompileConfig("mlp"),
+    CompileConfig("mlp", precompile=True),
     CompileConfig("cnn"),
+    CompileConfig("cnn", precompile=True),
     CompileConfig("gpt", 4),
+    CompileConfig("gpt", 4, precompile=True),
     CompileConfig("gpt", 8),
     CompileConfig("gpt-regional", 4),  # eager step, each block compiled (`compile_regions`)
     CompileConfig("gpt-regional", 8),
 ]
-DIGITS_RUNNERS = ["lightfunc_warm", "lightfunc_cold", "lightfunc_eager", "lightning"]
+DIGITS_RUNNERS = [
+    "lightfunc_warm",
+    "lightfunc_cold",
+    "lightfunc_warm_precompiled",
+    "lightfunc_cold_precompiled",
+    "lightfunc_eager",
+    "lightning",
+]
 
 
 # -- children: one measurement each, printed as one JSON line ------------------------------
@@ -90,7 +112,7 @@ def _child_compile(config: CompileConfig, mode: str, cache: str) -> dict[str, An
     import lightfunc as lf
     from bench.impls import lightfunc_train_step
     from bench.workloads import CharGPT, make_workload
-    from lightfunc._compile import compile_regions
+    from lightfunc._compile import compile_counts, compile_regions
     from lightfunc._compile_cache import load_compile_cache, save_compile_cache
 
     imported = time.perf_counter() - _T0
@@ -108,7 +130,10 @@ def _child_compile(config: CompileConfig, mode: str, cache: str) -> dict[str, An
             model = CharGPT(layers=config.layers)
         if regional:
             compile_regions(model)
-        step = lf.build(lightfunc_train_step(workload, model), compile=not regional)
+        compile: bool | lf.CompileOptions = not regional
+        if config.precompile:
+            compile = lf.CompileOptions(precompile=True)
+        step = lf.build(lightfunc_train_step(workload, model), compile=compile)
         state = lf.TrainState.create(model, lf.optim.adamw(1e-3, weight_decay=0.01))
         wall, cpu = time.perf_counter(), _cpu()
         state, metrics = step(state, workload.batches[0])
@@ -118,8 +143,11 @@ def _child_compile(config: CompileConfig, mode: str, cache: str) -> dict[str, An
     from torch._dynamo.utils import compilation_time_metrics
 
     first["phases_s"] = {k: round(sum(v), 3) for k, v in compilation_time_metrics.items()}
+    first["inductor_modules"] = sum(m.startswith("torch._inductor") for m in sys.modules)
+    first["graphs"] = compile_counts()["graphs"]  # traced by Dynamo (0: a precompiled warm start)
     if mode == "cold":
-        save_compile_cache(cache)
+        info = save_compile_cache(cache)
+        first["saved_steps"] = 0 if info is None else info.steps
     return {
         **first,
         "import_s": imported,
@@ -155,6 +183,9 @@ def _child_digits(runner: str, cache: str, max_epochs: int) -> dict[str, Any]:
         **reached,
         "to_target_cpu_s": None if reached["to_target_s"] is None else reached.pop("cpu") - cpu,
         "run_s": time.perf_counter() - start,
+        # the C++ compiler and other subprocesses, whole run (0-ish: nothing compiled)
+        "children_cpu_s": os.times().children_user + os.times().children_system,
+        "load_average": os.getloadavg(),
     }
 
 
@@ -164,10 +195,11 @@ def _digits_lightfunc(
     import torch.nn.functional as F
 
     import lightfunc as lf
+    from lightfunc._compile import compile_counts
     from lightfunc._compile_cache import load_compile_cache, save_compile_cache
 
     start = time.perf_counter()
-    if runner == "lightfunc_warm" and load_compile_cache(cache) is None:
+    if runner.startswith("lightfunc_warm") and load_compile_cache(cache) is None:
         raise RuntimeError(f"no usable compile cache in {cache}")
     loader = lf.Loader(train_set.tensors, 64, shuffle=True, seed=0, drop_last=True)
     state = lf.TrainState.create(model, lf.optim.adamw(2e-3, weight_decay=1e-2), seed=0)
@@ -188,18 +220,36 @@ def _digits_lightfunc(
         return {"acc": (logits.argmax(-1) == y).float().mean()}
 
     compiled = runner != "lightfunc_eager"
-    step = lf.build(train_step, compile=compiled)
+    compile: bool | lf.CompileOptions = compiled
+    if runner.endswith("_precompiled"):
+        compile = lf.CompileOptions(precompile=True)
+    step = lf.build(train_step, compile=compile)
     run = lf.loop(
         step, state, loader, max_epochs=max_epochs, eval_step=eval_step,
         eval_data=[test_set.tensors],
     )  # fmt: skip
+    seen = _record_warnings()
     for ls in run:
         if ls.evaluated and float(ls.eval_metrics["acc"]) >= TARGET_ACCURACY:
             seconds, cpu = time.perf_counter() - start, _cpu()
-            if runner == "lightfunc_cold":
+            if runner.startswith("lightfunc_cold"):
                 save_compile_cache(cache)
-            return {"to_target_s": seconds, "cpu": cpu, "steps": ls.step, "epochs": ls.epoch + 1}
+            return {
+                "to_target_s": seconds, "cpu": cpu, "steps": ls.step, "epochs": ls.epoch + 1,
+                # graphs Dynamo traced (0 on a warm precompiled start), and why a saved
+                # step was not used, if it was not (the child runs with warnings ignored)
+                "graphs": compile_counts()["graphs"] if compiled else 0,
+                "stale": [str(w.message) for w in seen if "saved compiled step" in str(w.message)],
+            }  # fmt: skip
     return {"to_target_s": None, "steps": None, "epochs": max_epochs}
+
+
+def _record_warnings() -> list[warnings.WarningMessage]:
+    """Record every warning from here on (this child process ends with the run)."""
+    catcher = warnings.catch_warnings(record=True)
+    seen = catcher.__enter__()
+    warnings.simplefilter("always")
+    return seen
 
 
 def _digits_lightning(model: Any, train_set: Any, test_set: Any, max_epochs: int) -> dict[str, Any]:
@@ -283,9 +333,10 @@ def measure_compile(
     rows: list[dict[str, Any]] = []
     for config in configs:
         for repeat in range(repeats):
-            args = [config.workload, str(config.layers)]
+            args = [config.workload, str(config.layers), str(int(config.precompile))]
             cold, warm = _fresh_pair(["compile", *args, "cold"], ["compile", *args, "warm"])
-            rows.append({"config": config.label, "repeat": repeat, "cold": cold, "warm": warm})
+            rows.append({"config": config.label, "repeat": repeat, "cold": cold, "warm": warm,
+                         "load_average": os.getloadavg()})  # fmt: skip
             if save is not None:
                 save(rows)
             print(f"{config.label:14s} cold {cold['cpu_s']:6.1f} CPU-s  warm {warm['cpu_s']:5.1f} "
@@ -293,21 +344,28 @@ def measure_compile(
     return rows
 
 
-def measure_digits(repeats: int, max_epochs: int) -> list[dict[str, Any]]:
+def measure_digits(
+    repeats: int, max_epochs: int, runners: list[str] = DIGITS_RUNNERS
+) -> list[dict[str, Any]]:
+    """Each runner once per repeat; a warm runner right after its cold one, from its cache."""
     rows = []
     for repeat in range(repeats):
-        cold, warm = _fresh_pair(
-            ["digits", "lightfunc_cold", str(max_epochs)],
-            ["digits", "lightfunc_warm", str(max_epochs)],
-        )
-        rows += [
-            {"runner": "lightfunc_cold", "repeat": repeat, **cold},
-            {"runner": "lightfunc_warm", "repeat": repeat, **warm},
-        ]
+        mine: list[dict[str, Any]] = []
+        for suffix in ("", "_precompiled"):
+            cold_name, warm_name = f"lightfunc_cold{suffix}", f"lightfunc_warm{suffix}"
+            if cold_name not in runners:
+                continue
+            warm_args = ["digits", warm_name, str(max_epochs)] if warm_name in runners else None
+            cold, warm = _fresh_pair(["digits", cold_name, str(max_epochs)], warm_args)
+            mine.append({"runner": cold_name, "repeat": repeat, **cold})
+            if warm_args:
+                mine.append({"runner": warm_name, "repeat": repeat, **warm})
         for runner in ("lightfunc_eager", "lightning"):
-            result, _ = _fresh_pair(["digits", runner, str(max_epochs)], None)
-            rows.append({"runner": runner, "repeat": repeat, **result})
-        print(" ".join(f"{r['runner']} {r['to_target_s']:.1f}s" for r in rows[-4:]), flush=True)
+            if runner in runners:
+                result, _ = _fresh_pair(["digits", runner, str(max_epochs)], None)
+                mine.append({"runner": runner, "repeat": repeat, **result})
+        rows += mine
+        print(" ".join(f"{r['runner']} {r['to_target_s']:.1f}s" for r in mine), flush=True)
     return rows
 
 
@@ -407,6 +465,12 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+def _merged(old: list[dict[str, Any]], new: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
+    """`old` without the rows whose `key` `new` measured again, then `new`."""
+    measured = {row[key] for row in new}
+    return [row for row in old if row[key] not in measured] + new
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=["compile", "digits"], default=None)
@@ -414,13 +478,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workloads", default=",".join(c.label for c in COMPILE_CONFIGS),
                         help="comma-separated labels: " + ", ".join(c.label for c in COMPILE_CONFIGS))  # fmt: skip
     parser.add_argument("--max-epochs", type=int, default=30)
+    parser.add_argument("--runners", default=",".join(DIGITS_RUNNERS),
+                        help="comma-separated digits runners: " + ", ".join(DIGITS_RUNNERS))  # fmt: skip
     add_out_argument(parser)
     parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         kind, *rest = args.child
         if kind == "compile":
-            result = _child_compile(CompileConfig(rest[0], int(rest[1])), rest[2], rest[3])
+            config = CompileConfig(rest[0], int(rest[1]), bool(int(rest[2])))
+            result = _child_compile(config, rest[3], rest[4])
         else:
             result = _child_digits(rest[0], rest[2], int(rest[1]))
         print(json.dumps(result))
@@ -428,18 +495,22 @@ def main(argv: list[str] | None = None) -> None:
     by_label = {c.label: c for c in COMPILE_CONFIGS}
     wanted = [by_label[label] for label in args.workloads.split(",")]
     path = Path(args.out) / "startup.json"
-    # A partial run (`--only`) replaces its own part of earlier results in the same folder.
+    # A partial run (`--only`, `--workloads`, `--runners`) replaces the rows it measured in
+    # the earlier results of the same folder and keeps the others.
     results: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
     results["environment"] = _environment()
     path.parent.mkdir(parents=True, exist_ok=True)
+    earlier = results.get("compile", [])
 
     def save(rows: list[dict[str, Any]]) -> None:
-        path.write_text(json.dumps({**results, "compile": rows}, indent=1))
+        merged = _merged(earlier, rows, "config")
+        path.write_text(json.dumps({**results, "compile": merged}, indent=1))
 
     if args.only in (None, "compile"):
-        results["compile"] = measure_compile(wanted, args.repeats, save)
+        results["compile"] = _merged(earlier, measure_compile(wanted, args.repeats, save), "config")
     if args.only in (None, "digits"):
-        results["digits"] = measure_digits(args.repeats, args.max_epochs)
+        rows = measure_digits(args.repeats, args.max_epochs, args.runners.split(","))
+        results["digits"] = _merged(results.get("digits", []), rows, "runner")
     results["environment"]["load_average_end"] = os.getloadavg()
     path.write_text(json.dumps(results, indent=1))
     path.with_suffix(".md").write_text(markdown(results))

@@ -24,6 +24,8 @@ from typing import Any, Literal
 
 import torch
 
+from ._precompile import PrecompiledFunction
+
 Mode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 _MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -38,6 +40,10 @@ class CompileOptions:
         dynamic: `torch.compile`'s `dynamic` (False: one static graph per shape).
         deterministic: random ops match eager bit for bit (inductor `fallback_random`).
         backend: the `torch.compile` backend ("inductor"; "aot_eager" for debugging).
+        precompile: compile ahead of time (`torch.compile(...).aot_compile`), so
+            that `save_compile_cache` also keeps what Dynamo traced and a new
+            process that loads it skips tracing (`lightfunc._precompile`).
+            Needs `fullgraph=True`.
     """
 
     mode: Mode = "default"
@@ -45,11 +51,17 @@ class CompileOptions:
     dynamic: bool | None = False
     deterministic: bool = False
     backend: str = "inductor"
+    precompile: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in _MODES:
             raise ValueError(
                 f"`mode` must be one of {', '.join(map(repr, _MODES))}, got {self.mode!r}."
+            )
+        if self.precompile and not self.fullgraph:
+            raise ValueError(
+                "`precompile=True` needs `fullgraph=True` (torch compiles ahead of time only "
+                "whole graphs); got `fullgraph=False`. Drop one of the two."
             )
 
 
@@ -79,6 +91,8 @@ def compile_fn(fn: Callable[..., Any], options: CompileOptions) -> Callable[...,
     other out of it. Compiling a copy with a fresh code object gives each
     its own; `fn` itself is left as it is.
     """
+    if options.precompile:
+        return PrecompiledFunction(_with_own_code(fn), _compile_kwargs(options))
     return torch.compile(_with_own_code(fn), **_compile_kwargs(options))
 
 

@@ -19,14 +19,20 @@ What the file holds (`compile_cache.bin`):
   still runs the C++ compiler for every kernel (measured: most of a cold
   compile on CPU). A library is only ever used under the name inductor gives
   it, the hash of its source and compiler command, so it is found only by the
-  same code built the same way.
+  same code built the same way;
+- the precompiled steps (`CompileOptions(precompile=True)`,
+  `lightfunc._precompile`): Dynamo's bytecode and guards with the compiled
+  graph, so that the same step built in a new process skips tracing too. A
+  step is used only when its checks pass (the source it traced, the values
+  it read, the objects its guards name); otherwise it is compiled again.
 
 Loading it runs code, so it is loaded only from a file we can trust:
 `torch.compiler.load_cache_artifacts` writes the entries into inductor's
 cache directory, and torch *unpickles* them when a compile looks them up
 (`FxGraphCache`, `AOTAutogradCache`: `pickle.loads`; on GPU already while
 loading, for the Triton bundle), then imports the generated Python and
-loads the libraries. A file crafted by someone else
+loads the libraries; a precompiled step is torch's pickle too
+(`AOTCompiledFunction.deserialize`), unpickled when a step first needs it. A file crafted by someone else
 can therefore run anything in this process, as a Python file in your
 project could. `load_compile_cache` refuses (with a warning, never an
 error: a cache must not stop a run) a file that is a link, that is not owned
@@ -38,10 +44,12 @@ permissions keep others out). Load caches only from runs you wrote.
 lightfunc itself neither pickles nor unpickles: the file is a JSON header
 and raw bytes; the pickles inside are torch's, read by torch.
 
-The format: the magic line `lightfunc-compile-cache\\n`, an 8-byte
-little-endian header length, the UTF-8 JSON header (format, torch and
-Python versions, machine, and per part its size and SHA-256), then the
-parts' bytes in header order.
+The format (2; format 1, without steps, is still read): the magic line
+`lightfunc-compile-cache\\n`, an 8-byte little-endian header length, the
+UTF-8 JSON header (format, torch and Python versions, machine, and per part
+its name, size and SHA-256), then the parts' bytes in header order: torch's
+artifacts, the kernel libraries (`<2 chars>/c<hash>.so`), the steps
+(`step/<step key>/<digest>`).
 """
 
 from __future__ import annotations
@@ -62,13 +70,17 @@ from typing import Any
 import torch
 
 from ._atomic import atomic_write
+from ._precompile import load_steps, saved_steps
 
 FILENAME = "compile_cache.bin"
 _MAGIC = b"lightfunc-compile-cache\n"
-_FORMAT = 1
+_FORMAT = 2  # 2: adds the precompiled steps' parts ("step/...")
+_READS = (1, 2)
 _MAX_HEADER = 1 << 20  # bytes; a longer header is garbage
 # An inductor kernel library's path inside its cache directory: `<2 chars>/<hash>[.main].so`.
 _KERNEL = re.compile(r"^[a-z0-9]{2}/c[a-z0-9]{40,80}(\.main)?\.so$")
+# A precompiled step (`lightfunc._precompile`): `step/<step key>/<digest>`.
+_STEP = re.compile(r"^step/[0-9a-f]{32}/[0-9a-f]{32}$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +94,8 @@ class CompileCacheInfo:
         bytes: the file's size.
         installed: on load, the kernel libraries written into inductor's cache
             directory (those already there are left as they are).
+        steps: how many precompiled steps it carries (`CompileOptions(precompile=True)`:
+            Dynamo's trace too, so a new process that builds the same step skips it).
     """
 
     path: Path
@@ -89,6 +103,7 @@ class CompileCacheInfo:
     kernels: int
     bytes: int
     installed: int = 0
+    steps: int = 0
 
 
 def save_compile_cache(directory: str | os.PathLike[str]) -> CompileCacheInfo | None:
@@ -109,6 +124,8 @@ def save_compile_cache(directory: str | os.PathLike[str]) -> CompileCacheInfo | 
     artifacts, info = saved
     parts: list[tuple[str, bytes]] = [("artifacts", artifacts)]
     parts += [(name, data) for name, data in _kernel_files()]
+    steps = saved_steps()
+    parts += steps
     graphs = {kind: len(keys) for kind, keys in info.artifacts.items()}
     header = {
         "format": _FORMAT,
@@ -129,7 +146,8 @@ def save_compile_cache(directory: str | os.PathLike[str]) -> CompileCacheInfo | 
                 f.write(data)
 
     atomic_write(path, write)
-    return CompileCacheInfo(path, graphs, len(parts) - 1, path.stat().st_size)
+    kernels = len(parts) - 1 - len(steps)
+    return CompileCacheInfo(path, graphs, kernels, path.stat().st_size, steps=len(steps))
 
 
 def load_compile_cache(directory: str | os.PathLike[str]) -> CompileCacheInfo | None:
@@ -163,9 +181,12 @@ def load_compile_cache(directory: str | os.PathLike[str]) -> CompileCacheInfo | 
         )
         return None
     torch.compiler.load_cache_artifacts(parts["artifacts"])
-    installed = _install_kernels({k: v for k, v in parts.items() if k != "artifacts"})
+    steps = {k: v for k, v in parts.items() if _STEP.match(k)}
+    kernels = {k: v for k, v in parts.items() if _KERNEL.match(k)}
+    installed = _install_kernels(kernels)
+    load_steps(steps)
     return CompileCacheInfo(
-        path, dict(header["graphs"]), len(parts) - 1, path.stat().st_size, installed
+        path, dict(header["graphs"]), len(kernels), path.stat().st_size, installed, len(steps)
     )
 
 
@@ -217,8 +238,8 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
         header["graphs"] = {str(k): int(v) for k, v in header["graphs"].items()}
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as error:
         raise ValueError(f"its header is unreadable ({error!r:.200})") from None
-    if header.get("format") != _FORMAT:
-        raise ValueError(f"it is format {header.get('format')!r}, this lightfunc reads {_FORMAT}")
+    if header.get("format") not in _READS:
+        raise ValueError(f"it is format {header.get('format')!r}, this lightfunc reads {_READS}")
     theirs = {key: header.get(key) for key in _environment()}
     if theirs != _environment():
         raise ValueError(f"it was written by {theirs}, this process is {_environment()}")
@@ -227,8 +248,8 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
         chunk = data[offset : offset + length]
         if len(chunk) != length or hashlib.sha256(chunk).hexdigest() != digest:
             raise ValueError(f"its part {name!r} fails its SHA-256 check (damaged or truncated)")
-        if name != "artifacts" and not _KERNEL.match(name):
-            raise ValueError(f"its part {name!r} is not a kernel library's name")
+        if name != "artifacts" and not _KERNEL.match(name) and not _STEP.match(name):
+            raise ValueError(f"its part {name!r} is not a kernel library's or a step's name")
         parts[name], offset = chunk, offset + length
     if offset != len(data) or "artifacts" not in parts:
         raise ValueError("its length does not match its header")

@@ -75,6 +75,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "lightfunc._strategy",
             "lightfunc._compile",
             "lightfunc._compile_cache",  # compile_cache.bin: torch's cache artifacts + CPU kernels
+            "lightfunc._precompile",  # CompileOptions(precompile=True): Dynamo's trace saved too
+            "lightfunc._identity",  # identities across processes, for _precompile's checks
             "lightfunc._donate",  # build(donate=True): new state written into the old storage
             "lightfunc._step_checks",  # the checks of a built step's first call
             "lightfunc._build",
@@ -112,6 +114,14 @@ ALLOWED_STATE = {
     "lightfunc.kernels._triton._enabled": (
         "the public `lightfunc.kernels.set_enabled` switch: a process-wide user setting"
         " (like torch.backends flags) read when an op is traced"
+    ),
+    "lightfunc._precompile._LOADED": (
+        "precompiled steps read from a compile cache file, found by the steps built later in"
+        " the process: a process-wide cache, like torch's own compile caches"
+    ),
+    "lightfunc._precompile._COMPILED": (
+        "the steps this process compiled ahead of time, serialized, for `save_compile_cache`"
+        " (as torch.compiler.save_cache_artifacts finds torch's own cache entries)"
     ),
 }
 

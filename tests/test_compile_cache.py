@@ -148,12 +148,23 @@ def test_other_environment_or_format_is_refused(fake_torch, tmp_path, changes, m
     _refused(tmp_path, match, loaded)
 
 
-@pytest.mark.parametrize("name", ["../../evil.so", "ab/cxyz.py", "/etc/ld.so", "ab/../../x.so"])
-def test_part_outside_the_kernel_names_is_refused(fake_torch, tmp_path, name):
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../../evil.so",
+        "ab/cxyz.py",
+        "/etc/ld.so",
+        "ab/../../x.so",
+        "step/../../x.so",
+        f"step/{'a' * 32}/../../{'b' * 26}",
+        f"step/{'A' * 32}/{'b' * 32}",
+    ],
+)
+def test_part_outside_the_kernel_and_step_names_is_refused(fake_torch, tmp_path, name):
     loaded, inductor = fake_torch
     parts = [("artifacts", ARTIFACTS), (name, b"code")]
     _write(tmp_path / FILENAME, _header(parts), [d for _, d in parts])
-    _refused(tmp_path, "not a kernel library's name", loaded)
+    _refused(tmp_path, "not a kernel library's or a step's name", loaded)
     assert not (tmp_path / "evil.so").exists() and not list(inductor.rglob("*.so"))
 
 
