@@ -402,12 +402,18 @@ def test_warm_process_runs_the_saved_step_without_tracing(tmp_path):
 @pytest.mark.compiled
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")
-def test_step_torch_cannot_precompile_falls_back_to_plain_compile(monkeypatch):
+def test_step_torch_cannot_precompile_falls_back_to_plain_compile():
     # aot_compile needs inductor's caches; with them off it raises and the step compiles as usual.
-    monkeypatch.setattr(torch._inductor.config, "force_disable_caches", True)
+    # `config.patch`, not monkeypatch: undoing a monkeypatched torch config attribute deletes it
+    # (it lives behind the config module's __getattr__) and leaves the caches off for every
+    # later test of the session.
     batches = [_batch(seed=s) for s in range(2)]
-    with pytest.warns(RuntimeWarning, match=r"plain torch.compile.*force_disable_caches"):
+    with (
+        torch._inductor.config.patch(force_disable_caches=True),
+        pytest.warns(RuntimeWarning, match=r"plain torch.compile.*force_disable_caches"),
+    ):
         step, params, _ = _train(_step(_model()), _model(), AOT_EAGER, batches)
+    assert not torch.compiler.config.force_disable_caches
     assert step._run.entries == 0
     _, eager, _ = _train(_step(_model()), _model(), False, batches)
     assert_trees_close(params, eager, rtol=1e-5, atol=1e-6)
