@@ -39,7 +39,7 @@ import optree
 import torch
 
 from ._rng import RngKey
-from ._tree import NAMESPACE, tree_walk
+from ._tree import NAMESPACE, tree_rebuild, tree_walk
 
 
 class DonatedStateError(RuntimeError):
@@ -201,7 +201,7 @@ def write_back(old: Any, new: Any, metrics: Any = None) -> tuple[Any, Any]:
         # Metrics leave the step as copies: one that is (or views) a state tensor would
         # otherwise show the values this or a later donating call writes there. They are small.
         _, metric_leaves = tree_walk(metrics)
-        metrics = _rebuild(metrics, iter([m.clone() for m in metric_leaves]))[0]
+        metrics = tree_rebuild(metrics, iter([m.clone() for m in metric_leaves]))
     old_paths, old_leaves = tree_walk(old)
     new_paths, new_leaves = tree_walk(new)
     if old_paths != new_paths:  # the structure changed: the first call's checks report it
@@ -216,42 +216,7 @@ def write_back(old: Any, new: Any, metrics: Any = None) -> tuple[Any, Any]:
             if o is not n and id(o) not in skip and _compatible(o, n):
                 o.copy_(n)
                 out[i] = o
-    return _rebuild(new, iter(out))[0], metrics
-
-
-def _rebuild(template: Any, leaves: Any) -> tuple[Any, bool]:
-    """(`template` with its tensors replaced, in `tree_walk`'s order, by `leaves`; whether any was).
-
-    `tree_rebuild` for dynamo: it compares only tensors by identity (dynamo
-    cannot trace `is` between two tuples, which `tree_rebuild` does), and
-    returns an unchanged sub-tree itself (a new optimizer object in the
-    returned state would fail the next call's guards and recompile).
-    """
-    if isinstance(template, torch.Tensor):
-        t = next(leaves)
-        return t, t is not template
-    if dataclasses.is_dataclass(template) and not isinstance(template, type):
-        names = [f.name for f in dataclasses.fields(template)]
-        kids = [_rebuild(getattr(template, n), leaves) for n in names]
-        if not any(changed for _, changed in kids):
-            return template, False
-        return dataclasses.replace(template, **{n: kids[i][0] for i, n in enumerate(names)}), True
-    if isinstance(template, dict):
-        entries = {key: _rebuild(value, leaves) for key, value in template.items()}
-        if not any(changed for _, changed in entries.values()):
-            return template, False
-        copy = template.copy()
-        copy.update({key: value for key, (value, _) in entries.items()})
-        return copy, True
-    if isinstance(template, list | tuple):
-        items = [_rebuild(v, leaves) for v in template]
-        if not any(changed for _, changed in items):
-            return template, False
-        values = [v for v, _ in items]
-        if isinstance(template, tuple) and hasattr(template, "_fields"):  # a namedtuple
-            return type(template)(*values), True
-        return type(template)(values), True
-    return template, False
+    return tree_rebuild(new, iter(out)), metrics
 
 
 def _compatible(o: Any, n: Any) -> bool:

@@ -193,28 +193,41 @@ def tree_walk(tree: Any) -> tuple[list[str], list[torch.Tensor]]:
 
 
 def tree_rebuild(template: Any, leaves: Iterator[torch.Tensor]) -> Any:
-    """`template` with its tensors replaced, in `tree_walk`'s order, by `leaves`."""
+    """`template` with its tensors replaced, in `tree_walk`'s order, by `leaves`.
+
+    A dataclass, list or tuple none of whose children changed is returned as
+    it is (a new optimizer object in a compiled step's output would fail the
+    next call's guards); dicts are always new. Whether a child changed is
+    tracked as a flag, comparing tensors only: dynamo cannot trace `is`
+    between two tuples (a chained optimizer's nested state).
+    """
+    return _rebuilt(template, leaves)[0]
+
+
+def _rebuilt(template: Any, leaves: Iterator[torch.Tensor]) -> tuple[Any, bool]:
+    """(`tree_rebuild`'s result, whether it is not `template` itself)."""
     if isinstance(template, torch.Tensor):
-        return next(leaves)
+        t = next(leaves)
+        return t, t is not template
     if dataclasses.is_dataclass(template) and not isinstance(template, type):
         names = [f.name for f in dataclasses.fields(template)]
-        old = [getattr(template, n) for n in names]
-        new = [tree_rebuild(v, leaves) for v in old]
-        if all(a is b for a, b in zip(old, new, strict=True)):
-            return template
-        return dataclasses.replace(template, **dict(zip(names, new, strict=True)))
+        kids = [_rebuilt(getattr(template, n), leaves) for n in names]
+        if not any(changed for _, changed in kids):
+            return template, False
+        return dataclasses.replace(template, **{n: kids[i][0] for i, n in enumerate(names)}), True
     if isinstance(template, dict):
-        entries = {key: tree_rebuild(value, leaves) for key, value in template.items()}
+        entries = {key: _rebuilt(value, leaves)[0] for key, value in template.items()}
         if type(template) is dict:
-            return entries
+            return entries, True
         copy = template.copy()  # an OrderedDict, a defaultdict, ...: keep its type
         copy.update(entries)
-        return copy
+        return copy, True
     if isinstance(template, (list, tuple)):
-        items = [tree_rebuild(v, leaves) for v in template]
-        if all(a is b for a, b in zip(template, items, strict=True)):
-            return template
+        items = [_rebuilt(v, leaves) for v in template]
+        if not any(changed for _, changed in items):
+            return template, False
+        values = [v for v, _ in items]
         if isinstance(template, tuple) and hasattr(template, "_fields"):  # a namedtuple
-            return type(template)(*items)
-        return type(template)(items)
-    return template
+            return type(template)(*values), True
+        return type(template)(values), True
+    return template, False
