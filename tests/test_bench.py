@@ -45,10 +45,12 @@ def test_lightfunc_eager_and_the_raw_loop_take_the_same_steps(name):
 def test_every_eager_runner_reports_its_state_size():
     workload = make_workload("mlp")
     params = sum(p.numel() * 4 for p in workload.make_model().parameters())
-    for name in ("raw_eager", "lightfunc_eager"):
+    # Params and two AdamW moments; raw eager also keeps its gradients between steps
+    # (`zero_grad` comes before `backward`), so they count as held between steps too.
+    for name, copies in (("raw_eager", 4), ("lightfunc_eager", 3)):
         runner = RUNNERS[name](workload)
         runner.first_losses(1)
-        assert 3 * params <= runner.state_bytes() <= 3 * params + 1024  # params + two AdamW moments
+        assert copies * params <= runner.state_bytes() <= copies * params + 1024, name
 
 
 def test_report_renders_a_table_and_a_chart(tmp_path):
