@@ -47,7 +47,7 @@ import torch
 from ._accumulate import micro_step, split_batch
 from ._compile import CompileOptions, as_compile_options, compile_fn
 from ._contract import Metrics, Strategy
-from ._donate import consume, donating, refuse_consumed
+from ._donate import consume, donating, refuse_consumed, updating_in_place_during
 from ._metrics import Reduction, check_reductions, combine
 from ._precision import Policy, parse_precision
 from ._precision_step import (
@@ -186,9 +186,17 @@ class Step(Generic[S]):
             ("accumulate", (lambda f: micro_step(f, final=final)) if accumulating else None),
             # Last inside compile: the new state is copied into the old one's tensors in the
             # graph, where inductor writes it there directly (see lightfunc/_donate.py).
-            # Eagerly nothing is copied (the new tensors exist already; a copy would only cost
-            # time): `__call__` marks the old state consumed all the same.
-            ("donate", donating if donate and compiled else None),
+            # Eagerly the optimizers that can write their update into the old tensors
+            # (`apply_gradients` on a state marked by `updating_in_place_during`);
+            # `__call__` marks the old state consumed either way.
+            (
+                "donate",
+                None
+                if not donate
+                else donating
+                if compiled
+                else lambda f: updating_in_place_during(f, self.__name__),
+            ),
             # Outermost of what runs per micro-batch: one graph each for the
             # deferring and the updating micro-batches.
             (
@@ -296,9 +304,9 @@ class Step(Generic[S]):
             )
             if self.kind == "train" and self.precision.needs_loss_scaling:
                 check_loss_scaled(self._eager, state, batch, self.__name__)
-        # A compiled donating step overwrites `state`: the checks below read a copy taken
-        # first (the first call only; validate=False skips it).
-        overwrites = self.donate and self.compile_options is not None
+        # A donating step overwrites `state`: the checks below read a copy taken first (the
+        # first call only; validate=False skips it).
+        overwrites = self.donate
         before = _clone_tensors(state) if overwrites else state
         inputs = {"batch": batch} if overwrites else {"state": state, "batch": batch}
         versions = input_versions(inputs)
@@ -394,11 +402,12 @@ def build(
             "sum", "max", "min", "any" or "last". Unnamed metrics: floats
             "mean", ints "sum", bools "any".
         donate: a compiled step writes the new state into the old state's
-            tensors (see `lightfunc/_donate.py`): no second copy of the
-            parameters and optimizer state is allocated, as with torch.optim's
-            in-place update. Either way (eager steps copy nothing) the state
-            passed in is consumed: using it afterwards raises
-            `lightfunc.DonatedStateError`. Not with `FSDP`.
+            tensors; eagerly, `adam` and `adamw` update the parameters and
+            moments in place inside `apply_gradients` (see
+            `lightfunc/_donate.py`). No second copy of the parameters and
+            optimizer state is allocated, as with torch.optim's in-place
+            update. The state passed in is consumed: using it afterwards
+            raises `lightfunc.DonatedStateError`. With `FSDP`, eager only.
 
     Returns:
         A `Step`, called as `new_state, metrics = step(state, batch)`.
@@ -438,16 +447,18 @@ def build(
     chosen = as_strategy(strategy, mesh)
     if not isinstance(donate, bool):
         raise TypeError(f"`donate` must be True or False, got {donate!r}.")
-    if donate and chosen.name == "fsdp":
+    compile_options = as_compile_options(compile)
+    if donate and chosen.name == "fsdp" and compile_options is not None:
         raise ValueError(
-            "`donate=True` was given with the FSDP strategy, whose state is DTensor shards that "
-            "donation does not reach: an FSDP step already holds only this rank's shards. Drop "
-            "`donate=True`, or use it with one process or DDP."
+            "`donate=True` was given with the FSDP strategy and compile on: a compiled step "
+            "cannot write into DTensor shards, so donation would do nothing. Build it with "
+            "compile=False (the eager FSDP step then updates the shards in place), or drop "
+            "`donate=True`."
         )
     return Step(
         train_step,
         kind="train",
-        compile_options=as_compile_options(compile),
+        compile_options=compile_options,
         validate=validate,
         precision=pol,
         skip_nonfinite=skip,

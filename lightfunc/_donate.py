@@ -11,9 +11,12 @@ one set. Donation gives a built step the same footprint, opt-in:
   state returned is made of the old tensors. The copy is an input mutation
   that inductor folds into the kernels computing the new values: they write
   straight into the old storage, so no second state is allocated.
-- Eager: nothing is copied (the new tensors exist already, so a copy would
-  cost time and save no memory); the old state is marked consumed all the
-  same, so a step behaves alike compiled and eager.
+- Eager: nothing is copied (a copy would cost time and save no memory);
+  instead `TrainState.apply_gradients` runs the optimizer's in-place form
+  where it has one (`adam`, `adamw`: torch.optim's own in-place arithmetic,
+  see `updating_in_place_during`), so the new parameters and moments are
+  written into the old tensors as they are computed. Either way the old
+  state is marked consumed, so a step behaves alike compiled and eager.
 - The state object passed in is *consumed*: its fields are replaced by a
   marker whose every use raises `DonatedStateError`, naming the step. A
   consumed state can never be read by mistake and show the next step's
@@ -23,8 +26,8 @@ What is not donated (the new tensor is returned as a pure step would): a
 leaf whose shape, dtype, device or layout changed, a leaf the step returned
 unchanged (the same tensor), a tensor that appears at two paths of the old
 state or that the new state keeps at another path, and tensor subclasses
-such as the DTensor shards of `FSDP` (which `build` refuses with
-`donate=True`). Metrics are returned as copies, so that none shows values a
+such as the DTensor shards of `FSDP` (`build` refuses a compiled FSDP
+step with `donate=True`; an eager one updates its shards in place). Metrics are returned as copies, so that none shows values a
 later call writes. Not supported: a state whose tensors overlap in memory
 (views of one another), where two writes would land on the same elements.
 """
@@ -39,7 +42,9 @@ import optree
 import torch
 
 from ._rng import RngKey
+from ._state import TrainState, map_train_states
 from ._tree import NAMESPACE, tree_rebuild, tree_walk
+from .optim._base import InPlaceUpdate, in_place
 
 
 class DonatedStateError(RuntimeError):
@@ -119,7 +124,14 @@ def _message(name: str, how: str) -> str:
     )
 
 
-def consume(state: Any, name: str, *, keep: Any) -> None:
+def consume(
+    state: Any,
+    name: str,
+    *,
+    keep: Any,
+    message: str | None = None,
+    fields: tuple[str, ...] | None = None,
+) -> None:
     """Mark `state` consumed, so that any later use of it raises `DonatedStateError`.
 
     The tensor-holding fields of a dataclass state (a `TrainState`: params,
@@ -130,8 +142,9 @@ def consume(state: Any, name: str, *, keep: Any) -> None:
     states (a GAN's `{"g": ..., "d": ...}`) is marked one level down. Deeper
     containers are left as they are: walking the whole tree would cost every
     step more than the rest of the bookkeeping (~70 us on a 6-tensor MLP).
+    `fields` limits the marking to those fields (what an in-place update wrote).
     """
-    marker = Donated(_message(name, "used after"))
+    marker = Donated(message or _message(name, "used after"))
     kept = {id(keep)}
     for node in _nodes_one_level(keep):
         kept.add(id(node))
@@ -144,6 +157,8 @@ def consume(state: Any, name: str, *, keep: Any) -> None:
             continue
         for field, value in zip(*_field_names_and_values(node), strict=True):
             if isinstance(value, RngKey):  # holds no tensors: the key stays readable
+                continue
+            if fields is not None and field not in fields:
                 continue
             if isinstance(value, torch.Tensor | dict | list | tuple) or dataclasses.is_dataclass(
                 value
@@ -230,6 +245,53 @@ def _compatible(o: Any, n: Any) -> bool:
         and n.layout == torch.strided
         and not o.requires_grad
     )
+
+
+def updating_in_place_during(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
+    """`fn` (an eager step) with `TrainState.apply_gradients` updating in place while it runs.
+
+    Optimizers that can (`adam`, `adamw`) then write the new parameters and
+    moments into the old tensors, as torch.optim does: no second copy of
+    them is ever allocated. The parameters and optimizer state of the state
+    `apply_gradients` was called on are marked consumed right there, so that
+    the rest of the step cannot read the overwritten values as old ones (the
+    silent wrong this would invite); its step count, buffers and key stay
+    readable.
+    """
+    message = (
+        f"This state's parameters and optimizer state were updated in place by "
+        f"`apply_gradients` inside `{name}` (built with donate=True and run eagerly): they now "
+        f"hold the new values, so they cannot be read as the old ones. Read what you need "
+        f"from them before calling `apply_gradients`, use the state that call returned, or "
+        f"build the step without `donate=True` to keep the old state readable."
+    )
+
+    def on_updated(old: Any, new: Any) -> None:
+        consume(old, name, keep=new, message=message, fields=("params", "opt_state"))
+
+    def updating(state: Any, *rest: Any) -> Any:
+        # Each TrainState given carries the mark in its optimizer for this call only (no
+        # global): `apply_gradients` on it, or on a state derived from it, writes in place.
+        given: dict[int, TrainState] = {}
+
+        def mark(_: int, ts: TrainState) -> TrainState:
+            marked = ts.replace(tx=in_place(ts.tx, on_updated))
+            given[id(marked)] = ts
+            return marked
+
+        def unmark(_: int, ts: TrainState) -> TrainState:
+            if id(ts) in given:  # returned as it was given: the caller's own object
+                return given[id(ts)]
+            update = ts.tx.update
+            return ts.replace(tx=update.wraps) if isinstance(update, InPlaceUpdate) else ts
+
+        marked = map_train_states(mark, state)
+        out = fn(marked, *rest)
+        return (map_train_states(unmark, out[0]), *out[1:])
+
+    updating.__name__ = getattr(fn, "__name__", "step")
+    updating.__qualname__ = getattr(fn, "__qualname__", "step")
+    return updating
 
 
 def donating(fn: Callable[..., Any]) -> Callable[..., Any]:

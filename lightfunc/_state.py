@@ -13,7 +13,13 @@ from ._func import buffers_of, params_of
 from ._precision import LossScale, Policy, parse_precision
 from ._rng import RngKey
 from ._tree import NAMESPACE, PyTree, register_dataclass
-from .optim._base import GradientTransformation, OptState, apply_updates
+from .optim._base import (
+    GradientTransformation,
+    OptState,
+    apply_updates,
+    in_place_mark,
+    update_in_place,
+)
 from .optim._masking import is_trainable_only, trainable_only
 from .optim._wrappers import ApplyIfFiniteState, apply_if_finite, find_state
 
@@ -220,14 +226,32 @@ class TrainState:
         and returns `None` updates, and this returns the state with only the
         optimizer state and `changes` replaced (parameters and `step` as
         they were); on the last micro-batch it applies the weighted sum.
+
+        Inside a donating eager step (`build(..., donate=True, compile=False)`)
+        optimizers that can (`adam`, `adamw`) write the update into this
+        state's parameters and moments instead of new tensors, and this
+        state's `params` and `opt_state` are marked consumed: reading them
+        afterwards, inside the step or out, raises `DonatedStateError`.
         """
-        updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
-        if updates is None:  # deferred (a micro-batch of an accumulated update)
-            return dataclasses.replace(self, opt_state=opt_state, **changes)
-        params = apply_updates(self.params, updates)
-        return dataclasses.replace(
-            self, params=params, opt_state=opt_state, step=self.step + 1, **changes
-        )
+        mark = None if torch.compiler.is_compiling() else in_place_mark(self.tx)
+        if mark is not None:
+            # A donating eager step (`build(..., donate=True)`): the optimizer writes the
+            # update into these parameters and moments, as torch.optim does, where it can.
+            params, opt_state, wrote = update_in_place(self.tx, grads, self.opt_state, self.params)
+        else:
+            updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+            params = None if updates is None else apply_updates(self.params, updates)
+            wrote = False
+        if params is None:  # deferred (a micro-batch of an accumulated update)
+            new = dataclasses.replace(self, opt_state=opt_state, **changes)
+        else:
+            new = dataclasses.replace(
+                self, params=params, opt_state=opt_state, step=self.step + 1, **changes
+            )
+        if wrote:
+            assert mark is not None
+            mark.on_updated(self, new)  # `self` shows the new values: it is marked consumed
+        return new
 
     def replace(self, **changes: Any) -> TrainState:
         """A copy with the given fields replaced (`dataclasses.replace`)."""

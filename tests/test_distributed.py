@@ -88,21 +88,23 @@ def _dp_run(mesh: lfd.Mesh, compile: bool, donate: bool = False) -> dict[str, An
         "opt_state": _max_diff(state.opt_state, ref.opt_state),
         "loss": abs(float(metrics["loss"]) - float(ref_metrics["loss"])),
         "graphs": lf.compile_counts()["graphs"] - graphs,
-        # Donated and compiled: the parameters stayed in the storage they were created in.
+        # Donated: the parameters stayed in the storage they were created in.
         "same_storage": [t.data_ptr() for t in lf.tree_leaves(state.params)] == pointers,
     }
 
 
-def _fsdp_run(mesh: lfd.Mesh, compile: bool) -> dict[str, Any]:
+def _fsdp_run(mesh: lfd.Mesh, compile: bool, donate: bool = False) -> dict[str, Any]:
     from torch.distributed.tensor import DTensor, Shard
 
     model = make_model(0, batchnorm=False)
     train_step, _ = make_steps(model)
     state = lfd.shard_state(lf.TrainState.create(model, _optimizer(), seed=None), mesh)
-    step = lf.build(lfd.fully_sharded(train_step, mesh), compile=compile)
+    step = lf.build(lfd.fully_sharded(train_step, mesh), compile=compile, donate=donate)
     graphs = lf.compile_counts()["graphs"]
+    pointers = _local_pointers(state)
     state, metrics = _train(step, state, [_mine(b, mesh) for b in _data()])
     new_graphs = lf.compile_counts()["graphs"] - graphs
+    same_storage = _local_pointers(state) == pointers
     weight = state.params["3.weight"]  # (3, 16): 2 rows on rank 0, 1 on rank 1
     layout = (
         isinstance(weight, DTensor)
@@ -118,7 +120,15 @@ def _fsdp_run(mesh: lfd.Mesh, compile: bool) -> dict[str, Any]:
         "loss": abs(float(metrics["loss"]) - float(ref_metrics["loss"])),
         "layout": layout,
         "graphs": new_graphs,
+        # Donated (eager): every parameter and moment shard was updated where it lives.
+        "same_storage": same_storage,
     }
+
+
+def _local_pointers(state: lf.TrainState) -> list[int]:
+    """Where each parameter and moment (shard) keeps its values on this rank."""
+    leaves = lf.tree_leaves((state.params, state.opt_state))
+    return [(x.to_local() if hasattr(x, "to_local") else x).data_ptr() for x in leaves if x.ndim]
 
 
 def _two_states_run(mesh: lfd.Mesh) -> dict[str, float]:
@@ -452,6 +462,8 @@ def _checks(mesh: lfd.Mesh, names: list[str]) -> dict[str, Any]:
         "collectives": lambda: _collectives(mesh),
         "dp_eager": lambda: _dp_run(mesh, compile=False),
         "fsdp_eager": lambda: _fsdp_run(mesh, compile=False),
+        "dp_eager_donate": lambda: _dp_run(mesh, compile=False, donate=True),
+        "fsdp_eager_donate": lambda: _fsdp_run(mesh, compile=False, donate=True),
         "dp_compiled": lambda: _dp_run(mesh, compile=True),
         "dp_compiled_donate": lambda: _dp_run(mesh, compile=True, donate=True),
         "fsdp_compiled": lambda: _fsdp_run(mesh, compile=True),
@@ -484,6 +496,8 @@ EAGER = [
     "collectives",
     "dp_eager",
     "fsdp_eager",
+    "dp_eager_donate",
+    "fsdp_eager_donate",
     "buffers_and_metrics",
     "communication",
     "errors",
@@ -527,12 +541,14 @@ def test_host_collectives_reduce_gather_and_broadcast_pytrees(ranks):
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("name", ["dp_eager", "fsdp_eager"])
+@pytest.mark.parametrize("name", ["dp_eager", "fsdp_eager", "dp_eager_donate", "fsdp_eager_donate"])
 def test_two_ranks_match_one_process_on_the_concatenated_batch(ranks, name):
     for out in ok_results(ranks, name):
         assert out["params"] <= TOL, out
         assert out["opt_state"] <= TOL, out
         assert out["loss"] <= TOL, out  # the loss metric is averaged over the ranks
+        if name.endswith("_donate"):  # clip + AdamW updated in place, shards included
+            assert out["same_storage"], out
 
 
 @pytest.mark.multiprocess

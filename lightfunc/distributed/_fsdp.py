@@ -82,7 +82,7 @@ from .._metrics import Reduction
 from .._sharded_func import GatherOnUse, GatherPolicy, Units, check_units, gathered, unit_names
 from .._state import TrainState, map_train_states
 from .._tree import PyTree, tree_flatten, tree_flatten_with_paths, tree_map, tree_unflatten
-from ..optim._base import GradientTransformation, OptState, Params, Updates
+from ..optim._base import GradientTransformation, OptState, Params, Updates, update_in_place
 from ..optim._wrappers import unwrapped
 from . import _collectives
 from ._mesh import Mesh
@@ -387,15 +387,22 @@ def _sharded_update(
     def update(
         updates: Updates, state: OptState, params: Params | None = None
     ) -> tuple[Updates, OptState]:
+        return tx.update(sharded(updates), state, params)
+
+    def in_place(updates: Updates, state: OptState, params: Params) -> tuple[Any, OptState, bool]:
+        return update_in_place(tx, sharded(updates), state, params)
+
+    def sharded(updates: Updates) -> Updates:
         g_leaves, spec = tree_flatten(updates)
         plain = [i for i, g in enumerate(g_leaves) if not isinstance(g, DTensor)]
-        if plain:
-            g_leaves = list(g_leaves)
-            _average_plain(g_leaves, plain, layout, mesh, cap)
-            updates = tree_unflatten(spec, g_leaves)
-        return tx.update(updates, state, params)
+        if not plain:
+            return updates
+        g_leaves = list(g_leaves)
+        _average_plain(g_leaves, plain, layout, mesh, cap)
+        return tree_unflatten(spec, g_leaves)
 
     update.wraps = tx  # type: ignore[attr-defined]
+    update.in_place = in_place  # type: ignore[attr-defined]
     if mark:  # a wrapper for the whole run (`prepare_sharded_update`), not for one call
         update.shards_over = mesh  # type: ignore[attr-defined]
     return GradientTransformation(tx.init, update)

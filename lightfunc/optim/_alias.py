@@ -1,8 +1,10 @@
 """Ready-made optimizers, each a `chain` of transformations.
 
 Each matches its torch.optim namesake on CPU, with the same defaults (the
-betas are spelled `b1`, `b2`): Adam and AdamW bit for bit, SGD within one
-fp32 rounding per step (see `_transforms`). The order inside each chain is
+betas are spelled `b1`, `b2`): Adam bit for bit, AdamW bit for bit where
+no step is larger than its parameter (else one rounding of the move apart;
+see `_weight_decay`), SGD within one fp32 rounding per step (see
+`_transforms`). The order inside each chain is
 the order in which torch applies the same operations.
 """
 

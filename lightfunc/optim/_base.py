@@ -25,6 +25,7 @@ from typing import Any, NamedTuple, Protocol
 import torch
 
 from .._tree import PyTree, tree_flatten, tree_map, tree_unflatten
+from ._local import local_lists
 
 OptState = Any
 Params = PyTree
@@ -57,6 +58,71 @@ class GradientTransformation(NamedTuple):
     update: TransformUpdateFn
 
 
+#: What `TrainState.apply_gradients` calls with the state it updated in place, and the new one.
+OnUpdatedInPlace = Callable[[Any, Any], None]
+
+
+class InPlaceUpdate:
+    """The `update` of `in_place(tx, on_updated)`: `tx`'s, marked to be written in place.
+
+    Called as an update it is `tx`'s pure update. `TrainState.apply_gradients`
+    finds it (`in_place_mark`, also under wrappers a strategy adds for one
+    call) and runs `update_in_place` instead, then calls
+    `on_updated(old_state, new_state)` when the optimizer did write in place.
+    A donating eager step (`build(..., donate=True)`) marks each `TrainState`
+    it is given for the duration of the call, and unmarks the states it returns.
+    """
+
+    __slots__ = ("on_updated", "wraps")
+
+    def __init__(self, tx: GradientTransformation, on_updated: OnUpdatedInPlace) -> None:
+        self.wraps = tx  # followed by `unwrapped`, like every wrapper's
+        self.on_updated = on_updated
+
+    def __call__(
+        self, updates: Updates, state: OptState, params: Params | None = None
+    ) -> tuple[Updates, OptState]:
+        return self.wraps.update(updates, state, params)
+
+    def in_place(
+        self, updates: Updates, state: OptState, params: Params
+    ) -> tuple[Params | None, OptState, bool]:
+        return update_in_place(self.wraps, updates, state, params)
+
+
+def in_place_mark(tx: GradientTransformation) -> InPlaceUpdate | None:
+    """The `InPlaceUpdate` among `tx` and the optimizers it wraps (a strategy may wrap the mark)."""
+    while True:
+        if isinstance(tx.update, InPlaceUpdate):
+            return tx.update
+        inner = getattr(tx.update, "wraps", None)
+        if inner is None:
+            return None
+        tx = inner
+
+
+def in_place(tx: GradientTransformation, on_updated: OnUpdatedInPlace) -> GradientTransformation:
+    """`tx` marked for an in-place update by `TrainState.apply_gradients` (see `InPlaceUpdate`)."""
+    return GradientTransformation(tx.init, InPlaceUpdate(tx, on_updated))
+
+
+def update_in_place(
+    tx: GradientTransformation, updates: Updates, state: OptState, params: Params
+) -> tuple[Params | None, OptState, bool]:
+    """`tx`'s update written into `params` and `state` where `tx` can (``tx.update.in_place``).
+
+    Returns ``(new params, new state, written in place)``; the params are
+    None when `tx` deferred (accumulation). An optimizer without an in-place
+    form runs its pure update, applied (not written in place): wrappers pass
+    the call through with this.
+    """
+    fn = getattr(tx.update, "in_place", None)
+    if fn is not None:
+        return fn(updates, state, params)
+    new_updates, new_state = tx.update(updates, state, params)
+    return (None if new_updates is None else apply_updates(params, new_updates)), new_state, False
+
+
 def apply_updates(params: Params, updates: Updates) -> Params:
     """Return `params + updates`, leaf by leaf, in each parameter's dtype.
 
@@ -64,8 +130,9 @@ def apply_updates(params: Params, updates: Updates) -> Params:
     plain floating tensor (same shape and device as its update, neither
     requiring grad), the sum is one multi-tensor `torch._foreach_add`: the
     same additions (bit for bit) without a Python call per parameter.
-    Elsewhere (compiling, under a `torch.func` transform, DTensor shards,
-    broadcasting updates) it is a `tree_map` of `p + u.to(p.dtype)`.
+    `DTensor` shards (FSDP) add their local tensors the same way.
+    Elsewhere (compiling, under a `torch.func` transform, broadcasting
+    updates) it is a `tree_map` of `p + u.to(p.dtype)`.
     """
     added = _foreach_added(params, updates)
     if added is not None:
@@ -85,6 +152,10 @@ def _foreach_added(params: Params, updates: Updates) -> Params | None:
     us, u_spec = tree_flatten(updates)
     if not ps or u_spec != spec:
         return None
+    local = local_lists([ps, us])  # FSDP's shards: their local tensors, rewrapped after
+    rewrap = None
+    if local is not None:
+        (ps, us), rewrap = local
     tensor = torch.Tensor
     for p, u in zip(ps, us, strict=True):
         if (
@@ -98,4 +169,5 @@ def _foreach_added(params: Params, updates: Updates) -> Params | None:
         ):
             return None
     us = [u if u.dtype == p.dtype else u.to(p.dtype) for p, u in zip(ps, us, strict=True)]
-    return tree_unflatten(spec, torch._foreach_add(ps, us))
+    added = torch._foreach_add(ps, us)
+    return tree_unflatten(spec, added if rewrap is None else rewrap(added))

@@ -26,13 +26,20 @@ from .._tree import (
     NAMESPACE,
     PyTree,
     register_dataclass,
-    tree_flatten,
     tree_flatten_with_paths,
+    tree_leaves,
     tree_map,
     tree_structure,
     tree_unflatten,
 )
-from ._base import GradientTransformation, OptState, Params, Updates
+from ._base import (
+    GradientTransformation,
+    OptState,
+    Params,
+    Updates,
+    apply_updates,
+    update_in_place,
+)
 from ._transforms import set_to_zero
 from ._wrappers import _dtensor_type, _where
 
@@ -406,22 +413,60 @@ class _TrainableUpdate:
     def __call__(
         self, updates: Updates, state: OptState, params: Params | None = None
     ) -> tuple[Updates, OptState]:
-        if self.frozen:
-            mask = _trainable_mask(self.frozen, updates)
-            grads = _select(mask, updates)
-            inner_params = None if params is None else _select(mask, params)
-        else:
-            grads, inner_params = updates, params
-        flags: list[bool] | list[torch.Tensor] = []
-        if self.skip_unused:
-            # Read while the gradients are still in cache, before the update streams the state.
-            leaves, spec = tree_flatten(grads)
-            flags = _gradient_flags(leaves) if leaves else []
+        mask, grads, inner_params = self._trainable(updates, params)
+        return self._update(updates, state, mask, grads, inner_params, self._flags(grads))
+
+    def in_place(
+        self, updates: Updates, state: OptState, params: Params
+    ) -> tuple[Any, OptState, bool]:
+        """The update written into `params` and `state` (see `TrainState.apply_gradients`).
+
+        ``(new params, new state, written in place)``; the params are None
+        when the inner optimizer deferred. In place when the inner optimizer
+        offers it (``update.in_place``) and every trainable parameter has a
+        gradient; otherwise the pure update, applied (which keeps the
+        moments of a parameter without a gradient).
+        """
+        mask, grads, inner_params = self._trainable(updates, params)
+        flags = self._flags(grads)
+        if not all(f is True for f in flags):
+            # Pure: a parameter without a gradient keeps its old moments (a `where` on them).
+            new_updates, new_state = self._update(updates, state, mask, grads, inner_params, flags)
+            new_params = None if new_updates is None else apply_updates(params, new_updates)
+            return new_params, new_state, False
+        new_params, new_state, wrote = update_in_place(self.inner, grads, state, inner_params)
+        if new_params is None or not self.frozen:
+            return new_params, new_state, wrote
+        return _merge(mask, new_params, params), new_state, wrote
+
+    def _trainable(self, updates: Updates, params: Params | None) -> tuple[Any, Updates, Any]:
+        """(the trainable mask or None, the trainable gradients, the trainable params)."""
+        if not self.frozen:
+            return None, updates, params
+        mask = _trainable_mask(self.frozen, updates)
+        return mask, _select(mask, updates), None if params is None else _select(mask, params)
+
+    def _flags(self, grads: Updates) -> list[bool] | list[torch.Tensor]:
+        if not self.skip_unused:
+            return []
+        # Read while the gradients are still in cache, before the update streams the state.
+        leaves = tree_leaves(grads)
+        return _gradient_flags(leaves) if leaves else []
+
+    def _update(
+        self,
+        updates: Updates,
+        state: OptState,
+        mask: Any,
+        grads: Updates,
+        inner_params: Params | None,
+        flags: list[bool] | list[torch.Tensor],
+    ) -> tuple[Updates, OptState]:
         new_updates, new_state = self.inner.update(grads, state, inner_params)
         if new_updates is None:  # the inner optimizer deferred
             return None, new_state
         if not all(f is True for f in flags):  # eager CPU, all used: nothing to do
-            has_grad = tree_unflatten(spec, list(flags))
+            has_grad = tree_unflatten(tree_structure(grads), list(flags))
             new_updates = tree_map(_zero_unless, new_updates, has_grad)
             new_state = _keep_untouched(new_state, state, has_grad, grads)
         if not self.frozen:

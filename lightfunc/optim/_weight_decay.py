@@ -11,8 +11,14 @@ The second is not written as ``step - lr * weight_decay * p``: torch rounds
 the factor ``1 - lr * weight_decay`` to fp32, a systematic bias (up to half
 an ulp of 1.0, i.e. a relative error of ``3e-8 / (lr * weight_decay)`` in the
 decay) that drifts past 1e-6 within a hundred steps. Instead the update is
-torch's new parameter minus the old one; the two are close, so the
-subtraction is exact and `apply_updates` lands on torch's parameter bit for bit.
+torch's new parameter minus the old one. Where the two are within a factor
+of two of each other (a step smaller than the parameter) the subtraction is
+exact and `apply_updates` lands on torch's parameter bit for bit; where a
+step crosses zero or more than doubles the parameter, the move is rounded
+once more, up to half an ulp of the old parameter (tested: `adamw` at lr
+1e-2 on a small MLP, one element in 36 after 5 steps, 4.7e-10 off). A
+donating eager step (`build(..., donate=True)`) writes torch's in-place
+arithmetic itself and has no such rounding.
 """
 
 from __future__ import annotations
