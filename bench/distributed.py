@@ -2,6 +2,7 @@
 
     python -m bench.distributed [--sections memory,mixed,phases,time,speed] [--worlds 1,2,4]
                                 [--setups "lightfunc FSDP,torch FSDP2"] [--time-worlds 2,4]
+                                [--paired "lightfunc FSDP donated"]
                                 [--time-steps 8] [--mixed-worlds 2] [--mem-steps 3]
                                 [--workloads mlp,gpt]
                                 [--eager] [--rounds 5] [--steps 10] [--out bench/results]
@@ -35,7 +36,10 @@ the difference between the two comes from.
 `time` (not on by default; `memory` runs the same alternation, 3 steps): lightfunc
 FSDP and FSDP2 alternating step by step at 2 and 4 ranks, with each step's CPU
 time split by phase (forward, backward, update, between steps): where the step
-time goes, and the per-step time ratio with its quartiles.
+time goes, and the per-step time ratio with its quartiles. `--paired` names the
+lightfunc setup that `time` and `phases` set against FSDP2: the setups are
+"lightfunc DDP", "lightfunc FSDP" and either followed by " donated" (`build(...,
+donate=True)`, eager: the optimizer writes its update into the shards).
 
 `probe` (not on by default): whether per-unit all-gathers inside one compiled
 graph trace in this torch (`_probe_run`): parametrized weights differentiated
@@ -278,6 +282,23 @@ def _rss_mb() -> float:
     return float("nan")
 
 
+def _reset_peak_rss() -> bool:
+    """Reset this process's resident-set high-water mark (Linux >= 4.0: `clear_refs` 5)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def _peak_rss_mb() -> float:
+    """The resident set's high-water mark since the process started or `_reset_peak_rss`."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def _storage_mb(tensors: Any) -> float:
     seen: dict[int, int] = {}
     for x in tensors:
@@ -333,11 +354,17 @@ def _setup(
 
         strategy = (
             lfd.DDP(mesh)
-            if setup.endswith("DDP")
+            if "FSDP" not in setup
             else lfd.FSDP(mesh, gather_in_compute_dtype="fp32 gathers" not in setup)
         )
         precision = "bf16-mixed" if "bf16" in setup else None
-        step = lf.build(train_step, compile=False, strategy=strategy, precision=precision)
+        step = lf.build(  # " donated": the update written into the state (shards) in place
+            train_step,
+            compile=False,
+            strategy=strategy,
+            precision=precision,
+            donate=setup.endswith(" donated"),
+        )
         state = step.prepare(state)
 
         def one(batch: Any) -> torch.Tensor:
@@ -439,6 +466,9 @@ def _memory_run(mesh: lfd.Mesh, setup: str, steps: int) -> dict[str, Any]:
     one, held = _setup(mesh, setup)
     with _GatherBytes() as gathers:
         one(batches[0])  # warm-up (first-call checks), its all-gathers counted
+    # The steps after the first alone: lightfunc's first call runs `build`'s checks (a second
+    # eager run of the step; with donate=True on a copy of the state), which FSDP2 does not.
+    reset = _reset_peak_rss()
     times, loss = [], torch.tensor(0.0)
     for batch in batches[1:]:
         mesh.barrier()
@@ -449,6 +479,7 @@ def _memory_run(mesh: lfd.Mesh, setup: str, steps: int) -> dict[str, Any]:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {
         "peak_rss_mb": peak,
+        "steady_peak_rss_mb": _peak_rss_mb() if reset else float("nan"),
         "added_rss_mb": peak - base,
         "state_mb": held(),
         "ms_per_step": 1e3 * statistics.median(times),
@@ -460,7 +491,7 @@ def _memory_run(mesh: lfd.Mesh, setup: str, steps: int) -> dict[str, Any]:
 PAIRED = ("lightfunc FSDP", "torch FSDP2")
 
 
-def _paired_run(mesh: lfd.Mesh, steps: int) -> dict[str, Any]:
+def _paired_run(mesh: lfd.Mesh, steps: int, paired: tuple[str, ...] = PAIRED) -> dict[str, Any]:
     """lightfunc FSDP and torch FSDP2 steps alternated in the same ranks: a fair time ratio
     on a machine whose load changes (the separate runs above measure memory).
 
@@ -478,7 +509,7 @@ def _paired_run(mesh: lfd.Mesh, steps: int) -> dict[str, Any]:
     marks: list[tuple[str, float]] = []
     runs = {
         name: _setup(mesh, name, phase=lambda p: marks.append((p, time.process_time())))[0]
-        for name in PAIRED
+        for name in paired
     }
     out: dict[str, dict[str, list[float]]] = {
         name: {key: [] for key in ("wall", "cpu", *PHASES)} for name in runs
@@ -510,7 +541,8 @@ def _quartiles(values: list[float]) -> tuple[float, float, float]:
 
 def _paired_summary(world: int, steps: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
     """Medians per setup, and the per-step ratios lightfunc FSDP / FSDP2 (median, quartiles)."""
-    mine, ref = steps["lightfunc FSDP"], steps["torch FSDP2"]
+    mine = next(per for name, per in steps.items() if name.startswith("lightfunc"))
+    ref = steps["torch FSDP2"]
     return {
         "world": world,
         "steps": len(mine["wall"]),
@@ -524,13 +556,17 @@ def _paired_summary(world: int, steps: dict[str, dict[str, list[float]]]) -> dic
     }
 
 
-def measure_time(worlds: tuple[int, ...], steps: int, timeout_s: float) -> list[dict[str, Any]]:
+def measure_time(
+    worlds: tuple[int, ...], steps: int, timeout_s: float, paired: tuple[str, ...] = PAIRED
+) -> list[dict[str, Any]]:
     """The paired timing alone (`--sections time`), at each world size."""
     out = []
     for world in worlds:
         print(f"paired timing x{world} ...", flush=True)
         out.append(
-            _paired_summary(world, spawn(_paired_run, world, args=(steps,), timeout=timeout_s)[0])
+            _paired_summary(
+                world, spawn(_paired_run, world, args=(steps, paired), timeout=timeout_s)[0]
+            )
         )
     return out
 
@@ -551,7 +587,7 @@ def time_markdown(pairs: list[dict[str, Any]]) -> str:
     ]
     for pair in pairs:
         for name, m in pair["setups"].items():
-            mine = name == "lightfunc FSDP"
+            mine = name.startswith("lightfunc")
             ratios = (
                 " | ".join(
                     f"{q[1]:.2f}x ({q[0]:.2f}-{q[2]:.2f})"
@@ -599,7 +635,9 @@ def _phase_run(mesh: lfd.Mesh, setup: str, steps: int) -> dict[str, float]:
     return peaks
 
 
-def measure_phases(world: int, steps: int, timeout_s: float) -> list[dict[str, Any]]:
+def measure_phases(
+    world: int, steps: int, timeout_s: float, setups: tuple[str, ...] = PAIRED
+) -> list[dict[str, Any]]:
     """Where each setup's memory goes: per-phase RSS peaks, lightfunc FSDP vs FSDP2.
 
     glibc returns a freed block to the system only if it was mmap-ed, and its
@@ -610,7 +648,7 @@ def measure_phases(world: int, steps: int, timeout_s: float) -> list[dict[str, A
     saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
     try:
-        for setup in ("lightfunc FSDP", "torch FSDP2"):
+        for setup in setups:
             print(f"phases: {setup} x{world} ...", flush=True)
             ranks = spawn(_phase_run, world, args=(setup, steps), timeout=timeout_s)
             records.append({"setup": setup, "world": world, **ranks[0]})
@@ -659,6 +697,7 @@ def measure_memory(
                     "setup": setup,
                     "world": world,
                     "peak_rss_mb": max(r["peak_rss_mb"] for r in ranks),
+                    "steady_peak_rss_mb": max(r.get("steady_peak_rss_mb", 0.0) for r in ranks),
                     "added_rss_mb": max(r["added_rss_mb"] for r in ranks),
                     "state_mb": max(r["state_mb"] for r in ranks),
                     "ms_per_step": ranks[0]["ms_per_step"],
@@ -691,6 +730,7 @@ def measure_memory(
         if "paired_ms_per_step" in r:
             r["paired_vs_fsdp2"] = r["paired_ms_per_step"] / ref["paired_ms_per_step"]
         r["peak_vs_fsdp2"] = r["peak_rss_mb"] / ref["peak_rss_mb"]
+        r["steady_vs_fsdp2"] = r["steady_peak_rss_mb"] / ref["steady_peak_rss_mb"]
     return records
 
 
@@ -703,16 +743,21 @@ def memory_markdown(records: list[dict[str, Any]], steps: int, *, mixed: bool = 
         f"{GLOBAL_BATCH}x{SEQ} tokens split over the ranks, median of {steps} steps after one "
         f"warm-up step. The largest rank's figures. Every setup first loads the code any of "
         f"them loads (meta-device registrations, DTensor, FSDP2: ~150 MB) before its baseline. "
-        f"`gathered MB`: what the all-gathers of one step returned on a rank.",
+        f"`gathered MB`: what the all-gathers of one step returned on a rank. `steps after "
+        f"the first`: the resident set's peak over the timed steps alone (its high-water mark "
+        f"reset after the first step, which for lightfunc runs `build`'s first-call checks).",
         "",
-        "| setup | ranks | peak RSS MB | added by the run MB | state MB (storage) | gathered MB "
-        "| ms/step | time vs FSDP2 | peak vs FSDP2 | loss vs 1 process |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| setup | ranks | peak RSS MB | added by the run MB | peak RSS, steps after the first MB "
+        "| state MB (storage) | gathered MB | ms/step | time vs FSDP2 | peak vs FSDP2 "
+        "| steps after the first vs FSDP2 | loss vs 1 process |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [
         f"| {r['setup']} | {r['world']} | {r['peak_rss_mb']:.0f} | {r['added_rss_mb']:.0f} "
+        f"| {r.get('steady_peak_rss_mb', float('nan')):.0f} "
         f"| {r['state_mb']:.1f} | {r['gathered_mb']:.1f} | {r['ms_per_step']:.0f} "
-        f"| {r['time_vs_fsdp2']:.2f}x | {r['peak_vs_fsdp2']:.2f}x | {r['loss_vs_1_process']:.1e} |"
+        f"| {r['time_vs_fsdp2']:.2f}x | {r['peak_vs_fsdp2']:.2f}x "
+        f"| {r.get('steady_vs_fsdp2', float('nan')):.2f}x | {r['loss_vs_1_process']:.1e} |"
         for r in records
     ]
     if mixed:  # the setups differ, not the world sizes: each loss against the first row's
@@ -862,6 +907,12 @@ def main(argv: list[str] | None = None) -> None:
         help="setups of the memory section (a partial rerun: no paired timing, ratios to itself)",
     )
     parser.add_argument("--time-worlds", default="2,4", help="process counts of the time section")
+    parser.add_argument(
+        "--paired",
+        default="lightfunc FSDP",
+        help="the lightfunc setup the time and phases sections set against FSDP2 (e.g. "
+        '"lightfunc FSDP donated")',
+    )
     parser.add_argument("--time-steps", type=int, default=8, help="timed steps of the time section")
     parser.add_argument("--worlds", default="1,2,4", help="process counts of the memory section")
     parser.add_argument("--mixed-worlds", default="2", help="process counts of the mixed section")
@@ -873,6 +924,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
     sections = set(args.sections.split(","))
+    paired = (args.paired, "torch FSDP2")
     results: dict[str, Any] = {
         "torch": torch.__version__,
         "lightfunc": lf.__version__,
@@ -896,12 +948,12 @@ def main(argv: list[str] | None = None) -> None:
         results["mixed"] = {"steps": args.mem_steps, "records": mixed}
         text.append(memory_markdown(mixed, args.mem_steps, mixed=True))
     if "phases" in sections:
-        phases = measure_phases(2, args.mem_steps, timeout_s=900.0)
+        phases = measure_phases(2, args.mem_steps, timeout_s=900.0, setups=paired)
         results["phases"] = {"steps": args.mem_steps, "records": phases}
         text.append(phases_markdown(phases, args.mem_steps))
     if "time" in sections:
         worlds = tuple(int(w) for w in args.time_worlds.split(","))
-        pairs = measure_time(worlds, args.time_steps, timeout_s=1800.0)
+        pairs = measure_time(worlds, args.time_steps, timeout_s=1800.0, paired=paired)
         results["time"] = {"records": pairs}
         text.append(time_markdown(pairs))
     if "probe" in sections:
