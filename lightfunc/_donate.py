@@ -190,8 +190,16 @@ def _children(node: Any) -> list[Any]:
     return _field_names_and_values(node)[1]
 
 
+#: A `TrainState`'s pytree children (`tx` is static), read without optree's walk: consuming a
+#: state runs twice per donating eager step, and the walk cost ~6 us of its ~26 us each.
+_TRAIN_STATE_CHILDREN = ("params", "buffers", "opt_state", "step", "rng")
+
+
 def _field_names_and_values(node: Any) -> tuple[list[str], list[Any]]:
     """The pytree children of a registered dataclass node (its static fields, e.g. `tx`, are not)."""
+    if type(node) is TrainState:
+        names = list(_TRAIN_STATE_CHILDREN)
+        return names, [getattr(node, n) for n in names]
     children, _, entries, _ = optree.tree_flatten_one_level(node, namespace=NAMESPACE)
     return list(entries), list(children)
 
