@@ -223,8 +223,7 @@ def write_back(old: Any, new: Any, metrics: Any = None) -> tuple[Any, Any]:
     if metrics is not None:
         # Metrics leave the step as copies: one that is (or views) a state tensor would
         # otherwise show the values this or a later donating call writes there. They are small.
-        _, metric_leaves = tree_walk(metrics)
-        metrics = tree_rebuild(metrics, iter([m.clone() for m in metric_leaves]))
+        metrics = _copied(metrics)
     old_paths, old_leaves = tree_walk(old)
     new_paths, new_leaves = tree_walk(new)
     if old_paths != new_paths:  # the structure changed: the first call's checks report it
@@ -295,11 +294,19 @@ def updating_in_place_during(fn: Callable[..., Any], name: str) -> Callable[...,
 
         marked = map_train_states(mark, state)
         out = fn(marked, *rest)
-        return (map_train_states(unmark, out[0]), *out[1:])
+        # Metrics leave as copies, as a compiled donating step's do: one that is a parameter
+        # or a view of one (`state.params["w"][0]`, read before the update) would otherwise
+        # show the values written in place, now and at every later step.
+        return (map_train_states(unmark, out[0]), *out[1:-1], _copied(out[-1]))
 
     updating.__name__ = getattr(fn, "__name__", "step")
     updating.__qualname__ = getattr(fn, "__qualname__", "step")
     return updating
+
+
+def _copied(metrics: Any) -> Any:
+    _, leaves = tree_walk(metrics)
+    return tree_rebuild(metrics, iter([m.clone() for m in leaves]))
 
 
 def donating(fn: Callable[..., Any]) -> Callable[..., Any]:

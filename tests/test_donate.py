@@ -130,6 +130,33 @@ def test_reading_the_old_parameters_after_an_in_place_update_raises() -> None:
         step(lf.TrainState.create(model, lf.optim.adamw(1e-2)), _batches(1)[0])
 
 
+def test_eager_donation_returns_metrics_that_later_updates_do_not_change() -> None:
+    model = _model()
+
+    def weight_metric(state: lf.TrainState, batch: Any) -> Any:
+        x, y = batch
+        first = state.params["2.bias"][0]  # a view of a parameter, read before the update
+
+        def loss_fn(params: dict[str, torch.Tensor]) -> torch.Tensor:
+            out, _ = lf.apply(model, params, state.buffers, x, train=True)
+            return torch.nn.functional.cross_entropy(out, y)
+
+        loss, grads = lf.value_and_grad(loss_fn)(state.params)
+        return state.apply_gradients(grads), {"loss": loss, "first_bias": first}
+
+    seen = {}
+    for donate in (False, True):
+        step = lf.build(weight_metric, compile=False, donate=donate)
+        state = lf.TrainState.create(model, lf.optim.adamw(1e-2))
+        kept = []
+        for batch in _batches(3):
+            state, metrics = step(state, batch)
+            kept.append(metrics["first_bias"])
+        seen[donate] = [float(m) for m in kept]  # read after all the steps ran
+    assert seen[True] == seen[False]
+    assert len(set(seen[True])) == 3  # the parameter moved: each step's value differs
+
+
 def test_eager_donation_with_accumulation_runs_the_pure_update() -> None:
     # The micro-batches defer (no in-place form): bit for bit the pure step, and the old state
     # stays readable inside the step (`_train_step` reads `state.step` after the update).

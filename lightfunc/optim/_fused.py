@@ -222,7 +222,7 @@ def foreach_adam(
         updates: Updates, state: OptState, params: Params
     ) -> tuple[Params, OptState, bool]:
         ready = prepared(updates, state, params, with_params=True)
-        if ready is None:
+        if ready is None or not _writable(ready[0][1:]):
             new_updates, new_state = update(updates, state, params)
             return apply_updates(params, new_updates), new_state, False
         (grads, mus, nus, ps), _, spec = ready
@@ -255,6 +255,23 @@ def foreach_adam(
 
     update.in_place = in_place  # type: ignore[attr-defined]
     return GradientTransformation(unfused.init, update)
+
+
+def _writable(groups: list[list[torch.Tensor]]) -> bool:
+    """Whether writing into every tensor of `groups` (moments, parameters) changes nothing else.
+
+    Not when a tensor appears twice (it would be updated twice) or shares its
+    storage with any other tensor: a view taken of a parameter before the
+    update (``first = state.params["w"][0]``, kept as a metric) would show the
+    new values, the silent wrong donation must not bring. A tensor's storage
+    is referenced once by the tensor and once by the `untyped_storage()`
+    handle that asks; a third reference is a view (~0.2 us a tensor).
+    """
+    tensors = [x for group in groups for x in group]
+    if len({id(x) for x in tensors}) != len(tensors):
+        return False
+    use_count = torch._C._storage_Use_Count
+    return all(use_count(x.untyped_storage()._cdata) <= 2 for x in tensors)
 
 
 #: The least number of elements an in-place update slice holds (see `_slices`).
