@@ -102,9 +102,9 @@ def _fsdp_run(mesh: lfd.Mesh, compile: bool, donate: bool = False) -> dict[str, 
     step = lf.build(lfd.fully_sharded(train_step, mesh), compile=compile, donate=donate)
     graphs = lf.compile_counts()["graphs"]
     batches = [_mine(b, mesh) for b in _data()]
-    # From the second step on: the shards `shard_state` makes share their storage with another
-    # live tensor (seen: a 1-d tensor in a list, not traced further), so the first update does
-    # not write into storage something else shows and runs pure; its new shards are their own.
+    # From the second step on: the shards `shard_state` makes are `detach()`ed aliases (views)
+    # of the tensors they were cut into, which they keep alive as their `_base`; sharing storage,
+    # they are not written in place, so the first update runs pure. Its new shards are their own.
     state, _ = step(state, batches[0])
     pointers = _local_pointers(state)
     state, metrics = _train(step, state, batches[1:])
