@@ -274,7 +274,14 @@ def updating_in_place_during(fn: Callable[..., Any], name: str) -> Callable[...,
     )
 
     def on_updated(old: Any, new: Any) -> None:
-        consume(old, name, keep=new, message=message, fields=("params", "opt_state"))
+        # What `consume(old, keep=new, fields=...)` does for these two fields, without its
+        # walk of both states (half of the bookkeeping of a donating eager MLP step).
+        marker = Donated(message)
+        for field in ("params", "opt_state"):
+            value = getattr(old, field)
+            if isinstance(value, dict) and value is not getattr(new, field):
+                _mark_dict(value, marker)
+            object.__setattr__(old, field, marker)
 
     def updating(state: Any, *rest: Any) -> Any:
         # Each TrainState given carries the mark in its optimizer for this call only (no
@@ -292,12 +299,15 @@ def updating_in_place_during(fn: Callable[..., Any], name: str) -> Callable[...,
             update = ts.tx.update
             return ts.replace(tx=update.wraps) if isinstance(update, InPlaceUpdate) else ts
 
-        marked = map_train_states(mark, state)
-        out = fn(marked, *rest)
+        # A lone TrainState (the common case) without the tree walk of `map_train_states`.
+        lone = type(state) is TrainState
+        out = fn(mark(0, state) if lone else map_train_states(mark, state), *rest)
+        new = out[0]
+        new = unmark(0, new) if type(new) is TrainState else map_train_states(unmark, new)
         # Metrics leave as copies, as a compiled donating step's do: one that is a parameter
         # or a view of one (`state.params["w"][0]`, read before the update) would otherwise
         # show the values written in place, now and at every later step.
-        return (map_train_states(unmark, out[0]), *out[1:-1], _copied(out[-1]))
+        return (new, *out[1:-1], _copied(out[-1]))
 
     updating.__name__ = getattr(fn, "__name__", "step")
     updating.__qualname__ = getattr(fn, "__qualname__", "step")
