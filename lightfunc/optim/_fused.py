@@ -164,6 +164,17 @@ def foreach_adam(
             return groups, None, spec
         return local[0], local[1], spec
 
+    def scalars(updates: Updates, state: OptState, n: int) -> tuple[float, float, list[float]]:
+        """This step's ``-lr / bc1``, ``sqrt(bc2)`` and, for decoupled decay, each leaf's factor."""
+        adam: ScaleByAdamState = state[adam_at]
+        step_size, bc2_sqrt = adam_scalars(adam.count, b1, b2, lr)
+        assert isinstance(step_size, float) and isinstance(bc2_sqrt, float)  # CPU, eager
+        if weight_decay == 0 or not decoupled:
+            return step_size, bc2_sqrt, []
+        rate = float(lr(adam.count)) if callable(lr) else lr
+        flags = _decay_flags(mask, updates, n)
+        return step_size, bc2_sqrt, [1 - rate * weight_decay if d else 1.0 for d in flags]
+
     def advanced(state: OptState, mu: Updates, nu: Updates) -> OptState:
         adam: ScaleByAdamState = state[adam_at]
         new_adam = ScaleByAdamState(count=adam.count + 1, mu=mu, nu=nu)
@@ -195,17 +206,13 @@ def foreach_adam(
         if ready is None:
             return unfused.update(updates, state, params)
         (grads, mus, nus, *rest), rewrap, spec = ready
-        adam: ScaleByAdamState = state[adam_at]
-        step_size, bc2_sqrt = adam_scalars(adam.count, b1, b2, lr)
-        assert isinstance(step_size, float) and isinstance(bc2_sqrt, float)  # CPU, eager
+        step_size, bc2_sqrt, factors = scalars(updates, state, len(grads))
         _, mu, nu, denom = moments(grads, mus, nus, rest[0] if rest else None, in_place=False)
         torch._foreach_div_(denom, bc2_sqrt)
         torch._foreach_add_(denom, eps)
-        if weight_decay != 0 and decoupled:
+        if factors:
             (ps,) = rest
-            rate = float(lr(adam.count)) if callable(lr) else lr
-            flags = _decay_flags(mask, updates, len(grads))
-            out = torch._foreach_mul(ps, [1 - rate * weight_decay if d else 1.0 for d in flags])
+            out = torch._foreach_mul(ps, factors)
             torch._foreach_addcdiv_(out, mu, denom, value=step_size)
             torch._foreach_sub_(out, ps)
         else:
@@ -226,14 +233,7 @@ def foreach_adam(
             new_updates, new_state = update(updates, state, params)
             return apply_updates(params, new_updates), new_state, False
         (grads, mus, nus, ps), _, spec = ready
-        adam: ScaleByAdamState = state[adam_at]
-        step_size, bc2_sqrt = adam_scalars(adam.count, b1, b2, lr)
-        assert isinstance(step_size, float) and isinstance(bc2_sqrt, float)  # CPU, eager
-        factors: list[float] = []
-        if weight_decay != 0 and decoupled:
-            rate = float(lr(adam.count)) if callable(lr) else lr
-            flags = _decay_flags(mask, updates, len(grads))
-            factors = [1 - rate * weight_decay if d else 1.0 for d in flags]
+        step_size, bc2_sqrt, factors = scalars(updates, state, len(grads))
         # torch.optim.Adam(W)'s single-tensor step, written where it writes: the moments and
         # the parameters themselves (the local tensors of shards write the shards). In
         # slices of the leaves, so that the temporaries (Adam's denominator, the L2 term)
