@@ -15,13 +15,13 @@ from ._rng import RngKey
 from ._tree import NAMESPACE, PyTree, register_dataclass
 from .optim._base import (
     GradientTransformation,
+    InPlaceUpdate,
     OptState,
     apply_updates,
-    in_place_mark,
     update_in_place,
 )
 from .optim._masking import is_trainable_only, trainable_only
-from .optim._wrappers import ApplyIfFiniteState, apply_if_finite, find_state
+from .optim._wrappers import ApplyIfFiniteState, apply_if_finite, find_state, unwrapped
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,7 +233,7 @@ class TrainState:
         state's `params` and `opt_state` are marked consumed: reading them
         afterwards, inside the step or out, raises `DonatedStateError`.
         """
-        mark = None if torch.compiler.is_compiling() else in_place_mark(self.tx)
+        mark = None if torch.compiler.is_compiling() else _in_place_mark(self.tx)
         if mark is not None:
             # A donating eager step (`build(..., donate=True)`): the optimizer writes the
             # update into these parameters and moments, as torch.optim does, where it can.
@@ -259,6 +259,11 @@ class TrainState:
 
 
 register_dataclass(TrainState, static=("tx",))
+
+
+def _in_place_mark(tx: GradientTransformation) -> InPlaceUpdate | None:
+    """The mark of a donating eager step among `tx`'s wrappers (a strategy may wrap it)."""
+    return next((t.update for t in unwrapped(tx) if isinstance(t.update, InPlaceUpdate)), None)
 
 
 def _is_loss_scale(x: Any) -> bool:

@@ -66,8 +66,8 @@ class InPlaceUpdate:
     """The `update` of `in_place(tx, on_updated)`: `tx`'s, marked to be written in place.
 
     Called as an update it is `tx`'s pure update. `TrainState.apply_gradients`
-    finds it (`in_place_mark`, also under wrappers a strategy adds for one
-    call) and runs `update_in_place` instead, then calls
+    finds it (among `unwrapped(tx)`: a strategy may wrap it for one call) and
+    runs `update_in_place` instead, then calls
     `on_updated(old_state, new_state)` when the optimizer did write in place.
     A donating eager step (`build(..., donate=True)`) marks each `TrainState`
     it is given for the duration of the call, and unmarks the states it returns.
@@ -88,17 +88,6 @@ class InPlaceUpdate:
         self, updates: Updates, state: OptState, params: Params
     ) -> tuple[Params | None, OptState, bool]:
         return update_in_place(self.wraps, updates, state, params)
-
-
-def in_place_mark(tx: GradientTransformation) -> InPlaceUpdate | None:
-    """The `InPlaceUpdate` among `tx` and the optimizers it wraps (a strategy may wrap the mark)."""
-    while True:
-        if isinstance(tx.update, InPlaceUpdate):
-            return tx.update
-        inner = getattr(tx.update, "wraps", None)
-        if inner is None:
-            return None
-        tx = inner
 
 
 def in_place(tx: GradientTransformation, on_updated: OnUpdatedInPlace) -> GradientTransformation:

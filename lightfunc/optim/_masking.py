@@ -40,8 +40,9 @@ from ._base import (
     apply_updates,
     update_in_place,
 )
+from ._local import dtensor_type
 from ._transforms import set_to_zero
-from ._wrappers import _dtensor_type, _where
+from ._wrappers import _where
 
 #: A pytree of bools (or of label strings) matching the params or a prefix of
 #: them, or a function params -> such a tree.
@@ -298,7 +299,7 @@ def _gradient_flags(grads: list[Any]) -> list[bool] | list[torch.Tensor]:
     rank were not looked up): the local verdicts of all sharded gradients
     travel in one all-reduce (max) per device mesh, not one per parameter.
     """
-    dtensor = _dtensor_type()
+    dtensor = dtensor_type()
     sharded = [i for i, g in enumerate(grads) if dtensor is not None and isinstance(g, dtensor)]
     local = [g.to_local() for g in grads] if sharded else grads
     if (
@@ -347,7 +348,7 @@ def _zero_unless(u: torch.Tensor, has_grad: torch.Tensor | bool) -> torch.Tensor
         return u
     if has_grad is False:
         return torch.zeros_like(u)
-    dtensor = _dtensor_type()
+    dtensor = dtensor_type()
     if dtensor is not None and isinstance(u, dtensor):
         return _where(has_grad, u, torch.zeros_like(u))
     return torch.where(has_grad, u, 0.0)

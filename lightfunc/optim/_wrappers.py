@@ -24,7 +24,6 @@ graph for the micro-batches that defer and one for the one that updates.
 from __future__ import annotations
 
 import dataclasses
-import sys
 from typing import Any
 
 import torch
@@ -32,6 +31,7 @@ import torch
 from .._precision import LossScale, all_finite
 from .._tree import PyTree, register_dataclass, tree_map, tree_rebuild, tree_walk
 from ._base import GradientTransformation, OptState, Params, Updates
+from ._local import dtensor_type
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,7 +188,7 @@ def where_tree(flag: torch.Tensor, new: Any, old: Any) -> Any:
 
 
 def _where(flag: torch.Tensor, a: Any, b: Any) -> torch.Tensor:
-    dtensor = _dtensor_type()
+    dtensor = dtensor_type()
     if dtensor is not None and isinstance(a, dtensor):
         local = torch.where(flag, a.to_local(), b.to_local())
         return dtensor.from_local(
@@ -200,7 +200,7 @@ def _where(flag: torch.Tensor, a: Any, b: Any) -> torch.Tensor:
 def _agreed_finite(grads: Updates) -> torch.Tensor:
     """Whether every gradient is finite; for `DTensor` shards, agreed over their ranks."""
     _, leaves = tree_walk(grads)
-    dtensor = _dtensor_type()
+    dtensor = dtensor_type()
     sharded = [g for g in leaves if dtensor is not None and isinstance(g, dtensor)]
     if not sharded:
         return all_finite(leaves)
@@ -209,9 +209,3 @@ def _agreed_finite(grads: Updates) -> torch.Tensor:
 
     agreed = funcol.all_reduce(local.to(torch.int32), "min", sharded[0].device_mesh)
     return funcol.wait_tensor(agreed).to(torch.bool)
-
-
-def _dtensor_type() -> Any:
-    # DTensor costs ~1.4 s to import: only look for it once something has imported it.
-    module = sys.modules.get("torch.distributed.tensor")
-    return getattr(module, "DTensor", None) if module is not None else None
