@@ -124,14 +124,7 @@ def _message(name: str, how: str) -> str:
     )
 
 
-def consume(
-    state: Any,
-    name: str,
-    *,
-    keep: Any,
-    message: str | None = None,
-    fields: tuple[str, ...] | None = None,
-) -> None:
+def consume(state: Any, name: str, *, keep: Any) -> None:
     """Mark `state` consumed, so that any later use of it raises `DonatedStateError`.
 
     The tensor-holding fields of a dataclass state (a `TrainState`: params,
@@ -142,9 +135,8 @@ def consume(
     states (a GAN's `{"g": ..., "d": ...}`) is marked one level down. Deeper
     containers are left as they are: walking the whole tree would cost every
     step more than the rest of the bookkeeping (~70 us on a 6-tensor MLP).
-    `fields` limits the marking to those fields (what an in-place update wrote).
     """
-    marker = Donated(message or _message(name, "used after"))
+    marker = Donated(_message(name, "used after"))
     kept = {id(keep)}
     for node in _nodes_one_level(keep):
         kept.add(id(node))
@@ -157,8 +149,6 @@ def consume(
             continue
         for field, value in zip(*_field_names_and_values(node), strict=True):
             if isinstance(value, RngKey):  # holds no tensors: the key stays readable
-                continue
-            if fields is not None and field not in fields:
                 continue
             if isinstance(value, torch.Tensor | dict | list | tuple) or dataclasses.is_dataclass(
                 value
@@ -274,8 +264,8 @@ def updating_in_place_during(fn: Callable[..., Any], name: str) -> Callable[...,
     )
 
     def on_updated(old: Any, new: Any) -> None:
-        # What `consume(old, keep=new, fields=...)` does for these two fields, without its
-        # walk of both states (half of the bookkeeping of a donating eager MLP step).
+        # What `consume(old, keep=new)` does, for the two fields the update wrote (the step
+        # count, buffers and key stay readable) and without its walk of both states.
         marker = Donated(message)
         for field in ("params", "opt_state"):
             value = getattr(old, field)
