@@ -402,7 +402,7 @@ def build(
             "sum", "max", "min", "any" or "last". Unnamed metrics: floats
             "mean", ints "sum", bools "any".
         donate: a compiled step writes the new state into the old state's
-            tensors; eagerly, `adam` and `adamw` update the parameters and
+            tensors; eagerly, `sgd`, `adam` and `adamw` update the parameters and
             moments in place inside `apply_gradients` (see
             `lightfunc/_donate.py`). No second copy of the parameters and
             optimizer state is allocated, as with torch.optim's in-place

@@ -13,7 +13,7 @@ one set. Donation gives a built step the same footprint, opt-in:
   straight into the old storage, so no second state is allocated.
 - Eager: nothing is copied (a copy would cost time and save no memory);
   instead `TrainState.apply_gradients` runs the optimizer's in-place form
-  where it has one (`adam`, `adamw`: torch.optim's own in-place arithmetic,
+  where it has one (`sgd`, `adam`, `adamw`: torch.optim's own in-place arithmetic,
   see `updating_in_place_during`), so the new parameters and moments are
   written into the old tensors as they are computed. Either way the old
   state is marked consumed, so a step behaves alike compiled and eager.
@@ -247,7 +247,7 @@ def _compatible(o: Any, n: Any) -> bool:
 def updating_in_place_during(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
     """`fn` (an eager step) with `TrainState.apply_gradients` updating in place while it runs.
 
-    Optimizers that can (`adam`, `adamw`) then write the new parameters and
+    Optimizers that can (`sgd`, `adam`, `adamw`) then write the new parameters and
     moments into the old tensors, as torch.optim does: no second copy of
     them is ever allocated. The parameters and optimizer state of the state
     `apply_gradients` was called on are marked consumed right there, so that

@@ -228,7 +228,7 @@ class TrainState:
         they were); on the last micro-batch it applies the weighted sum.
 
         Inside a donating eager step (`build(..., donate=True, compile=False)`)
-        optimizers that can (`adam`, `adamw`) write the update into this
+        optimizers that can (`sgd`, `adam`, `adamw`) write the update into this
         state's parameters and moments instead of new tensors, and this
         state's `params` and `opt_state` are marked consumed: reading them
         afterwards, inside the step or out, raises `DonatedStateError`.

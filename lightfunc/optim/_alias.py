@@ -4,17 +4,36 @@ Each matches its torch.optim namesake on CPU, with the same defaults (the
 betas are spelled `b1`, `b2`): Adam bit for bit, AdamW bit for bit where
 no step is larger than its parameter (else one rounding of the move apart;
 see `_weight_decay`), SGD within one fp32 rounding per step (see
-`_transforms`). The order inside each chain is
+`_transforms`). The in-place forms a donating eager step runs
+(``update.in_place`` of `sgd`, `adam`, `adamw`) are torch's own arithmetic,
+bit for bit. The order inside each chain is
 the order in which torch applies the same operations.
 """
 
 from __future__ import annotations
 
-from ._base import GradientTransformation, ScalarOrSchedule
-from ._fused import check_fused, foreach_adam, fused_adam
+from typing import Any
+
+import torch
+
+from .._tree import tree_leaves, tree_unflatten
+from ._base import (
+    GradientTransformation,
+    OptState,
+    Params,
+    ScalarOrSchedule,
+    Updates,
+    apply_updates,
+    writable,
+)
+from ._fused import Tensors, check_fused, foreach_adam, fused_adam, slices
 from ._masking import MaskOrFn
 from ._transforms import (
+    ScaleByScheduleState,
+    TraceState,
     chain,
+    foreach_leaves,
+    host_scalar,
     scale_by_adam,
     scale_by_learning_rate,
     scale_by_lion,
@@ -75,7 +94,64 @@ def sgd(
     if momentum != 0:
         parts.append(trace(momentum, nesterov=nesterov, dampening=dampening))
     parts.append(scale_by_learning_rate(lr))
-    return chain(*parts)
+    return _with_in_place_sgd(chain(*parts), lr, momentum, nesterov, dampening, weight_decay)
+
+
+def _with_in_place_sgd(
+    tx: GradientTransformation,
+    lr: ScalarOrSchedule,
+    momentum: float,
+    nesterov: bool,
+    dampening: float,
+    weight_decay: float,
+) -> GradientTransformation:
+    """`tx` (the `sgd` chain) with ``update.in_place``: torch.optim.SGD's single-tensor step.
+
+    Written into the parameters and the momentum buffers, eagerly on CPU for
+    leaves of one dtype, operation for operation as torch does it (``grad +
+    wd * p``; ``buf = grad`` at the first step, else ``buf * momentum + (1 -
+    dampening) * grad``; Nesterov's ``grad + momentum * buf``; then
+    ``p.add_(step, alpha=-lr)``), so bit for bit torch's parameters, where
+    the pure chain's additive ``p + (-lr * step)`` is one rounding apart.
+    Elsewhere it runs the pure update (see `update_in_place`).
+    """
+    traced = momentum != 0
+    at_trace = 1 if weight_decay != 0 else 0  # the chain's states: [decay,] [trace,] schedule
+
+    def in_place(updates: Updates, state: OptState, params: Params) -> tuple[Any, OptState, bool]:
+        trees = (updates, params, state[at_trace].trace) if traced else (updates, params)
+        lists = foreach_leaves(*trees)
+        count = host_scalar(state[-1].count)
+        updated = host_scalar(state[at_trace].count) if traced else 0  # momentum steps so far
+        if lists is None or not isinstance(count, int) or not writable(lists[0][1:]):
+            new_updates, new_state = tx.update(updates, state, params)
+            return apply_updates(params, new_updates), new_state, False
+        (grads, ps, *rest), spec = lists
+        rate = float(lr(state[-1].count)) if callable(lr) else lr
+        for at in slices(ps):
+            step: Tensors = grads[at]
+            if weight_decay != 0:
+                step = torch._foreach_add(step, ps[at], alpha=weight_decay)
+            if traced:
+                bufs = rest[0][at]
+                if updated == 0:
+                    torch._foreach_copy_(bufs, step)
+                else:
+                    torch._foreach_mul_(bufs, momentum)
+                    torch._foreach_add_(bufs, step, alpha=1 - dampening)
+                step = torch._foreach_add(step, bufs, alpha=momentum) if nesterov else bufs
+            torch._foreach_add_(ps[at], step, alpha=-rate)
+        new_state = list(state)
+        if traced:
+            trace = state[at_trace]
+            new_state[at_trace] = TraceState(
+                count=trace.count + 1, trace=tree_unflatten(spec, tree_leaves(trace.trace))
+            )
+        new_state[-1] = ScaleByScheduleState(count=state[-1].count + 1)
+        return tree_unflatten(spec, tree_leaves(params)), tuple(new_state), True
+
+    tx.update.in_place = in_place  # type: ignore[attr-defined]
+    return tx
 
 
 def adam(

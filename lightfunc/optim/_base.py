@@ -112,6 +112,23 @@ def update_in_place(
     return (None if new_updates is None else apply_updates(params, new_updates)), new_state, False
 
 
+def writable(groups: list[list[torch.Tensor]]) -> bool:
+    """Whether writing into every tensor of `groups` (moments, parameters) changes nothing else.
+
+    Not when a tensor appears twice (it would be updated twice) or shares its
+    storage with any other tensor: a view taken of a parameter before the
+    update (``first = state.params["w"][0]``, kept as a metric) would show the
+    new values, the silent wrong donation must not bring. A tensor's storage
+    is referenced once by the tensor and once by the `untyped_storage()`
+    handle that asks; a third reference is a view (~0.2 us a tensor).
+    """
+    tensors = [x for group in groups for x in group]
+    if len({id(x) for x in tensors}) != len(tensors):
+        return False
+    use_count = torch._C._storage_Use_Count
+    return all(use_count(x.untyped_storage()._cdata) <= 2 for x in tensors)
+
+
 def apply_updates(params: Params, updates: Updates) -> Params:
     """Return `params + updates`, leaf by leaf, in each parameter's dtype.
 

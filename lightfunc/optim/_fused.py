@@ -22,6 +22,7 @@ from ._base import (
     ScalarOrSchedule,
     Updates,
     apply_updates,
+    writable,
 )
 from ._local import Rewrap, local_lists
 from ._masking import MaskedState, MaskOrFn
@@ -229,7 +230,7 @@ def foreach_adam(
         updates: Updates, state: OptState, params: Params
     ) -> tuple[Params, OptState, bool]:
         ready = prepared(updates, state, params, with_params=True)
-        if ready is None or not _writable(ready[0][1:]):
+        if ready is None or not writable(ready[0][1:]):
             new_updates, new_state = update(updates, state, params)
             return apply_updates(params, new_updates), new_state, False
         (grads, mus, nus, ps), _, spec = ready
@@ -238,7 +239,7 @@ def foreach_adam(
         # the parameters themselves (the local tensors of shards write the shards). In
         # slices of the leaves, so that the temporaries (Adam's denominator, the L2 term)
         # are at most a slice's size, as torch's per-tensor loop keeps them at a tensor's.
-        for at in _slices(ps):
+        for at in slices(ps):
             g, mu, _, denom = moments(grads[at], mus[at], nus[at], ps[at], in_place=True)
             torch._foreach_div_(denom, bc2_sqrt)
             torch._foreach_add_(denom, eps)
@@ -257,28 +258,11 @@ def foreach_adam(
     return GradientTransformation(unfused.init, update)
 
 
-def _writable(groups: list[list[torch.Tensor]]) -> bool:
-    """Whether writing into every tensor of `groups` (moments, parameters) changes nothing else.
-
-    Not when a tensor appears twice (it would be updated twice) or shares its
-    storage with any other tensor: a view taken of a parameter before the
-    update (``first = state.params["w"][0]``, kept as a metric) would show the
-    new values, the silent wrong donation must not bring. A tensor's storage
-    is referenced once by the tensor and once by the `untyped_storage()`
-    handle that asks; a third reference is a view (~0.2 us a tensor).
-    """
-    tensors = [x for group in groups for x in group]
-    if len({id(x) for x in tensors}) != len(tensors):
-        return False
-    use_count = torch._C._storage_Use_Count
-    return all(use_count(x.untyped_storage()._cdata) <= 2 for x in tensors)
-
-
-#: The least number of elements an in-place update slice holds (see `_slices`).
+#: The least number of elements an in-place update slice holds (see `slices`).
 _SLICE_ELEMENTS = 1 << 20
 
 
-def _slices(leaves: list[torch.Tensor]) -> list[slice]:
+def slices(leaves: list[torch.Tensor]) -> list[slice]:
     """Consecutive slices of `leaves`, each at most max(largest leaf, 1M elements) in all.
 
     One slice for a small model (each multi-tensor call costs ~10 us, which
