@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -93,3 +98,19 @@ def ok_results(results: list[dict[str, Any]], name: str) -> list[Any]:
         assert status == "ok", f"rank {rank}, check {name}:\n{value}"
         values.append(value)
     return values
+
+
+def run_script(script: Path, text: str, args: list[str], inductor: Path) -> dict[str, Any]:
+    """Write `text` to `script`, run it in a fresh Python with `inductor` as its inductor cache,
+    and return the JSON object its last line of output prints."""
+    script.write_text(text)
+    out = subprocess.run(
+        [sys.executable, str(script), *args],
+        env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(inductor)},
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=True,
+    )
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result

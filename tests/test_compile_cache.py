@@ -11,13 +11,12 @@ import hashlib
 import importlib
 import json
 import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_script
 from torch.compiler._cache import CacheInfo
 
 import lightfunc as lf
@@ -263,18 +262,7 @@ _SCRIPT = textwrap.dedent(
 
 def _run(tmp_path: Path, root: Path, epochs: int) -> dict:
     inductor = tmp_path / f"inductor-{len(list(tmp_path.glob('inductor-*')))}"
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(inductor)}
-    script = tmp_path / "train.py"
-    script.write_text(_SCRIPT)
-    out = subprocess.run(
-        [sys.executable, str(script), str(root), str(epochs)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=True,
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_script(tmp_path / "train.py", _SCRIPT, [str(root), str(epochs)], inductor)
 
 
 @pytest.mark.compiled

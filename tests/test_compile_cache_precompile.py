@@ -11,9 +11,6 @@ test runs inductor in two fresh processes, as a resumed run would.
 from __future__ import annotations
 
 import importlib
-import json
-import os
-import subprocess
 import sys
 import textwrap
 import types
@@ -23,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import run_script
 
 import lightfunc as lf
 from lightfunc import _precompile
@@ -369,18 +367,9 @@ _SCRIPT = textwrap.dedent(
 
 
 def _process(tmp_path: Path, mode: str) -> dict:
-    script = tmp_path / "step.py"
-    script.write_text(_SCRIPT)
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor-{mode}")}
-    out = subprocess.run(
-        [sys.executable, str(script), mode, str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=True,
+    return run_script(
+        tmp_path / "step.py", _SCRIPT, [mode, str(tmp_path)], tmp_path / f"inductor-{mode}"
     )
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.compiled
