@@ -136,13 +136,21 @@ def compile_regions(
         compile_regions(model)                     # every block of a ModuleList
         step = lf.build(train_step, compile=False)
 
+    Each block's `forward` is compiled, not its `__call__`: the module's
+    hooks run eagerly around the compiled region. That is what lets a
+    fully-sharded step (`strategy=FSDP(mesh)`, eager) keep its per-unit
+    gathers with compiled blocks: each block's parameters are all-gathered
+    by its forward pre-hook, the compiled forward computes, and its
+    backward re-gathers them (see `lightfunc.distributed.FSDP`).
+
     The blocks must be your own module classes: dynamo does not compile a
-    frame of torch's own modules (`nn.Linear`, ...) as the top of a graph. On
-    the first call torch 2.13 warns once, while tracing, that the `.grad` of
-    a non-leaf tensor is read (the parameters `lf.apply` swaps in); harmless.
+    frame of torch's own modules (`nn.Linear`, ...) as the top of a graph.
+    torch 2.13 may warn once, while tracing, that the `.grad` of a non-leaf
+    tensor is read (the parameters `lf.apply` swaps in); harmless.
 
     Args:
-        model: the module; its blocks are compiled in place (`nn.Module.compile`).
+        model: the module; its blocks are compiled in place (each block's
+            `forward` replaced by its compiled form).
         regions: which sub-modules to compile: a module class, or a predicate
             over (name, module). Default: the members of every
             `nn.ModuleList` / `nn.Sequential` whose members are all of one class
@@ -170,8 +178,15 @@ def compile_regions(
             f"blocks' class (e.g. `regions=Block`) or a predicate `(name, module) -> bool`."
         )
     if options is not None:
+        kwargs = _compile_kwargs(options)
         for _, module in chosen:
-            module.compile(**_compile_kwargs(options))
+            # The block's `forward`, not `module.compile()` (which compiles `_call_impl`, the
+            # module's hooks included): hooks then run eagerly around the compiled region, as
+            # FSDP's per-unit gathers must (a collective and its saved-tensor hooks cannot be
+            # traced into the block's graph). A second call recompiles the original forward.
+            forward = module.forward
+            forward = getattr(forward, "_torchdynamo_orig_callable", forward)
+            module.forward = torch.compile(forward, **kwargs)
     return [name for name, _ in chosen]
 
 

@@ -7,6 +7,7 @@ empty inductor cache, that loads and must hit the cache for every graph.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
@@ -367,6 +368,36 @@ def test_regional_step_compiles_one_graph_for_all_blocks_and_matches_eager():
     # equal to 1e-6.
     for name, value in eager.params.items():
         torch.testing.assert_close(regional.params[name], value, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.compiled
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
+def test_regions_compile_the_forward_and_leave_the_hooks_eager():
+    # FSDP's per-unit gathers are forward hooks that must run around the compiled region;
+    # a hook that graph-breaks (a contextlib stack, as FSDP's) would fail inside it.
+    torch.manual_seed(0)
+    model = _Tower(2)
+    calls = []
+
+    def hook(module, args):
+        stack = contextlib.ExitStack()
+        stack.enter_context(contextlib.nullcontext())
+        calls.append(stack)
+
+    for block in model.blocks:
+        block.register_forward_pre_hook(hook)
+    torch._dynamo.reset()
+    before = lf._compile.compile_counts()["graphs"]
+    lf._compile.compile_regions(model, compile=lf.CompileOptions(backend="aot_eager"))
+    x = torch.randn(3, 4)
+    for _ in range(3):
+        model(x)
+    assert len(calls) == 6  # every block, every call: the hooks ran eagerly
+    assert lf._compile.compile_counts()["graphs"] - before == 1
+    # Compiling again compiles the original forward, not the compiled one.
+    lf._compile.compile_regions(model, compile=lf.CompileOptions(backend="aot_eager"))
+    model(x)
+    assert len(calls) == 8
 
 
 def test_startup_bench_report_tables():

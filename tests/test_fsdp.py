@@ -41,7 +41,7 @@ def four() -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def two_compiled() -> list[dict[str, Any]]:
-    return spawn(worker.checks, 2, args=(["fsdp_compiled"],), timeout=480)
+    return spawn(worker.checks, 2, args=(["fsdp_compiled", "fsdp_regions"],), timeout=480)
 
 
 @pytest.mark.multiprocess
@@ -179,6 +179,27 @@ def test_compiled_fsdp_step_is_one_graph_and_matches_one_process(two_compiled):
         assert out["params"] <= TOL and out["opt_state"] <= TOL and out["loss"] <= TOL, out
         assert out["graphs"] == 1, out
         assert out["owned"], out
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+@pytest.mark.compiled
+def test_compiled_blocks_keep_per_unit_gathers_and_match_one_process(two_compiled):
+    for out in ok_results(two_compiled, "fsdp_regions"):
+        fp32, bf16, donated = out["fp32"], out["bf16"], out["donated"]
+        assert fp32["regions"] == ["blocks.0", "blocks.1", "blocks.2"], out
+        assert fp32["graphs"] == bf16["graphs"] == 1, out  # one block graph per precision
+        assert donated["graphs"] == 0, out  # fp32's graph again
+        assert donated["kept"] and not fp32["kept"], out  # in place only when donating
+        for run in (fp32, bf16, donated):
+            # Still per unit: the rest once, each block before its forward and again for its
+            # backward, around the compiled forwards.
+            assert run["gathers_per_step"] == 1 + 2 * 3, out
+            # The compiled blocks' saved gathered weights are released and re-gathered.
+            assert run["tokens_per_step"] >= 3, out
+        for run in (fp32, donated):
+            assert run["params"] <= TOL and run["opt_state"] <= TOL and run["loss"] <= TOL, out
+        assert bf16["params"] <= 2e-3, out  # as the eager bf16-mixed check
 
 
 # ---- one process ------------------------------------------------------------------------

@@ -56,6 +56,15 @@ Gathering per unit inside the graph (SimpleFSDP) is not built: in torch
 the module before compiling (parametrizations), and a recompute policy so
 the backward re-gathers instead of keeping every unit (see `lightfunc/_sharded_func.py`).
 
+Compiled compute with per-unit gathers is the other route, and the one to
+use: `lf.compile_regions(model)` compiles each block's `forward` (inductor)
+and the step stays eager. The FSDP hooks run around the compiled forwards
+(gather before, release after), AOTAutograd's compiled backward of a block
+saves its gathered weights through `ctx.save_for_backward`, where the
+saved-tensor hooks turn them into tokens, and the block is re-gathered for
+its backward as in an eager step (tests/test_fsdp.py counts the gathers and
+tokens). torchtitan pairs FSDP2 with per-block `torch.compile` the same way.
+
 The policy (`units`, `gather_in_compute_dtype`) reaches `lf.apply` as a
 `GatherPolicy` on torch's function-mode stack for the duration of the
 step: `lf.apply` is called inside the user's step, where no argument of

@@ -6,9 +6,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -163,6 +164,76 @@ def fsdp_run(mesh: lfd.Mesh, compile: bool) -> dict[str, Any]:
         "owned": all(x.untyped_storage().nbytes() == x.numel() * x.element_size() for x in sharded),
         "rows": {n: p.to_local().shape[0] for n, p in state.params.items() if p.ndim},
     }
+
+
+@contextlib.contextmanager
+def counting(cls: type, counts: dict[str, int], key: str) -> Iterator[None]:
+    """Count `cls`'s instances made inside the block in `counts[key]`.
+
+    Not `mock.patch`: a mock keeps every call's arguments, and a reference
+    to a shard held there would send a donating step's update to the pure
+    path (it writes in place only into storage nothing else holds).
+    """
+    original = cls.__init__
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        counts[key] += 1
+        original(self, *args, **kwargs)
+
+    cls.__init__ = init  # type: ignore[misc]
+    try:
+        yield
+    finally:
+        cls.__init__ = original  # type: ignore[misc]
+
+
+def fsdp_regions(mesh: lfd.Mesh) -> dict[str, Any]:
+    """Compiled blocks with per-unit gathers: `compile_regions` + an eager FSDP step.
+
+    fp32, bf16-mixed and fp32 with `donate=True` (the update written into
+    the shards), against one eager process. Counts the all-gathers and the
+    gathered tensors the blocks' backward saved as tokens (released,
+    re-gathered for the backward) instead of keeping them.
+    """
+    import lightfunc._sharded_func as sharded
+
+    out: dict[str, Any] = {}
+    runs = {"fp32": (None, False), "bf16": ("bf16-mixed", False), "donated": (None, True)}
+    for key, (precision, donate) in runs.items():
+        model = make_net()
+        before = lf.compile_counts()["graphs"]
+        names = lf.compile_regions(model)  # inductor
+        step = lf.build(
+            train_step_for(model),
+            compile=False,
+            strategy=lfd.FSDP(mesh),
+            precision=precision,
+            donate=donate,
+        )
+        state = step.prepare(lf.TrainState.create(model, optimizer(), seed=None))
+        batches = [mine(b, mesh) for b in data()]
+        counts = {"gathers": 0, "tokens": 0}
+        with (
+            counting(sharded._InFlight, counts, "gathers"),
+            counting(sharded._Token, counts, "tokens"),
+        ):
+            state, metrics = train(step, state, batches[:-1])
+            storage = [x.to_local().data_ptr() for x in lf.tree_leaves(state.params)]
+            state, metrics = step(state, batches[-1])
+        ref, ref_metrics = reference(precision)
+        full = lfd.gather_state(state)
+        out[key] = {
+            "regions": names,
+            "graphs": lf.compile_counts()["graphs"] - before,
+            "gathers_per_step": counts["gathers"] / len(batches),
+            "tokens_per_step": counts["tokens"] / len(batches),
+            "params": max_diff(full.params, ref.params),
+            "opt_state": max_diff(full.opt_state, ref.opt_state),
+            "loss": abs(float(metrics["loss"]) - float(ref_metrics["loss"])),
+            # The last step wrote its update into the shards' own storage.
+            "kept": storage == [x.to_local().data_ptr() for x in lf.tree_leaves(state.params)],
+        }
+    return out
 
 
 def gathering(mesh: lfd.Mesh) -> dict[str, Any]:
@@ -365,6 +436,7 @@ def meta_init(mesh: lfd.Mesh) -> dict[str, Any]:
 CHECKS: dict[str, Callable[[lfd.Mesh], Any]] = {
     "fsdp_eager": lambda mesh: fsdp_run(mesh, compile=False),
     "fsdp_compiled": lambda mesh: fsdp_run(mesh, compile=True),
+    "fsdp_regions": fsdp_regions,
     "gathering": gathering,
     "plain_gradients": plain_gradients,
     "mixed_precision": mixed_precision,
