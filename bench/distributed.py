@@ -22,6 +22,15 @@ median step time, and the last loss's distance from the same setup on one
 process. The CPU allocator keeps no peak statistic, so the allocator's
 peak is not reported (on CUDA it would be `torch.cuda.max_memory_allocated`).
 
+Setups with " compiled blocks" in their name ("lightfunc FSDP compiled blocks", the
+same followed by " donated", "torch FSDP2 compiled blocks"; run with `--setups`) compile
+each block's forward with
+inductor: lightfunc's through `lf.compile_regions` (the eager FSDP step's per-block
+gathers, releases and backward re-gathers run around the compiled forwards), FSDP2's
+through `torch.compile(block.forward)` before `fully_shard` (its hooks eager likewise).
+Their `gathered MB` is not counted (the counting dispatch mode cannot be active while
+dynamo compiles), and their ratios are to FSDP2 compiled the same way when it ran.
+
 `mixed` (default on, 2 processes): the same GPT in bf16-mixed, lightfunc FSDP
 gathering Linear weights in bfloat16 (the default) and in float32, and FSDP2 with
 `MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)`: peak
@@ -77,6 +86,7 @@ the speed-up of a real cluster, which needs one device per rank (GPUs, NCCL).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -116,7 +126,11 @@ per parameter; bf16 copies for compute), before activations:
   the saved-tensor hooks release the gathered storage itself (before this, autocast's
   copies of every block stayed until its backward: 2 B more, ~14B).
   Where it goes on this GPT: the `phases` table (the step's phases, measured).
-- lightfunc FSDP, compiled (everything gathered at once, in fp32): full fp32 parameters
+- lightfunc FSDP, eager, `donate=True`: the update written into the shards, no second
+  state shard: 2 B per parameter plus one block, as FSDP2: ~40B, ~35B.
+- lightfunc FSDP, compiled blocks (`lf.compile_regions` + the eager step): gathered per
+  block as eagerly, so as the two lines above: ~22B pure, ~35B donated.
+- lightfunc FSDP, compiled step (everything gathered at once, in fp32): full fp32 parameters
   and gradients (8 B) + autocast's bf16 copies (2 B) + the 3.5 B above: ~6B.
 """
 
@@ -233,6 +247,10 @@ SETUPS = ("lightfunc DDP", "lightfunc FSDP", "torch DDP", "torch FSDP2")
 # bf16-mixed (`--sections mixed`): lightfunc FSDP gathering Linear weights in bfloat16 (the
 # default) or in float32, and FSDP2 with MixedPrecisionPolicy(bfloat16 params, float32 reduce).
 MIXED_SETUPS = ("lightfunc FSDP bf16", "lightfunc FSDP bf16, fp32 gathers", "torch FSDP2 bf16")
+# A setup name with this in it compiles each block's forward (inductor): lightfunc's with
+# `lf.compile_regions` (the eager FSDP step keeps its per-block gathers around the compiled
+# forwards), FSDP2's with `torch.compile(block.forward)` before `fully_shard`.
+_COMPILED_BLOCKS = " compiled blocks"
 D_MODEL, HEADS, BLOCKS, VOCAB, SEQ, GLOBAL_BATCH = 512, 8, 8, 256, 64, 8
 
 
@@ -332,6 +350,8 @@ def _setup(
         tx = lf.optim.adamw(LR, b1=BETAS[0], b2=BETAS[1], eps=EPS, weight_decay=WEIGHT_DECAY)
         with torch.device("meta"):  # the step needs the structure only: no weights
             skeleton = _GPT()
+        if _COMPILED_BLOCKS in setup:  # each block's forward compiled, gathers eager
+            lf.compile_regions(skeleton)
         torch.manual_seed(0)
         if "FSDP" in setup:  # the README's pattern: no rank holds the whole model
             params, buffers = init_sharded(skeleton, mesh)
@@ -390,6 +410,9 @@ def _setup(
                 if "bf16" in setup
                 else MixedPrecisionPolicy()
             )
+            if _COMPILED_BLOCKS in setup:  # as lightfunc's: FSDP2's hooks stay eager
+                for block in model.blocks:
+                    block.forward = torch.compile(block.forward)
             if mesh.is_distributed:
                 for block in model.blocks:
                     fully_shard(block, mesh=mesh.device_mesh, mp_policy=policy)
@@ -462,13 +485,18 @@ def _memory_run(mesh: lfd.Mesh, setup: str, steps: int) -> dict[str, Any]:
         for b in _gpt_batches(steps + 1)
     ]
     _load_shared_code()
+    compiled = _COMPILED_BLOCKS in setup
+    if compiled:  # the ranks share the cores: no compile worker pool per rank
+        torch._inductor.config.compile_threads = 1
     base = _rss_mb()
     one, held = _setup(mesh, setup)
-    with _GatherBytes() as gathers:
-        one(batches[0])  # warm-up (first-call checks), its all-gathers counted
+    # A dispatch mode cannot be active while dynamo compiles: compiled setups' gathers uncounted.
+    with contextlib.nullcontext(None) if compiled else _GatherBytes() as gathers:
+        one(batches[0])  # warm-up (first-call checks, compiles), its all-gathers counted
     # The steps after the first alone: lightfunc's first call runs `build`'s checks (a second
     # eager run of the step; with donate=True on a copy of the state), which FSDP2 does not.
     reset = _reset_peak_rss()
+    before_steps = _rss_mb()
     times, loss = [], torch.tensor(0.0)
     for batch in batches[1:]:
         mesh.barrier()
@@ -480,11 +508,14 @@ def _memory_run(mesh: lfd.Mesh, setup: str, steps: int) -> dict[str, Any]:
     return {
         "peak_rss_mb": peak,
         "steady_peak_rss_mb": _peak_rss_mb() if reset else float("nan"),
+        # What the timed steps added on top of everything resident before them (the state,
+        # and for compiled setups the compiler's own memory): the steps' transient.
+        "steps_rise_mb": _peak_rss_mb() - before_steps if reset else float("nan"),
         "added_rss_mb": peak - base,
         "state_mb": held(),
         "ms_per_step": 1e3 * statistics.median(times),
         "loss": float(loss),
-        "gathered_mb": gathers.bytes / 2**20,
+        "gathered_mb": float("nan") if gathers is None else gathers.bytes / 2**20,
     }
 
 
@@ -698,6 +729,7 @@ def measure_memory(
                     "world": world,
                     "peak_rss_mb": max(r["peak_rss_mb"] for r in ranks),
                     "steady_peak_rss_mb": max(r.get("steady_peak_rss_mb", 0.0) for r in ranks),
+                    "steps_rise_mb": max(r.get("steps_rise_mb", 0.0) for r in ranks),
                     "added_rss_mb": max(r["added_rss_mb"] for r in ranks),
                     "state_mb": max(r["state_mb"] for r in ranks),
                     "ms_per_step": ranks[0]["ms_per_step"],
@@ -718,13 +750,15 @@ def measure_memory(
         first = next(b for b in records if b["world"] == min(worlds))
         r["loss_vs_1_process"] = abs(r["loss"] - one["loss"])
         r["loss_vs_lightfunc_1"] = abs(r["loss"] - first["loss"])
-        ref = next(
+        fsdp2 = [b for b in records if b["setup"].startswith("torch FSDP2")]
+        ref = next(  # FSDP2 compiled the same way if it ran, else the first FSDP2 row
             (
                 b
-                for b in records
-                if b["setup"].startswith("torch FSDP2") and b["world"] == r["world"]
+                for b in fsdp2
+                if b["world"] == r["world"]
+                and (_COMPILED_BLOCKS in b["setup"]) == (_COMPILED_BLOCKS in r["setup"])
             ),
-            r,  # a rerun of some setups only (`--setups`): no FSDP2 row to compare with
+            next((b for b in fsdp2 if b["world"] == r["world"]), r),  # else itself (`--setups`)
         )
         r["time_vs_fsdp2"] = r["ms_per_step"] / ref["ms_per_step"]
         if "paired_ms_per_step" in r:
@@ -745,16 +779,20 @@ def memory_markdown(records: list[dict[str, Any]], steps: int, *, mixed: bool = 
         f"them loads (meta-device registrations, DTensor, FSDP2: ~150 MB) before its baseline. "
         f"`gathered MB`: what the all-gathers of one step returned on a rank. `steps after "
         f"the first`: the resident set's peak over the timed steps alone (its high-water mark "
-        f"reset after the first step, which for lightfunc runs `build`'s first-call checks).",
+        f"reset after the first step, which for lightfunc runs `build`'s first-call checks); "
+        f"`rise`: that peak minus the resident set just before those steps (the steps' "
+        f"transient, without what was resident before them: the state, and for compiled "
+        f"setups the compiler's own memory).",
         "",
         "| setup | ranks | peak RSS MB | added by the run MB | peak RSS, steps after the first MB "
-        "| state MB (storage) | gathered MB | ms/step | time vs FSDP2 | peak vs FSDP2 "
+        "| rise MB | state MB (storage) | gathered MB | ms/step | time vs FSDP2 | peak vs FSDP2 "
         "| steps after the first vs FSDP2 | loss vs 1 process |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [
         f"| {r['setup']} | {r['world']} | {r['peak_rss_mb']:.0f} | {r['added_rss_mb']:.0f} "
         f"| {r.get('steady_peak_rss_mb', float('nan')):.0f} "
+        f"| {r.get('steps_rise_mb', float('nan')):.0f} "
         f"| {r['state_mb']:.1f} | {r['gathered_mb']:.1f} | {r['ms_per_step']:.0f} "
         f"| {r['time_vs_fsdp2']:.2f}x | {r['peak_vs_fsdp2']:.2f}x "
         f"| {r.get('steady_vs_fsdp2', float('nan')):.2f}x | {r['loss_vs_1_process']:.1e} |"
