@@ -2,7 +2,7 @@
 
     python -m bench.distributed [--sections memory,mixed,phases,time,speed] [--worlds 1,2,4]
                                 [--setups "lightfunc FSDP,torch FSDP2"] [--time-worlds 2,4]
-                                [--paired "lightfunc FSDP donated"]
+                                [--paired "lightfunc FSDP donated"] [--paired-with "torch FSDP2"]
                                 [--time-steps 8] [--mixed-worlds 2] [--mem-steps 3]
                                 [--workloads mlp,gpt]
                                 [--eager] [--rounds 5] [--steps 10] [--out bench/results]
@@ -48,7 +48,9 @@ time split by phase (forward, backward, update, between steps): where the step
 time goes, and the per-step time ratio with its quartiles. `--paired` names the
 lightfunc setup that `time` and `phases` set against FSDP2: the setups are
 "lightfunc DDP", "lightfunc FSDP" and either followed by " donated" (`build(...,
-donate=True)`, eager: the optimizer writes its update into the shards).
+donate=True)`, eager: the optimizer writes its update into the shards), or a
+compiled-blocks setup; `--paired-with` names the FSDP2 setup it is set against
+("torch FSDP2", or "torch FSDP2 compiled blocks").
 
 `probe` (not on by default): whether per-unit all-gathers inside one compiled
 graph trace in this torch (`_probe_run`): parametrized weights differentiated
@@ -537,6 +539,8 @@ def _paired_run(mesh: lfd.Mesh, steps: int, paired: tuple[str, ...] = PAIRED) ->
         for b in _gpt_batches(steps + 1)
     ]
     _load_shared_code()
+    if any(_COMPILED_BLOCKS in name for name in paired):  # ranks share the cores: one compile
+        torch._inductor.config.compile_threads = 1  # thread per rank, no worker pool
     marks: list[tuple[str, float]] = []
     runs = {
         name: _setup(mesh, name, phase=lambda p: marks.append((p, time.process_time())))[0]
@@ -573,7 +577,7 @@ def _quartiles(values: list[float]) -> tuple[float, float, float]:
 def _paired_summary(world: int, steps: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
     """Medians per setup, and the per-step ratios lightfunc FSDP / FSDP2 (median, quartiles)."""
     mine = next(per for name, per in steps.items() if name.startswith("lightfunc"))
-    ref = steps["torch FSDP2"]
+    ref = next(per for name, per in steps.items() if name.startswith("torch FSDP2"))
     return {
         "world": world,
         "steps": len(mine["wall"]),
@@ -604,8 +608,8 @@ def measure_time(
 
 def time_markdown(pairs: list[dict[str, Any]]) -> str:
     lines = [
-        "Where the step time goes: lightfunc FSDP and torch FSDP2 alternating step by step in "
-        "the same ranks (fp32, eager), rank 0, medians over the steps after one warm-up. CPU "
+        "Where the step time goes: lightfunc FSDP and torch FSDP2 (the setups named in the "
+        "rows) alternating step by step in the same ranks (fp32), rank 0, medians over the steps after one warm-up. CPU "
         "time is the process's (the rank's thread and gloo's), so it leaves out the time spent "
         "waiting for the other ranks or for a core; the phases split it (forward: the step's "
         "set-up and the forward, update: the optimizer and, for lightfunc, the step's metric "
@@ -951,6 +955,11 @@ def main(argv: list[str] | None = None) -> None:
         help="the lightfunc setup the time and phases sections set against FSDP2 (e.g. "
         '"lightfunc FSDP donated")',
     )
+    parser.add_argument(
+        "--paired-with",
+        default="torch FSDP2",
+        help='the FSDP2 setup it is set against (e.g. "torch FSDP2 compiled blocks")',
+    )
     parser.add_argument("--time-steps", type=int, default=8, help="timed steps of the time section")
     parser.add_argument("--worlds", default="1,2,4", help="process counts of the memory section")
     parser.add_argument("--mixed-worlds", default="2", help="process counts of the mixed section")
@@ -962,7 +971,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
     sections = set(args.sections.split(","))
-    paired = (args.paired, "torch FSDP2")
+    paired = (args.paired, args.paired_with)
     results: dict[str, Any] = {
         "torch": torch.__version__,
         "lightfunc": lf.__version__,
