@@ -183,10 +183,18 @@ def compile_regions(
             # The block's `forward`, not `module.compile()` (which compiles `_call_impl`, the
             # module's hooks included): hooks then run eagerly around the compiled region, as
             # FSDP's per-unit gathers must (a collective and its saved-tensor hooks cannot be
-            # traced into the block's graph). A second call recompiles the original forward.
-            forward = module.forward
-            forward = getattr(forward, "_torchdynamo_orig_callable", forward)
-            module.forward = torch.compile(forward, **kwargs)
+            # traced into the block's graph). The class's function is compiled and bound to
+            # the module as a method, so that `deepcopy` binds it to the copy: a compiled
+            # *bound* method would keep running the original module, its parameters included,
+            # from every copy. A second call recompiles the original function.
+            own = module.__dict__.get("forward")
+            if own is None or (isinstance(own, types.MethodType) and own.__self__ is module):
+                function = type(module).forward if own is None else own.__func__
+                function = getattr(function, "_torchdynamo_orig_callable", function)
+                module.forward = types.MethodType(torch.compile(function, **kwargs), module)
+            else:  # a callable the user set on the instance: compiled as it is
+                own = getattr(own, "_torchdynamo_orig_callable", own)
+                module.forward = torch.compile(own, **kwargs)
     return [name for name, _ in chosen]
 
 

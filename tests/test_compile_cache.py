@@ -400,6 +400,26 @@ def test_regions_compile_the_forward_and_leave_the_hooks_eager():
     assert len(calls) == 8
 
 
+@pytest.mark.compiled
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
+def test_a_copy_of_a_regionally_compiled_model_computes_with_its_own_parameters():
+    import copy
+
+    torch.manual_seed(0)
+    model = _Tower(2)
+    lf._compile.compile_regions(model, compile=lf.CompileOptions(backend="aot_eager"))
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in twin.blocks.parameters():
+            p.add_(1.0)
+    x = torch.randn(3, 4)
+    expected = _Tower(2)
+    expected.load_state_dict(twin.state_dict())
+    # A compiled bound method would run the original blocks (their parameters) from the copy.
+    torch.testing.assert_close(twin(x), expected(x), rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(twin(x), model(x))
+
+
 def test_startup_bench_report_tables():
     from bench.startup import markdown
 
