@@ -24,10 +24,10 @@ peak is not reported (on CUDA it would be `torch.cuda.max_memory_allocated`).
 
 Setups with " compiled blocks" in their name ("lightfunc FSDP compiled blocks", the
 same followed by " donated", "torch FSDP2 compiled blocks"; run with `--setups`) compile
-each block's forward with
-inductor: lightfunc's through `lf.compile_regions` (the eager FSDP step's per-block
-gathers, releases and backward re-gathers run around the compiled forwards), FSDP2's
-through `torch.compile(block.forward)` before `fully_shard` (its hooks eager likewise).
+each block's forward with inductor: lightfunc's through `lf.compile_regions` (the eager
+FSDP step's per-block gathers, releases and backward re-gathers run around the compiled
+forwards), FSDP2's through `torch.compile(block.forward)` before `fully_shard` (its
+hooks eager likewise).
 Their `gathered MB` is not counted (the counting dispatch mode cannot be active while
 dynamo compiles), and their ratios are to FSDP2 compiled the same way when it ran.
 
