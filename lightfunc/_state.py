@@ -18,7 +18,7 @@ from .optim._base import (
     InPlaceUpdate,
     OptState,
     apply_updates,
-    update_in_place,
+    update_params,
 )
 from .optim._masking import is_trainable_only, trainable_only
 from .optim._wrappers import ApplyIfFiniteState, apply_if_finite, find_state, unwrapped
@@ -227,21 +227,29 @@ class TrainState:
         optimizer state and `changes` replaced (parameters and `step` as
         they were); on the last micro-batch it applies the weighted sum.
 
+        Eagerly (on CPU, leaves of one dtype), `sgd`, `adam` and `adamw`
+        compute the new parameters directly with torch.optim's arithmetic, so
+        they are torch's bit for bit (``params + updates`` is one rounding
+        away; compiled steps add the updates, within that rounding).
         Inside a donating eager step (`build(..., donate=True, compile=False)`)
         optimizers that can (`sgd`, `adam`, `adamw`) write the update into this
         state's parameters and moments instead of new tensors, and this
         state's `params` and `opt_state` are marked consumed: reading them
         afterwards, inside the step or out, raises `DonatedStateError`.
         """
-        mark = None if torch.compiler.is_compiling() else _in_place_mark(self.tx)
-        if mark is not None:
-            # A donating eager step (`build(..., donate=True)`): the optimizer writes the
-            # update into these parameters and moments, as torch.optim does, where it can.
-            params, opt_state, wrote = update_in_place(self.tx, grads, self.opt_state, self.params)
-        else:
+        if torch.compiler.is_compiling():
+            mark = None
             updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
             params = None if updates is None else apply_updates(self.params, updates)
             wrote = False
+        else:
+            # Eagerly, the optimizers that can (`sgd`, `adam`, `adamw`) compute the new
+            # parameters directly, torch.optim's arithmetic; in a donating step
+            # (`build(..., donate=True)`) they write them into these parameters and moments.
+            mark = _in_place_mark(self.tx)
+            params, opt_state, wrote = update_params(
+                self.tx, grads, self.opt_state, self.params, in_place=mark is not None
+            )
         if params is None:  # deferred (a micro-batch of an accumulated update)
             new = dataclasses.replace(self, opt_state=opt_state, **changes)
         else:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.optim import lr_scheduler
 
+import lightfunc as lf
 import lightfunc.optim as lo
 from lightfunc._tree import tree_leaves, tree_map
 
@@ -183,12 +184,14 @@ IN_PLACE_CASES = {
 }
 
 
+@pytest.mark.parametrize("in_place", [True, False])
 @pytest.mark.parametrize("slice_elements", [1 << 20, 1])  # one slice; one tensor per slice
 @pytest.mark.parametrize("name", sorted(IN_PLACE_CASES))
-def test_in_place_update_is_torch_optims_arithmetic_written_into_the_given_tensors(
-    monkeypatch, name, slice_elements
+def test_direct_update_is_torch_optims_arithmetic_in_place_or_into_new_tensors(
+    monkeypatch, name, slice_elements, in_place
 ):
     import lightfunc.optim._fused as fused
+    from lightfunc.optim._base import update_params
 
     monkeypatch.setattr(fused, "_SLICE_ELEMENTS", slice_elements)
     make_opt, groups, make_tx = IN_PLACE_CASES[name]
@@ -198,16 +201,48 @@ def test_in_place_update_is_torch_optims_arithmetic_written_into_the_given_tenso
     state = tx.init(ours)
     moments = [id(x) for x in tree_leaves(state) if x.ndim]
     for grad in grads:
-        new, state, wrote = tx.update.in_place(grad, state, ours)
-        assert wrote and all(new[k] is ours[k] for k in ours) and new is not ours
-    assert [id(x) for x in tree_leaves(state) if x.ndim] == moments  # the same moment tensors
-    if make_opt is not None:
+        given, given_state = ours, state
+        copies = [x.clone() for x in tree_leaves((given, given_state))]
+        ours, state, wrote = update_params(tx, grad, state, ours, in_place=in_place)
+        assert wrote is in_place and ours is not given
+        if in_place:  # written into the given parameters
+            assert all(ours[k] is given[k] for k in ours)
+        else:  # new tensors; what was given is untouched
+            assert not any(ours[k] is given[k] for k in ours)
+            for a, b in zip(tree_leaves((given, given_state)), copies, strict=True):
+                assert torch.equal(a, b)
+    same_moments = [id(x) for x in tree_leaves(state) if x.ndim] == moments
+    assert same_moments is (in_place or not moments)
+    if make_opt is not None:  # torch.optim's parameters, bit for bit
         assert max_abs_diff(ours, run_torch(make_opt, params, grads, groups=groups)) == 0.0
     else:
         pure = run_lightfunc(make_tx(), params, grads)
-        # The pure forms round once more: AdamW's move `new - p`, SGD's `p + (-lr * step)`.
+        # The additive forms round once more: AdamW's move `new - p`, SGD's `p + (-lr * step)`.
         assert max_abs_diff(ours, pure) <= (1e-7 if "adamw" in name else TOL)
         assert max_abs_diff(ours, params) > 1e-2
+
+
+def test_apply_gradients_gives_torch_optims_parameters_bit_for_bit_where_adding_the_update_does_not():
+    # Parameters far smaller than their steps: `p + (new - p)` is not `new` there.
+    g = torch.Generator().manual_seed(0)
+    params = {"small": torch.randn(500, generator=g) * 1e-3, "large": torch.randn(500, generator=g)}
+    grads = make_grads(params, n=20)
+    cases: list[tuple[Callable[[Any], torch.optim.Optimizer], Callable[[], Any]]] = [
+        (
+            lambda ps: torch.optim.AdamW(ps, lr=0.1, weight_decay=0.1),
+            lambda: lo.adamw(0.1, weight_decay=0.1),
+        ),
+        (lambda ps: torch.optim.SGD(ps, lr=0.5, momentum=0.9), lambda: lo.sgd(0.5, 0.9)),
+    ]
+    for make_opt, make_tx in cases:
+        theirs = run_torch(make_opt, params, grads)
+        additive = run_lightfunc(make_tx(), params, grads)
+        if make_tx is cases[0][1]:  # AdamW: the case this test is about
+            assert max_abs_diff(additive, theirs) > 0.0
+        state = lf.TrainState.create(params, make_tx())
+        for grad in grads:
+            state = state.apply_gradients(grad)
+        assert max_abs_diff(state.params, theirs) == 0.0
 
 
 def with_float64_leaf(params: Params) -> Params:

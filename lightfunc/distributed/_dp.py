@@ -29,7 +29,7 @@ from typing import Any
 from .._metrics import Reduction
 from .._state import TrainState, map_train_states
 from .._tree import PyTree, tree_flatten, tree_unflatten
-from ..optim._base import GradientTransformation, OptState, Params, Updates, update_in_place
+from ..optim._base import GradientTransformation, OptState, Params, Updates, update_params
 from ..optim._wrappers import unwrapped
 from . import _collectives
 from ._mesh import Mesh
@@ -203,15 +203,17 @@ def _reduced(
     ) -> tuple[Updates, OptState]:
         return tx.update(reduce(updates), state, params)
 
-    def in_place(updates: Updates, state: OptState, params: Params) -> tuple[Any, OptState, bool]:
-        return update_in_place(tx, reduce(updates), state, params)
+    def to_params(
+        updates: Updates, state: OptState, params: Params, *, in_place: bool
+    ) -> tuple[Any, OptState, bool]:
+        return update_params(tx, reduce(updates), state, params, in_place=in_place)
 
     def reduce(updates: Updates) -> Updates:
         leaves, spec = tree_flatten(updates)
         return tree_unflatten(spec, _collectives.all_reduce(leaves, mesh, op, cap))
 
     update.wraps = tx  # type: ignore[attr-defined]
-    update.in_place = in_place  # type: ignore[attr-defined]
+    update.to_params = to_params  # type: ignore[attr-defined]
     if mark:  # a wrapper for the whole run (`prepare_gradient_reduction`), not for one call
         update.reduces_over = mesh  # type: ignore[attr-defined]
     return GradientTransformation(tx.init, update)

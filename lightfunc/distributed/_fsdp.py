@@ -91,7 +91,7 @@ from .._metrics import Reduction
 from .._sharded_func import GatherOnUse, GatherPolicy, Units, check_units, gathered, unit_names
 from .._state import TrainState, map_train_states
 from .._tree import PyTree, tree_flatten, tree_flatten_with_paths, tree_map, tree_unflatten
-from ..optim._base import GradientTransformation, OptState, Params, Updates, update_in_place
+from ..optim._base import GradientTransformation, OptState, Params, Updates, update_params
 from ..optim._wrappers import unwrapped
 from . import _collectives
 from ._mesh import Mesh
@@ -398,8 +398,10 @@ def _sharded_update(
     ) -> tuple[Updates, OptState]:
         return tx.update(sharded(updates), state, params)
 
-    def in_place(updates: Updates, state: OptState, params: Params) -> tuple[Any, OptState, bool]:
-        return update_in_place(tx, sharded(updates), state, params)
+    def to_params(
+        updates: Updates, state: OptState, params: Params, *, in_place: bool
+    ) -> tuple[Any, OptState, bool]:
+        return update_params(tx, sharded(updates), state, params, in_place=in_place)
 
     def sharded(updates: Updates) -> Updates:
         g_leaves, spec = tree_flatten(updates)
@@ -411,7 +413,7 @@ def _sharded_update(
         return tree_unflatten(spec, g_leaves)
 
     update.wraps = tx  # type: ignore[attr-defined]
-    update.in_place = in_place  # type: ignore[attr-defined]
+    update.to_params = to_params  # type: ignore[attr-defined]
     if mark:  # a wrapper for the whole run (`prepare_sharded_update`), not for one call
         update.shards_over = mesh  # type: ignore[attr-defined]
     return GradientTransformation(tx.init, update)

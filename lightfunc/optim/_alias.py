@@ -4,10 +4,11 @@ Each matches its torch.optim namesake on CPU, with the same defaults (the
 betas are spelled `b1`, `b2`): Adam bit for bit, AdamW bit for bit where
 no step is larger than its parameter (else one rounding of the move apart;
 see `_weight_decay`), SGD within one fp32 rounding per step (see
-`_transforms`). The in-place forms a donating eager step runs
-(``update.in_place`` of `sgd`, `adam`, `adamw`) are torch's own arithmetic,
-bit for bit. The order inside each chain is
-the order in which torch applies the same operations.
+`_transforms`). The direct forms an eager step runs (``update.to_params``
+of `sgd`, `adam`, `adamw`: the new parameters computed, not an update
+added; in place in a donating step) are torch's own arithmetic, bit for
+bit. The order inside each chain is the order in which torch applies the
+same operations.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .._tree import tree_leaves, tree_unflatten
+from .._tree import tree_leaves, tree_structure, tree_unflatten
 from ._base import (
     GradientTransformation,
     OptState,
@@ -105,52 +106,76 @@ def _with_in_place_sgd(
     dampening: float,
     weight_decay: float,
 ) -> GradientTransformation:
-    """`tx` (the `sgd` chain) with ``update.in_place``: torch.optim.SGD's single-tensor step.
+    """`tx` (the `sgd` chain) with ``update.to_params``: torch.optim.SGD's single-tensor step.
 
-    Written into the parameters and the momentum buffers, eagerly on CPU for
-    leaves of one dtype, operation for operation as torch does it (``grad +
-    wd * p``; ``buf = grad`` at the first step, else ``buf * momentum + (1 -
-    dampening) * grad``; Nesterov's ``grad + momentum * buf``; then
-    ``p.add_(step, alpha=-lr)``), so bit for bit torch's parameters, where
-    the pure chain's additive ``p + (-lr * step)`` is one rounding apart.
-    Elsewhere it runs the pure update (see `update_in_place`).
+    Eagerly on CPU for leaves of one dtype, operation for operation as torch
+    does it (``grad + wd * p``; ``buf = grad`` at the first step, else ``buf
+    * momentum + (1 - dampening) * grad``; Nesterov's ``grad + momentum *
+    buf``; then ``p.add_(step, alpha=-lr)``), so bit for bit torch's
+    parameters, where the pure chain's additive ``p + (-lr * step)`` is one
+    rounding apart. With `in_place` written into the parameters and the
+    momentum buffers; without, into new tensors. Elsewhere it runs the pure
+    update (see `update_params`).
     """
     traced = momentum != 0
     at_trace = 1 if weight_decay != 0 else 0  # the chain's states: [decay,] [trace,] schedule
 
-    def in_place(updates: Updates, state: OptState, params: Params) -> tuple[Any, OptState, bool]:
+    def to_params(
+        updates: Updates, state: OptState, params: Params, *, in_place: bool
+    ) -> tuple[Any, OptState, bool]:
         trees = (updates, params, state[at_trace].trace) if traced else (updates, params)
         lists = foreach_leaves(*trees)
         count = host_scalar(state[-1].count)
         updated = host_scalar(state[at_trace].count) if traced else 0  # momentum steps so far
-        if lists is None or not isinstance(count, int) or not writable(lists[0][1:]):
+        if (
+            lists is None
+            or not isinstance(count, int)
+            or tree_structure(params) != lists[1]
+            or (in_place and not writable(lists[0][1:]))
+            or (not in_place and any(x.requires_grad for group in lists[0] for x in group))
+        ):
             new_updates, new_state = tx.update(updates, state, params)
             return apply_updates(params, new_updates), new_state, False
         (grads, ps, *rest), spec = lists
         rate = float(lr(state[-1].count)) if callable(lr) else lr
+        new_ps: list[torch.Tensor] = []
+        new_bufs: list[torch.Tensor] = []
         for at in slices(ps):
             step: Tensors = grads[at]
             if weight_decay != 0:
                 step = torch._foreach_add(step, ps[at], alpha=weight_decay)
             if traced:
-                bufs = rest[0][at]
-                if updated == 0:
-                    torch._foreach_copy_(bufs, step)
-                else:
+                bufs: Tensors = rest[0][at]
+                if updated == 0:  # torch's `buf = clone(grad)`
+                    if in_place:
+                        torch._foreach_copy_(bufs, step)
+                    else:
+                        bufs = [x.clone() for x in step]
+                elif in_place:
                     torch._foreach_mul_(bufs, momentum)
                     torch._foreach_add_(bufs, step, alpha=1 - dampening)
+                else:
+                    bufs = torch._foreach_mul(bufs, momentum)
+                    torch._foreach_add_(bufs, step, alpha=1 - dampening)
+                new_bufs += bufs
                 step = torch._foreach_add(step, bufs, alpha=momentum) if nesterov else bufs
-            torch._foreach_add_(ps[at], step, alpha=-rate)
+            if in_place:
+                torch._foreach_add_(ps[at], step, alpha=-rate)
+            else:
+                new_ps += torch._foreach_add(ps[at], step, alpha=-rate)
+        if in_place:  # new containers around the same tensors (the old ones are marked consumed)
+            new_ps = tree_leaves(params)
+            new_bufs = tree_leaves(state[at_trace].trace) if traced else []
         new_state = list(state)
         if traced:
             trace = state[at_trace]
             new_state[at_trace] = TraceState(
-                count=trace.count + 1, trace=tree_unflatten(spec, tree_leaves(trace.trace))
+                count=trace.count + 1, trace=tree_unflatten(spec, new_bufs)
             )
         new_state[-1] = ScaleByScheduleState(count=state[-1].count + 1)
-        return tree_unflatten(spec, tree_leaves(params)), tuple(new_state), True
+        return tree_unflatten(spec, new_ps), tuple(new_state), in_place
 
-    tx.update.in_place = in_place  # type: ignore[attr-defined]
+    tx.update.to_params = to_params  # type: ignore[attr-defined]
     return tx
 
 

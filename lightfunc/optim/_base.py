@@ -67,7 +67,7 @@ class InPlaceUpdate:
 
     Called as an update it is `tx`'s pure update. `TrainState.apply_gradients`
     finds it (among `unwrapped(tx)`: a strategy may wrap it for one call) and
-    runs `update_in_place` instead, then calls
+    runs `update_params(..., in_place=True)` instead, then calls
     `on_updated(old_state, new_state)` when the optimizer did write in place.
     A donating eager step (`build(..., donate=True)`) marks each `TrainState`
     it is given for the duration of the call, and unmarks the states it returns.
@@ -84,10 +84,10 @@ class InPlaceUpdate:
     ) -> tuple[Updates, OptState]:
         return self.wraps.update(updates, state, params)
 
-    def in_place(
-        self, updates: Updates, state: OptState, params: Params
+    def to_params(
+        self, updates: Updates, state: OptState, params: Params, *, in_place: bool
     ) -> tuple[Params | None, OptState, bool]:
-        return update_in_place(self.wraps, updates, state, params)
+        return update_params(self.wraps, updates, state, params, in_place=in_place)
 
 
 def in_place(tx: GradientTransformation, on_updated: OnUpdatedInPlace) -> GradientTransformation:
@@ -95,19 +95,32 @@ def in_place(tx: GradientTransformation, on_updated: OnUpdatedInPlace) -> Gradie
     return GradientTransformation(tx.init, InPlaceUpdate(tx, on_updated))
 
 
-def update_in_place(
-    tx: GradientTransformation, updates: Updates, state: OptState, params: Params
+def update_params(
+    tx: GradientTransformation,
+    updates: Updates,
+    state: OptState,
+    params: Params,
+    *,
+    in_place: bool,
 ) -> tuple[Params | None, OptState, bool]:
-    """`tx`'s update written into `params` and `state` where `tx` can (``tx.update.in_place``).
+    """`tx`'s new parameters and state, computed directly where `tx` can (``tx.update.to_params``).
 
     Returns ``(new params, new state, written in place)``; the params are
-    None when `tx` deferred (accumulation). An optimizer without an in-place
-    form runs its pure update, applied (not written in place): wrappers pass
-    the call through with this.
+    None when `tx` deferred (accumulation). What `TrainState.apply_gradients`
+    runs eagerly. `sgd`, `adam` and `adamw` (and the wrappers that pass the
+    call through: `chain`, `trainable_only`, the distributed strategies)
+    offer ``update.to_params``: torch.optim's own arithmetic, eagerly on CPU
+    for leaves of one dtype, producing the new parameters themselves rather
+    than updates to add, so bit for bit torch's parameters (``p + (new - p)``
+    is one rounding away from ``new``) and two elementwise passes fewer.
+    With `in_place` (a donating step) they write into `params` and `state`'s
+    moments; without, every output is a new tensor and the inputs are
+    untouched. Any other optimizer, and these ones elsewhere (compiling,
+    under `vmap`, mixed dtypes), run the pure update and `apply_updates` it.
     """
-    fn = getattr(tx.update, "in_place", None)
+    fn = getattr(tx.update, "to_params", None)
     if fn is not None:
-        return fn(updates, state, params)
+        return fn(updates, state, params, in_place=in_place)
     new_updates, new_state = tx.update(updates, state, params)
     return (None if new_updates is None else apply_updates(params, new_updates)), new_state, False
 

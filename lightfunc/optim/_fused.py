@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .._tree import tree_flatten, tree_leaves, tree_map, tree_unflatten
+from .._tree import tree_flatten, tree_leaves, tree_map, tree_structure, tree_unflatten
 from ._base import (
     GradientTransformation,
     OptState,
@@ -136,13 +136,18 @@ def foreach_adam(
     step size would need a device sync to become a Python float) and for
     mixed dtypes, `unfused` runs. Same state as `unfused`, leaf for leaf.
 
-    ``update.in_place(grads, state, params)`` is the same step written into
-    the parameters and moments given (torch.optim's own in-place
-    arithmetic, so the same numbers again): what a donating eager step runs
-    (`build(..., donate=True)`; see `lightfunc/_donate.py`). It returns
-    ``(params, state, True)``, built on the tensors given; where the
-    multi-tensor path does not apply it runs the pure update instead and
-    returns ``(params, state, False)``.
+    ``update.to_params(grads, state, params, in_place=...)`` is the same
+    step ending in the new parameters themselves, not in an update to add:
+    torch.optim's own arithmetic (``p * (1 - lr * wd)``, then ``addcdiv``),
+    so torch's parameters bit for bit, where ``p + update`` is one rounding
+    away, and two passes fewer (the ``- p`` and the ``+ p``). With
+    `in_place` (a donating eager step, `build(..., donate=True)`; see
+    `lightfunc/_donate.py`) it writes into the parameters and moments given
+    and returns ``(params, state, True)`` built on them; without, every
+    output is new and it returns ``(params, state, False)``: what
+    `TrainState.apply_gradients` runs eagerly. Where the multi-tensor path
+    does not apply it runs the pure update, applied, and returns
+    ``(params, state, False)``.
     """
     adam_at = 0 if decoupled else -1  # position of ScaleByAdamState in the chain's state
 
@@ -226,35 +231,59 @@ def foreach_adam(
         new_state = advanced(state, tree_unflatten(spec, mu), tree_unflatten(spec, nu))
         return tree_unflatten(spec, out), new_state
 
-    def in_place(
-        updates: Updates, state: OptState, params: Params
+    def to_params(
+        updates: Updates, state: OptState, params: Params, *, in_place: bool
     ) -> tuple[Params, OptState, bool]:
         ready = prepared(updates, state, params, with_params=True)
-        if ready is None or not writable(ready[0][1:]):
+        if (
+            ready is None
+            or tree_structure(params) != ready[2]
+            or (in_place and not writable(ready[0][1:]))
+            or (not in_place and any(x.requires_grad for group in ready[0] for x in group))
+        ):  # the pure update, applied: what `apply_updates` makes of it (and its errors)
             new_updates, new_state = update(updates, state, params)
             return apply_updates(params, new_updates), new_state, False
-        (grads, mus, nus, ps), _, spec = ready
+        (grads, mus, nus, ps), rewrap, spec = ready
         step_size, bc2_sqrt, factors = scalars(updates, state, len(grads))
-        # torch.optim.Adam(W)'s single-tensor step, written where it writes: the moments and
-        # the parameters themselves (the local tensors of shards write the shards). In
-        # slices of the leaves, so that the temporaries (Adam's denominator, the L2 term)
-        # are at most a slice's size, as torch's per-tensor loop keeps them at a tensor's.
+        new_ps: list[torch.Tensor] = []
+        new_mus: list[torch.Tensor] = []
+        new_nus: list[torch.Tensor] = []
+        # torch.optim.Adam(W)'s single-tensor step: `p * (1 - lr * wd)` then `addcdiv` of the
+        # moments, the very operations and order, so torch's parameters bit for bit. In place
+        # (a donating step) written where torch writes: the moments and the parameters
+        # themselves (the local tensors of shards write the shards); otherwise into new
+        # tensors. In slices of the leaves, so that the temporaries (Adam's denominator, the
+        # L2 term) are at most a slice's size, as torch's per-tensor loop keeps them at a
+        # tensor's.
         for at in slices(ps):
-            g, mu, _, denom = moments(grads[at], mus[at], nus[at], ps[at], in_place=True)
+            g, mu, nu, denom = moments(grads[at], mus[at], nus[at], ps[at], in_place=in_place)
             torch._foreach_div_(denom, bc2_sqrt)
             torch._foreach_add_(denom, eps)
-            if factors:
-                torch._foreach_mul_(ps[at], factors[at])
-            torch._foreach_addcdiv_(ps[at], mu, denom, value=step_size)
-            del g, mu, denom
-        # New containers around the same tensors: the caller's old containers are marked consumed.
-        new_state = advanced(
-            state, tree_unflatten(spec, tree_leaves(state[adam_at].mu)),
-            tree_unflatten(spec, tree_leaves(state[adam_at].nu)),
-        )  # fmt: skip
-        return tree_unflatten(spec, tree_leaves(params)), new_state, True
+            if in_place:
+                if factors:
+                    torch._foreach_mul_(ps[at], factors[at])
+                torch._foreach_addcdiv_(ps[at], mu, denom, value=step_size)
+            else:
+                if factors:
+                    out = torch._foreach_mul(ps[at], factors[at])
+                    torch._foreach_addcdiv_(out, mu, denom, value=step_size)
+                else:
+                    out = torch._foreach_addcdiv(ps[at], mu, denom, value=step_size)
+                new_ps += out
+                new_mus += mu
+                new_nus += nu
+            del g, mu, nu, denom
+        if in_place:
+            # New containers around the same tensors: the caller's old containers are marked
+            # consumed.
+            new_ps = tree_leaves(params)
+            new_mus, new_nus = tree_leaves(state[adam_at].mu), tree_leaves(state[adam_at].nu)
+        elif rewrap is not None:  # new local tensors of shards: shards again
+            new_ps, new_mus, new_nus = rewrap(new_ps), rewrap(new_mus), rewrap(new_nus)
+        new_state = advanced(state, tree_unflatten(spec, new_mus), tree_unflatten(spec, new_nus))
+        return tree_unflatten(spec, new_ps), new_state, in_place
 
-    update.in_place = in_place  # type: ignore[attr-defined]
+    update.to_params = to_params  # type: ignore[attr-defined]
     return GradientTransformation(unfused.init, update)
 
 

@@ -38,7 +38,7 @@ from ._base import (
     Params,
     Updates,
     apply_updates,
-    update_in_place,
+    update_params,
 )
 from ._local import dtensor_type
 from ._transforms import set_to_zero
@@ -419,16 +419,16 @@ class _TrainableUpdate:
         mask, grads, inner_params = self._trainable(updates, params)
         return self._update(updates, state, mask, grads, inner_params, self._flags(grads))
 
-    def in_place(
-        self, updates: Updates, state: OptState, params: Params
+    def to_params(
+        self, updates: Updates, state: OptState, params: Params, *, in_place: bool
     ) -> tuple[Any, OptState, bool]:
-        """The update written into `params` and `state` (see `TrainState.apply_gradients`).
+        """The new params and state computed directly (see `lightfunc.optim._base.update_params`).
 
         ``(new params, new state, written in place)``; the params are None
-        when the inner optimizer deferred. In place when the inner optimizer
-        offers it (``update.in_place``) and every trainable parameter has a
-        gradient; otherwise the pure update, applied (which keeps the
-        moments of a parameter without a gradient).
+        when the inner optimizer deferred. Directly (in place when asked)
+        when the inner optimizer offers it (``update.to_params``) and every
+        trainable parameter has a gradient; otherwise the pure update,
+        applied (which keeps the moments of a parameter without a gradient).
         """
         mask, grads, inner_params = self._trainable(updates, params)
         flags = self._flags(grads)
@@ -437,7 +437,9 @@ class _TrainableUpdate:
             new_updates, new_state = self._update(updates, state, mask, grads, inner_params, flags)
             new_params = None if new_updates is None else apply_updates(params, new_updates)
             return new_params, new_state, False
-        new_params, new_state, wrote = update_in_place(self.inner, grads, state, inner_params)
+        new_params, new_state, wrote = update_params(
+            self.inner, grads, state, inner_params, in_place=in_place
+        )
         if new_params is None or not self.frozen:
             return new_params, new_state, wrote
         return _merge(mask, new_params, params), new_state, wrote

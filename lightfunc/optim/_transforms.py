@@ -45,7 +45,7 @@ from ._base import (
     Params,
     ScalarOrSchedule,
     Updates,
-    update_in_place,
+    update_params,
 )
 from ._validate import check_float, check_learning_rate
 
@@ -485,20 +485,22 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
             new_states.append(s)
         return updates, tuple(new_states)
 
-    if transforms and getattr(transforms[-1].update, "in_place", None) is not None:
+    if transforms and getattr(transforms[-1].update, "to_params", None) is not None:
 
-        def in_place(
-            updates: Updates, state: OptState, params: Params
+        def to_params(
+            updates: Updates, state: OptState, params: Params, *, in_place: bool
         ) -> tuple[Any, OptState, bool]:
             # The transforms before the last one only read the parameters, before the last
-            # writes them: e.g. `chain(clip_by_global_norm(1.0), adamw(...))`.
+            # computes (or writes) them: e.g. `chain(clip_by_global_norm(1.0), adamw(...))`.
             new_states = []
             for tx, s in zip(transforms[:-1], state[:-1], strict=True):
                 updates, s = tx.update(updates, s, params)
                 new_states.append(s)
-            new_params, last, wrote = update_in_place(transforms[-1], updates, state[-1], params)
+            new_params, last, wrote = update_params(
+                transforms[-1], updates, state[-1], params, in_place=in_place
+            )
             return new_params, (*new_states, last), wrote
 
-        update.in_place = in_place  # type: ignore[attr-defined]
+        update.to_params = to_params  # type: ignore[attr-defined]
 
     return GradientTransformation(init, update)
