@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .._tree import tree_leaves, tree_structure, tree_unflatten
+from .._tree import tree_leaves, tree_unflatten
 from ._base import (
     GradientTransformation,
     OptState,
@@ -25,7 +25,7 @@ from ._base import (
     ScalarOrSchedule,
     Updates,
     apply_updates,
-    writable,
+    direct_form_applies,
 )
 from ._fused import Tensors, check_fused, foreach_adam, fused_adam, slices
 from ._masking import MaskOrFn
@@ -130,9 +130,7 @@ def _with_in_place_sgd(
         if (
             lists is None
             or not isinstance(count, int)
-            or tree_structure(params) != lists[1]
-            or (in_place and not writable(lists[0][1:]))
-            or (not in_place and any(x.requires_grad for group in lists[0] for x in group))
+            or not direct_form_applies(lists[0], lists[1], params, in_place=in_place)
         ):
             new_updates, new_state = tx.update(updates, state, params)
             return apply_updates(params, new_updates), new_state, False

@@ -24,7 +24,7 @@ from typing import Any, NamedTuple, Protocol
 
 import torch
 
-from .._tree import PyTree, tree_flatten, tree_map, tree_unflatten
+from .._tree import PyTree, tree_flatten, tree_map, tree_structure, tree_unflatten
 from ._local import local_lists
 
 OptState = Any
@@ -140,6 +140,25 @@ def writable(groups: list[list[torch.Tensor]]) -> bool:
         return False
     use_count = torch._C._storage_Use_Count
     return all(use_count(x.untyped_storage()._cdata) <= 2 for x in tensors)
+
+
+def direct_form_applies(
+    groups: list[list[torch.Tensor]], spec: Any, params: Params, *, in_place: bool
+) -> bool:
+    """Whether a ``to_params`` may compute the new parameters from `groups`, its leaf lists.
+
+    `groups` are the gradients' list first, then the lists written (moments,
+    parameters), `spec` the gradients' tree structure. No when the
+    parameters are shaped otherwise (the pure update and `apply_updates`
+    report the mismatch); in place, when a tensor to write is not
+    `writable`; into new tensors, when a tensor requires grad (the pure
+    update keeps the autograd graph `apply_updates` builds).
+    """
+    if tree_structure(params) != spec:
+        return False
+    if in_place:
+        return writable(groups[1:])
+    return not any(x.requires_grad for group in groups for x in group)
 
 
 def apply_updates(params: Params, updates: Updates) -> Params:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .._tree import tree_flatten, tree_leaves, tree_map, tree_structure, tree_unflatten
+from .._tree import tree_flatten, tree_leaves, tree_map, tree_unflatten
 from ._base import (
     GradientTransformation,
     OptState,
@@ -22,7 +22,7 @@ from ._base import (
     ScalarOrSchedule,
     Updates,
     apply_updates,
-    writable,
+    direct_form_applies,
 )
 from ._local import Rewrap, local_lists
 from ._masking import MaskedState, MaskOrFn
@@ -235,12 +235,8 @@ def foreach_adam(
         updates: Updates, state: OptState, params: Params, *, in_place: bool
     ) -> tuple[Params, OptState, bool]:
         ready = prepared(updates, state, params, with_params=True)
-        if (
-            ready is None
-            or tree_structure(params) != ready[2]
-            or (in_place and not writable(ready[0][1:]))
-            or (not in_place and any(x.requires_grad for group in ready[0] for x in group))
-        ):  # the pure update, applied: what `apply_updates` makes of it (and its errors)
+        if ready is None or not direct_form_applies(ready[0], ready[2], params, in_place=in_place):
+            # The pure update, applied: what `apply_updates` makes of it (and its errors).
             new_updates, new_state = update(updates, state, params)
             return apply_updates(params, new_updates), new_state, False
         (grads, mus, nus, ps), rewrap, spec = ready
