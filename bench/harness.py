@@ -110,62 +110,65 @@ def measure_workload(
     # failed guard checks on every call.
     torch._dynamo.reset()
     runners: dict[str, Runner] = {}
-    compile_s: dict[str, float] = {}
-    first_losses: dict[str, list[float]] = {}
-    first_step_s: dict[str, float] = {}
-    for name in names:
-        start = time.perf_counter()
-        runner = available[name](workload)
-        losses = runner.first_losses(CHECK_STEPS)
-        compile_s[name] = time.perf_counter() - start
-        first_step_s[name] = runner.first_loss_at - start
-        first_losses[name] = losses
-        _check_losses(workload.name, name, losses, first_losses[BASELINE])
-        runners[name] = runner
-        log(
-            f"  {name}: first losses {', '.join(f'{x:.5f}' for x in losses)} "
-            f"(first step {first_step_s[name]:.1f} s)"
-        )
+    try:
+        compile_s: dict[str, float] = {}
+        first_losses: dict[str, list[float]] = {}
+        first_step_s: dict[str, float] = {}
+        for name in names:
+            start = time.perf_counter()
+            runner = runners[name] = available[name](workload)
+            losses = runner.first_losses(CHECK_STEPS)
+            compile_s[name] = time.perf_counter() - start
+            first_step_s[name] = runner.first_loss_at - start
+            first_losses[name] = losses
+            _check_losses(workload.name, name, losses, first_losses[BASELINE])
+            log(
+                f"  {name}: first losses {', '.join(f'{x:.5f}' for x in losses)} "
+                f"(first step {first_step_s[name]:.1f} s)"
+            )
 
-    steps = {name: _window_steps(runner, config) for name, runner in runners.items()}
-    rates: dict[str, list[float]] = {name: [] for name in runners}
-    ratios: dict[str, list[float]] = {name: [] for name in runners if name != BASELINE}
-    cpu_ratios: dict[str, list[float]] = {name: [] for name in ratios}
-    base = runners[BASELINE]
-    for _ in range(config.rounds):
-        before, before_cpu = _rates(base, steps[BASELINE])
-        rates[BASELINE].append(before)
-        for name in ratios:
-            rate, rate_cpu = _rates(runners[name], steps[name])
-            after, after_cpu = _rates(base, steps[BASELINE])
-            rates[name].append(rate)
-            rates[BASELINE].append(after)
-            ratios[name].append(rate / ((before + after) / 2))
-            cpu_ratios[name].append(rate_cpu / ((before_cpu + after_cpu) / 2))
-            before, before_cpu = after, after_cpu
+        steps = {name: _window_steps(runner, config) for name, runner in runners.items()}
+        rates: dict[str, list[float]] = {name: [] for name in runners}
+        ratios: dict[str, list[float]] = {name: [] for name in runners if name != BASELINE}
+        cpu_ratios: dict[str, list[float]] = {name: [] for name in ratios}
+        base = runners[BASELINE]
+        for _ in range(config.rounds):
+            before, before_cpu = _rates(base, steps[BASELINE])
+            rates[BASELINE].append(before)
+            for name in ratios:
+                rate, rate_cpu = _rates(runners[name], steps[name])
+                after, after_cpu = _rates(base, steps[BASELINE])
+                rates[name].append(rate)
+                rates[BASELINE].append(after)
+                ratios[name].append(rate / ((before + after) / 2))
+                cpu_ratios[name].append(rate_cpu / ((before_cpu + after_cpu) / 2))
+                before, before_cpu = after, after_cpu
 
-    records = []
-    for name, runner in runners.items():
-        median = statistics.median(rates[name])
-        state_b, peak_b = runner.state_bytes(), step_peak_bytes(runner)
-        records.append({
-            "workload": workload.name, "impl": name,
-            "steps_per_s": median, "steps_per_s_spread": (max(rates[name]) - min(rates[name])) / median,
-            "ratio_to_raw_eager": statistics.median(ratios[name]) if name in ratios else 1.0,
-            "ratio_spread": _spread(ratios.get(name, [1.0])),
-            "ratio_min": min(ratios.get(name, [1.0])), "ratio_max": max(ratios.get(name, [1.0])),
-            "cpu_ratio_to_raw_eager": statistics.median(cpu_ratios[name]) if name in cpu_ratios else 1.0,
-            "cpu_ratio_spread": _spread(cpu_ratios.get(name, [1.0])),
-            "cpu_ratio_min": min(cpu_ratios.get(name, [1.0])), "cpu_ratio_max": max(cpu_ratios.get(name, [1.0])),
-            **_limit_ratios(name, ratios, cpu_ratios),
-            "time_to_first_step_s": first_step_s[name],
-            "compile_s": compile_s[name], "compile_cold_s": None, "compile_warm_s": None,
-            "state_mb": state_b / 2**20, "step_peak_mb": peak_b / 2**20, "peak_mem_mb": (state_b + peak_b) / 2**20,
-            "flops_per_step": workload.flops_per_step,
-            "model_gflops_per_s": workload.flops_per_step * median / 1e9,
-            "fraction_of_matmul_peak": workload.flops_per_step * median / peak_flops,
-            "first_losses": first_losses[name], "window_steps": steps[name],
-        })  # fmt: skip
+        records = []
+        for name, runner in runners.items():
+            median = statistics.median(rates[name])
+            state_b, peak_b = runner.state_bytes(), step_peak_bytes(runner)
+            records.append({
+                "workload": workload.name, "impl": name,
+                "steps_per_s": median, "steps_per_s_spread": (max(rates[name]) - min(rates[name])) / median,
+                "ratio_to_raw_eager": statistics.median(ratios[name]) if name in ratios else 1.0,
+                "ratio_spread": _spread(ratios.get(name, [1.0])),
+                "ratio_min": min(ratios.get(name, [1.0])), "ratio_max": max(ratios.get(name, [1.0])),
+                "cpu_ratio_to_raw_eager": statistics.median(cpu_ratios[name]) if name in cpu_ratios else 1.0,
+                "cpu_ratio_spread": _spread(cpu_ratios.get(name, [1.0])),
+                "cpu_ratio_min": min(cpu_ratios.get(name, [1.0])), "cpu_ratio_max": max(cpu_ratios.get(name, [1.0])),
+                **_limit_ratios(name, ratios, cpu_ratios),
+                "time_to_first_step_s": first_step_s[name],
+                "compile_s": compile_s[name], "compile_cold_s": None, "compile_warm_s": None,
+                "state_mb": state_b / 2**20, "step_peak_mb": peak_b / 2**20, "peak_mem_mb": (state_b + peak_b) / 2**20,
+                "flops_per_step": workload.flops_per_step,
+                "model_gflops_per_s": workload.flops_per_step * median / 1e9,
+                "fraction_of_matmul_peak": workload.flops_per_step * median / peak_flops,
+                "first_losses": first_losses[name], "window_steps": steps[name],
+            })  # fmt: skip
+    finally:
+        for runner in runners.values():
+            runner.close()
     _add_lightning_ratios(records)
     if config.compile_probes:
         for record in records:

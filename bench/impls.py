@@ -76,6 +76,9 @@ class Runner:
             self.first_loss_at = self.first_loss_at or time.perf_counter()
         return losses
 
+    def close(self) -> None:
+        """Release what the runner holds outside the process (its scratch folder, if any)."""
+
     def state_bytes(self) -> int:
         raise NotImplementedError
 
@@ -321,7 +324,13 @@ class LightfuncFit(LightfuncStep):
     def __init__(self, workload: Workload) -> None:
         super().__init__(workload)
         self.trainer_state = lf.LoopState(state=self.state)
-        self.root = tempfile.mkdtemp(prefix="lightfunc-bench-fit-")
+        self._root = tempfile.TemporaryDirectory(prefix="lightfunc-bench-fit-")
+        self.root = self._root.name
+
+    def close(self) -> None:
+        # Each window's fit writes a logger version and a last checkpoint
+        # (hundreds of MB over a run): removed with the runner.
+        self._root.cleanup()
 
     def _fit(self, steps: int, timer: _StepTimer | None = None) -> lf.LoopState:
         kwargs = dict(self.fit_kwargs)

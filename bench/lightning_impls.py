@@ -111,7 +111,11 @@ class LightningTrainer(Runner):
         self.model = workload.make_model().to(self.device)
         self.module = _module_class()(self.model, workload.loss_fn)
         self.fit_module = torch.compile(self.module) if self.compile_module else self.module
-        self.root = tempfile.mkdtemp(prefix="lightfunc-bench-lightning-")
+        self._root = tempfile.TemporaryDirectory(prefix="lightfunc-bench-lightning-")
+        self.root = self._root.name
+
+    def close(self) -> None:
+        self._root.cleanup()
 
     def _fit(self, steps: int) -> Any:
         import lightning as L

@@ -1,6 +1,7 @@
 """The README's Python blocks run as written."""
 
 import re
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -17,6 +18,9 @@ def _python_blocks() -> list[str]:
 @pytest.mark.compiled
 def test_readme_python_blocks_run(fresh_dynamo, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # `fit` writes its logs and checkpoints under ./runs
+    # The blocks' `tempfile.mkdtemp()` run folders land in tmp_path, removed with it.
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     # The trackers' block: W&B offline writes its run under ./runs, but its service keeps a debug
     # log and a cache under HOME; keep those in tmp_path too, and let no upload succeed.
     home = tmp_path / "home"
