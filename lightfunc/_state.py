@@ -12,7 +12,7 @@ import torch
 from ._func import buffers_of, params_of
 from ._precision import LossScale, Policy, parse_precision
 from ._rng import RngKey
-from ._tree import NAMESPACE, PyTree, register_dataclass
+from ._tree import NAMESPACE, PyTree, register_dataclass, tree_flatten_with_paths
 from .optim._base import (
     GradientTransformation,
     InPlaceUpdate,
@@ -240,6 +240,7 @@ class TrainState:
         state's `params` and `opt_state` are marked consumed: reading them
         afterwards, inside the step or out, raises `DonatedStateError`.
         """
+        _check_grads(grads, self.params)
         if torch.compiler.is_compiling():
             mark = None
             updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
@@ -270,6 +271,57 @@ class TrainState:
 
 
 register_dataclass(TrainState, static=("tx",))
+
+
+def _check_grads(grads: PyTree, params: PyTree) -> None:
+    """Raise unless `grads` has `params`' structure and each gradient its parameter's shape and dtype.
+
+    torch.optim refuses such a gradient when it is assigned to ``p.grad``;
+    without this check the optimizers' arithmetic would broadcast a ``()``
+    or ``(1,)`` gradient over its parameter (no error, a wrong update) or
+    fail deep inside with no parameter named. A dict of tensors (the usual
+    params) is checked without flattening (a few microseconds eagerly;
+    compiled, it runs once while tracing).
+    """
+    if type(grads) is dict and type(params) is dict and grads.keys() == params.keys():
+        tensor = torch.Tensor
+        for k, g in grads.items():
+            p = params[k]
+            if type(g) is not tensor or g.shape != p.shape or g.dtype != p.dtype:
+                break
+        else:
+            return
+    g_paths, g_leaves, _ = tree_flatten_with_paths(grads)
+    p_paths, p_leaves, _ = tree_flatten_with_paths(params)
+    if g_paths != p_paths:
+        missing = [p for p in p_paths if p not in set(g_paths)]
+        extra = [p for p in g_paths if p not in set(p_paths)]
+        raise ValueError(
+            f"`apply_gradients`: `grads` must have the structure of `state.params` (a "
+            f"{type(params).__name__} with {len(p_paths)} leaves), got a {type(grads).__name__} "
+            f"with {len(g_paths)} leaves"
+            + (f"; missing {missing[:5]}" if missing else "")
+            + (f"; not in params {extra[:5]}" if extra else "")
+            + ". Pass the gradients `lf.value_and_grad(loss_fn)(state.params)` returns, "
+            "transformed leaf by leaf (e.g. with `lf.tree_map`)."
+        )
+    for path, g, p in zip(p_paths, g_leaves, p_leaves, strict=True):
+        if not isinstance(p, torch.Tensor):
+            continue
+        if not isinstance(g, torch.Tensor):
+            raise TypeError(
+                f"`apply_gradients`: the gradient of `{path}` must be a tensor like its "
+                f"parameter (shape {tuple(p.shape)}, {p.dtype}), got {type(g).__name__}."
+            )
+        if g.shape != p.shape or g.dtype != p.dtype:
+            raise ValueError(
+                f"`apply_gradients`: the gradient of `{path}` has shape {tuple(g.shape)} and "
+                f"dtype {g.dtype}; its parameter has shape {tuple(p.shape)} and dtype {p.dtype}. "
+                f"A gradient must match its parameter in both (torch.optim refuses it as `.grad` "
+                f"too); the optimizer would otherwise broadcast it into a wrong update. Compute "
+                f"it with `lf.value_and_grad` with respect to `state.params`, and keep "
+                f"transforms shape- and dtype-preserving (cast with `.to(p.dtype)`)."
+            )
 
 
 def _in_place_mark(tx: GradientTransformation) -> InPlaceUpdate | None:

@@ -517,3 +517,82 @@ def test_a_dtype_mistake_in_a_compiled_step_surfaces_the_eager_error():
         lf.build(train_step)(state, (x.double(), y))
     assert "torch._dynamo" not in type(info.value).__module__
     assert any(entry.name == "loss_fn" for entry in info.traceback)  # the user's own line
+
+
+@pytest.mark.parametrize(
+    "mistake, message",
+    [
+        (lambda g: dict(g, bias=g["bias"].sum()), r"`bias` has shape \(\) .* shape \(2,\)"),
+        (lambda g: dict(g, bias=g["bias"] * 2), None),  # a new tensor of the same kind: fine
+        (lambda g: dict(g, weight=g["weight"][:1]), r"`weight` has shape \(1, 4\)"),
+        (lambda g: dict(g, weight=g["weight"].double()), r"`weight` .* dtype torch\.float64"),
+        (lambda g: list(g.values()), r"structure of `state\.params` .* got a list"),
+        (lambda g: {"weight": g["weight"]}, r"missing \['bias'\]"),
+    ],
+    ids=["0-d", "control", "rows", "float64", "list", "missing"],
+)
+@pytest.mark.parametrize("tx", [lf.optim.sgd(0.1), lf.optim.adamw(0.1)], ids=["sgd", "adamw"])
+def test_a_gradient_unlike_its_parameter_is_refused_naming_it(mistake, message, tx):
+    # Before: a 0-d gradient for a (k,) parameter was broadcast into its update (same shapes
+    # out, so no check caught it); a float64 one failed in `lerp` naming no parameter.
+    model = torch.nn.Linear(4, 2)
+    x, y = torch.randn(8, 4), torch.randn(8, 2)
+
+    def train_step(state, batch):
+        def loss_fn(params):
+            return F.mse_loss(lf.apply(model, params, state.buffers, x, train=True)[0], y)
+
+        loss, grads = lf.value_and_grad(loss_fn)(state.params)
+        return state.apply_gradients(mistake(grads)), {"loss": loss}
+
+    step = lf.build(train_step, compile=False)
+    state = lf.TrainState.create(model, tx)
+    if message is None:
+        step(state, None)
+        return
+    with pytest.raises((ValueError, TypeError), match=message):
+        step(state, None)
+
+
+@pytest.mark.compiled
+def test_a_gradient_unlike_its_parameter_is_refused_in_a_compiled_step_too(fresh_dynamo):
+    model = torch.nn.Linear(4, 2)
+    x, y = torch.randn(8, 4), torch.randn(8, 2)
+
+    def train_step(state, batch):
+        def loss_fn(params):
+            return F.mse_loss(lf.apply(model, params, state.buffers, x, train=True)[0], y)
+
+        loss, grads = lf.value_and_grad(loss_fn)(state.params)
+        return state.apply_gradients(dict(grads, bias=grads["bias"].sum())), {"loss": loss}
+
+    with pytest.raises(ValueError, match=r"`bias` has shape \(\) .* shape \(2,\)"):
+        lf.build(train_step)(lf.TrainState.create(model, lf.optim.adamw(0.1)), None)
+
+
+def test_a_layer_behind_a_zero_initialised_one_needs_skip_unused_false_to_match_torch():
+    # The README's documented difference: layer 0's gradient is exactly zero on the first step
+    # (the next layer's weight is zero), torch.optim still applies weight decay and momentum.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    torch.nn.init.zeros_(model[2].weight)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(8, 4, generator=g), torch.randn(8, 2, generator=g)) for _ in range(6)]
+    reference = copy.deepcopy(model)
+    opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    for x, y in batches:
+        opt.zero_grad()
+        F.mse_loss(reference(x), y).backward()
+        opt.step()
+    theirs = {k: p.detach() for k, p in reference.named_parameters()}
+    step = lf.build(_mse_step(model), compile=False)
+    finals = {}
+    for skip in (True, False):
+        state = lf.TrainState.create(
+            model, lf.optim.sgd(0.1, momentum=0.9, weight_decay=0.1), skip_unused=skip
+        )
+        for batch in batches:
+            state, _ = step(state, batch)
+        finals[skip] = state.params
+    assert_trees_close(finals[False], theirs, rtol=0, atol=0)  # torch's arithmetic, bit for bit
+    assert (finals[True]["0.weight"] - theirs["0.weight"]).abs().max() > 1e-3  # as documented
