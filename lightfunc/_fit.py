@@ -301,9 +301,11 @@ def _run_directory(root: Path, ckpt_path: Any) -> Path:
 
 
 def _has_checkpoint(run: Path) -> bool:
-    return (run / "checkpoints").is_dir() and bool(
-        CheckpointManager(run / "checkpoints").candidates()
-    )
+    # Damaged checkpoints count: resuming such a run raises (`restore`) instead of
+    # silently starting a new version from step 0.
+    return (run / "checkpoints").is_dir() and CheckpointManager(
+        run / "checkpoints"
+    ).has_checkpoints()
 
 
 def _resume(

@@ -361,6 +361,16 @@ class CheckpointManager(Callback):
         damaged index loses nothing), each once. A checkpoint whose header
         cannot be read is left out with a warning. Reads headers only.
         """
+        return self._scan()[0]
+
+    def _scan(self) -> tuple[list[Path], dict[str, BaseException]]:
+        """`candidates()`, and the checkpoints among the rest whose header cannot be read.
+
+        Those are the index's entries and the files named like a checkpoint
+        (``*.safetensors``): a run whose every checkpoint is damaged has
+        checkpoints, and resuming it must not look like a fresh start.
+        """
+        unreadable: dict[str, BaseException] = {}
         entries, last = self._read_index()
         named = [e["path"] for e in entries] + ([last["path"]] if last else [])
         claimed = {e["path"]: e["step"] for e in [*entries, *([last] if last else [])]}
@@ -375,7 +385,9 @@ class CheckpointManager(Callback):
             path = self.directory / name
             if not self._contained(path):
                 continue
-            step = self._header_step(path, claimed.get(name), listed=name in named)
+            step = self._header_step(
+                path, claimed.get(name), listed=name in named, problems=unreadable
+            )
             if step is not None:
                 found[name] = step
         unlisted = sorted(set(found) - set(named))
@@ -387,7 +399,12 @@ class CheckpointManager(Callback):
         # Newest step first; at one step, the `last` pointer, then the index's order.
         order = {name: i for i, name in enumerate(reversed(named))}
         ranked = sorted(found, key=lambda n: (-found[n], order.get(n, len(order)), n))
-        return [self.directory / name for name in ranked]
+        return [self.directory / name for name in ranked], unreadable
+
+    def has_checkpoints(self) -> bool:
+        """Whether the directory holds any checkpoint, readable or damaged (reads headers only)."""
+        found, unreadable = self._scan()
+        return bool(found or unreadable)
 
     def latest(self, *, strategy: Strategy | None = None) -> Path | None:
         """The newest checkpoint that verifies, falling back past damaged ones with a warning.
@@ -433,8 +450,11 @@ class CheckpointManager(Callback):
                 `LoopState` (whose `strategy` is then used).
             callbacks: the run's callbacks, when the checkpoint holds their
                 state (their fresh `state_dict()`s give its structure). State
-                for a callback the run lacks is dropped, and a callback the
-                checkpoint lacks starts fresh, each with a warning.
+                for a callback not given is dropped, and a callback the
+                checkpoint lacks starts fresh, each with a warning. None
+                given (the default): every state a single-file checkpoint
+                holds is kept in the returned `LoopState.callbacks`, and
+                `loop` hands each to the callback with its `state_key`.
             strategy: the step's strategy (`step.strategy`), to read a
                 checkpoint it wrote; default `like.strategy` for a
                 `LoopState`, else `SingleProcess()`.
@@ -456,8 +476,11 @@ class CheckpointManager(Callback):
         template = template.replace(
             metrics={}, eval_metrics=None, eval_at_step=-1, strategy=strategy
         )
-        failures = []
-        for path in self._of_kind(strategy):
+        paths, unreadable = self._scan()
+        failures = [
+            f"{name}: its header cannot be read: {error}" for name, error in unreadable.items()
+        ]
+        for path in self._of_kind(strategy, paths):
             try:
                 restored = _load(path, template, callbacks, strategy)
             except (CheckpointError, FileNotFoundError) as error:
@@ -471,13 +494,14 @@ class CheckpointManager(Callback):
                 f"None of the {len(failures)} checkpoints in '{self.directory}' can be restored "
                 f"into this run's state, so resuming would start over:\n  "
                 + "\n  ".join(failures)
-                + "\nBuild the state as the saved run did (same model, optimizer, precision), "
-                "or move the directory away to start fresh."
+                + "\nIf the state does not match, build it as the saved run did (same model, "
+                "optimizer, precision); a damaged file (`lightfunc ckpt verify DIR` lists them) "
+                "can only be moved away. To start fresh, move the directory away."
             )
         return None
 
-    def _of_kind(self, strategy: Strategy) -> Iterator[Path]:
-        for path in self.candidates():
+    def _of_kind(self, strategy: Strategy, paths: list[Path] | None = None) -> Iterator[Path]:
+        for path in self.candidates() if paths is None else paths:
             if path.exists():
                 _check_kind(path, strategy)
                 yield path
@@ -494,8 +518,18 @@ class CheckpointManager(Callback):
             self._warned.add(message)
             warnings.warn(message, RuntimeWarning, stacklevel=4)
 
-    def _header_step(self, path: Path, claimed: int | None, *, listed: bool) -> int | None:
-        """The step `path`'s header says it holds; None if it is no LoopState checkpoint."""
+    def _header_step(
+        self,
+        path: Path,
+        claimed: int | None,
+        *,
+        listed: bool,
+        problems: dict[str, BaseException] | None = None,
+    ) -> int | None:
+        """The step `path`'s header says it holds; None if it is no LoopState checkpoint.
+
+        A listed or ``*.safetensors`` one whose header cannot be read goes into `problems`.
+        """
         try:
             if path.is_dir():
                 header = _sharded_header(path)
@@ -508,6 +542,8 @@ class CheckpointManager(Callback):
         except (CheckpointError, OSError) as error:
             if listed or path.name.endswith(_FILE_SUFFIX):
                 self._warn_once(f"skipping corrupt checkpoint {path}: {error}")
+                if problems is not None:
+                    problems[path.name] = error
             return None
         if header is None:  # a sharded checkpoint whose index this version cannot parse
             return claimed
@@ -674,14 +710,27 @@ def _load(
     fresh = callback_states(callbacks)
     saved = _saved_callback_states(path)
     if saved is None:  # the file's callbacks are not known: load them as the run has them
+        if not callbacks and _holds_callback_state(path):
+            warnings.warn(
+                f"the checkpoint {path} holds callback state that `restore` can only read with "
+                f"the run's callbacks (a sharded or nested state): pass them, "
+                f"`manager.restore(state, callbacks=[...])`; without, they start fresh",
+                RuntimeWarning,
+                stacklevel=4,
+            )
         loaded: LoopState = strategy.load(path, like=template.replace(callbacks=fresh))
         return loaded
+    if not callbacks:
+        # `restore(state)` without the run's callbacks (the usual `restore(state) or state`):
+        # every saved state is kept, and `loop` hands each to the callback of its `state_key`.
+        kept: LoopState = strategy.load(path, like=template.replace(callbacks=saved))
+        return kept
     states = {k: v for k, v in fresh.items() if k in saved}
     dropped = {k: v for k, v in saved.items() if k not in fresh}
     for key in dropped:
         warnings.warn(
-            f"the checkpoint {path} holds state for the callback {key!r}, which this run does "
-            f"not have; that state is dropped",
+            f"the checkpoint {path} holds state for the callback {key!r}, which is not among "
+            f"the callbacks given to `restore`; that state is dropped",
             RuntimeWarning,
             stacklevel=4,
         )
@@ -722,6 +771,17 @@ def _saved_callback_states(path: Path) -> dict[str, dict[str, Any]] | None:
             value = leaf.value
         states.setdefault(str(leaf.keys[1]), {})[str(leaf.keys[2])] = value
     return states
+
+
+def _holds_callback_state(path: Path) -> bool:
+    """Whether `path`'s header lists any callback state (False if it cannot be read)."""
+    try:
+        header = _sharded_header(path) if path.is_dir() else _checkpoint.read_header(path)[0]
+    except (CheckpointError, OSError):
+        return False
+    return header is not None and any(
+        len(leaf.keys) >= 2 and leaf.keys[0] == _CALLBACKS for leaf in header.leaves.values()
+    )
 
 
 def _check_kind(path: Path, strategy: Strategy) -> None:

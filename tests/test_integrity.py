@@ -227,6 +227,37 @@ def test_no_checkpoint_restorable_is_an_error_not_a_fresh_start(tmp_path):
         )
 
 
+HEADER_DAMAGE = {
+    "truncated to 10 bytes": lambda data: data[:10],
+    "emptied": lambda data: b"",
+    "a header byte flipped": lambda data: data[:9] + bytes([data[9] ^ 0x20]) + data[10:],
+}
+
+
+@pytest.mark.parametrize("damage", HEADER_DAMAGE)
+def test_every_header_damaged_is_an_error_not_a_fresh_start(tmp_path, damage):
+    # Before: checkpoints whose header could not be read were left out of `candidates()`, so
+    # with all of them damaged `restore()` returned None and `restore(state) or state` began
+    # again at step 0, over the damaged run's files (found by an independent check).
+    directory = tmp_path / "ckpt"
+    _two_checkpoints(directory)
+    for path in directory.glob("*.safetensors"):
+        data = path.read_bytes()
+        path.unlink()  # `last` is a hard link: damage each name on its own
+        path.write_bytes(HEADER_DAMAGE[damage](data))
+    before = {p.name: p.read_bytes() for p in directory.iterdir()}
+    with (
+        pytest.warns(RuntimeWarning, match="skipping corrupt checkpoint"),
+        pytest.raises(CheckpointError, match=r"(?s)None of the 3 checkpoints .* header cannot be read"),
+    ):
+        lf.CheckpointManager(directory).restore(TEMPLATE, callbacks=[Count()])
+    with pytest.warns(RuntimeWarning, match="skipping corrupt checkpoint"):
+        assert lf.CheckpointManager(directory).candidates() == []
+    with pytest.warns(RuntimeWarning, match="skipping corrupt checkpoint"):
+        assert lf.CheckpointManager(directory).has_checkpoints()
+    assert {p.name: p.read_bytes() for p in directory.iterdir()} == before
+
+
 def _fit_setup() -> tuple[Any, Any]:
     model = make_model()
     train_step, _ = make_steps(model)
@@ -251,6 +282,24 @@ def test_fit_resumes_last_from_files_without_index_and_deletes_none_of_them(tmp_
     assert again.step == 6
     assert_trees_close(again.state, straight.state, rtol=0, atol=0)
     assert (checkpoints / "step=3.safetensors").read_bytes() == kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["version_0"]
+
+
+def test_fit_resuming_last_over_damaged_checkpoints_raises_and_writes_no_new_version(tmp_path):
+    step, state = _fit_setup()
+    data = make_data(n=96)
+    lf.fit(step, state, data, max_epochs=1, default_root_dir=tmp_path, **QUIET)
+    checkpoints = tmp_path / "version_0" / "checkpoints"
+    for path in checkpoints.glob("*.safetensors"):
+        data_bytes = path.read_bytes()
+        path.unlink()
+        path.write_bytes(data_bytes[:10])
+    with (
+        pytest.warns(RuntimeWarning, match="skipping corrupt checkpoint"),
+        pytest.raises(CheckpointError, match="header cannot be read"),
+    ):
+        lf.fit(step, state, data, max_epochs=2, default_root_dir=tmp_path, ckpt_path="last",
+               **QUIET)  # fmt: skip
     assert sorted(p.name for p in tmp_path.iterdir()) == ["version_0"]
 
 
@@ -626,7 +675,7 @@ def test_callback_state_the_run_lacks_is_dropped_and_a_new_callback_starts_fresh
     manager.update(_ls(3, extra={"Gone": {"wait": 2, "best": torch.tensor([0.5, 0.25])}}))
     restored, messages = _restore(directory, callbacks=[Count(), Count("New")])
     assert restored.step == 3 and restored.callbacks == {"Count": {"n": 30}}
-    assert any("callback 'Gone', which this run does not have; that state is dropped" in m
+    assert any("callback 'Gone', which is not among the callbacks given to `restore`; that state is dropped" in m
                for m in messages)  # fmt: skip
     assert any("holds no state for the callback 'New'; it starts fresh" in m for m in messages)
 
@@ -649,3 +698,27 @@ def test_fit_resumes_after_adding_or_removing_early_stopping(tmp_path):
                        ckpt_path="last", callbacks=[lf.callbacks.EarlyStopping("loss", patience=100)],
                        **QUIET)  # fmt: skip
     assert third.step == 9
+
+
+def test_restore_without_callbacks_keeps_their_state_for_the_loop_to_hand_back(tmp_path):
+    # The README's pattern `manager.restore(state) or state`, then `loop(..., callbacks=cbs)`:
+    # before, `restore` dropped every callback state it was not given (warning that "the run"
+    # lacked the callback), so an EarlyStopping resumed with its patience reset.
+    step, state = _fit_setup()
+    data = make_data(n=96)  # 3 batches an epoch
+
+    def stopper() -> lf.callbacks.EarlyStopping:
+        return lf.callbacks.EarlyStopping("loss", patience=2, min_delta=10.0)
+
+    straight = list(lf.loop(step, state, data, max_epochs=20, callbacks=[stopper()]))[-1]
+    assert straight.step < 60  # it stopped early
+    manager = lf.CheckpointManager(tmp_path / "ckpt", every_n_steps=1)
+    first = list(lf.loop(step, state, data, max_steps=2, callbacks=[stopper()], checkpoint=manager))
+    assert first[-1].step == 2 < straight.step
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning: nothing is dropped
+        start = lf.CheckpointManager(tmp_path / "ckpt").restore(state)
+    assert start is not None and start.callbacks == first[-1].callbacks != {}
+    resumed = list(lf.loop(step, start, data, max_epochs=20, callbacks=[stopper()]))[-1]
+    assert resumed.step == straight.step
+    assert_trees_close(resumed.state, straight.state, rtol=0, atol=0)

@@ -90,7 +90,8 @@ class RunReport:
             split = ", ".join(
                 f"{k} {self.times[k]:.1f} s" for k in _PHASES if self.times.get(k, 0.0) >= 0.05
             )
-            lines.append(_row("time", f"{self.times['total']:.1f} s: {split}"))
+            total = f"{self.times['total']:.1f} s"
+            lines.append(_row("time", f"{total}: {split}" if split else total))
         if self.throughput:
             lines.append(_row("throughput", _throughput_text(self.throughput)))
         lines += [_row(label, path) for label, path in self.paths]
