@@ -190,6 +190,22 @@ def _collectives(mesh: lfd.Mesh) -> dict[str, Any]:
         mesh.broadcast({"t": torch.zeros(r + 1)})
     except ValueError as e:
         out["broadcast_mismatch"] = str(e)
+    # all_reduce checked the same way: before, other keys reduced unrelated values silently,
+    # other shapes left one rank waiting, other ops gave each rank the sum.
+    mismatched = {
+        "keys": lambda: mesh.all_reduce({"lr": 1.0} if r == 0 else {"loss": 3.0}),
+        "shape": lambda: mesh.all_reduce(torch.ones(2 + 2 * r)),
+        "dtype": lambda: mesh.all_reduce(
+            torch.ones(2, dtype=torch.float32 if r else torch.float64)
+        ),
+        "op": lambda: mesh.all_reduce(torch.ones(2), op="sum" if r == 0 else "max"),
+    }
+    for name, call in mismatched.items():
+        try:
+            call()
+            out[f"all_reduce_{name}"] = "no error"
+        except ValueError as e:
+            out[f"all_reduce_{name}"] = str(e)
     return out
 
 
@@ -322,6 +338,28 @@ def _loop_with_loader(mesh: lfd.Mesh) -> dict[str, float]:
     fsdp = run(shard, lambda f: lfd.fully_sharded(f, mesh), 4, mesh.global_rank, WORLD)
     single = run(lambda s: s, lambda f: f, 8, 0, 1)
     return {"dp": _max_diff(dp, single), "fsdp": _max_diff(lfd.gather_state(fsdp), single)}
+
+
+def _ddp_starts_from_rank_0(mesh: lfd.Mesh) -> dict[str, Any]:
+    """Ranks seeded differently: `DDP.prepare` gives every rank rank 0's weights, as torch DDP."""
+    r = mesh.global_rank
+    model = make_model(seed=r)  # a mistake: each rank builds other initial weights
+    train_step, _ = make_steps(model)
+    strategy = lfd.DDP(mesh)
+    state = strategy.prepare(lf.TrainState.create(model, _optimizer(), seed=0))
+    step = lf.build(train_step, strategy=strategy, compile=False)
+    state, _ = _train(step, state, [_mine(b, mesh) for b in _data(steps=2)])
+    everyone = mesh.all_gather(state.params)
+    other = make_model(0) if r == 0 else torch.nn.Linear(3, 3)  # another model on rank 1
+    try:
+        strategy.prepare(lf.TrainState.create(other, _optimizer()))
+        mismatch = "no error"
+    except ValueError as e:
+        mismatch = str(e)
+    return {
+        "equal": all(torch.equal(v[0], v[1]) for v in everyone.values()),
+        "mismatch": mismatch,
+    }
 
 
 def _build_strategy(mesh: lfd.Mesh) -> dict[str, Any]:
@@ -478,6 +516,7 @@ def _checks(mesh: lfd.Mesh, names: list[str]) -> dict[str, Any]:
         "loop": lambda: _loop_with_loader(mesh),
         "two_states": lambda: _two_states_run(mesh),
         "build_strategy": lambda: _build_strategy(mesh),
+        "ddp_rank_0": lambda: _ddp_starts_from_rank_0(mesh),
         "fsdp_compositions": lambda: _fsdp_compositions(mesh),
         "metric_reductions": lambda: _metric_reductions(mesh),
         "loop_fsdp_strategy": lambda: _loop_with_fsdp_strategy(mesh),
@@ -509,6 +548,7 @@ EAGER = [
     "loop",
     "two_states",
     "build_strategy",
+    "ddp_rank_0",
     "fsdp_compositions",
     "metric_reductions",
     "loop_fsdp_strategy",
@@ -543,6 +583,16 @@ def test_host_collectives_reduce_gather_and_broadcast_pytrees(ranks):
         # Every rank sees the mismatch and raises (none is left waiting in a collective).
         assert "differs between ranks" in out["broadcast_mismatch"]
         assert "`t: (1,) torch.float32` on rank 0" in out["broadcast_mismatch"]
+        for name in ("keys", "shape", "dtype", "op"):
+            assert "`all_reduce`: the call differs between ranks" in out[f"all_reduce_{name}"]
+
+
+@pytest.mark.multiprocess
+def test_ddp_prepare_gives_every_rank_rank_0s_state_and_names_a_differing_model(ranks):
+    # Before, ranks seeded differently trained apart (rank 1 kept its own weights).
+    for out in ok_results(ranks, "ddp_rank_0"):
+        assert out["equal"]
+        assert "`broadcast`: the call differs between ranks" in out["mismatch"]
 
 
 @pytest.mark.multiprocess

@@ -248,7 +248,9 @@ def test_every_header_damaged_is_an_error_not_a_fresh_start(tmp_path, damage):
     before = {p.name: p.read_bytes() for p in directory.iterdir()}
     with (
         pytest.warns(RuntimeWarning, match="skipping corrupt checkpoint"),
-        pytest.raises(CheckpointError, match=r"(?s)None of the 3 checkpoints .* header cannot be read"),
+        pytest.raises(
+            CheckpointError, match=r"(?s)None of the 3 checkpoints .* header cannot be read"
+        ),
     ):
         lf.CheckpointManager(directory).restore(TEMPLATE, callbacks=[Count()])
     with pytest.warns(RuntimeWarning, match="skipping corrupt checkpoint"):

@@ -176,8 +176,10 @@ def prepare_gradient_reduction(state: PyTree, mesh: Mesh, *, bucket_cap_mb: floa
     """`state` with every `TrainState`'s optimizer averaging its gradients over `mesh` first.
 
     What `DDP(mesh).prepare` does (idempotent: an optimizer that already
-    reduces is kept). The wrapper holds no state, so checkpoints are the
-    same as one process's; on a one-process mesh the state is unchanged.
+    reduces is kept). Wrapping it, every rank takes rank 0's parameters,
+    buffers and optimizer state, as torch's DistributedDataParallel does. The
+    wrapper holds no state, so checkpoints are the same as one process's; on
+    a one-process mesh the state is unchanged.
     """
     check_mesh(mesh, "prepare_gradient_reduction")
     cap = check_bucket_cap(bucket_cap_mb)
@@ -185,7 +187,20 @@ def prepare_gradient_reduction(state: PyTree, mesh: Mesh, *, bucket_cap_mb: floa
         return state
 
     def wrap(_: int, ts: TrainState) -> TrainState:
-        return ts if reduces_gradients(ts.tx) else ts.replace(tx=_reduced(ts.tx, mesh, cap, "avg"))
+        if reduces_gradients(ts.tx):
+            return ts
+        # As torch's DistributedDataParallel does when it wraps a module: every rank starts
+        # from rank 0's parameters, buffers and optimizer state. Without it, ranks seeded
+        # differently would each train their own weights while checkpoints kept rank 0's
+        # (silently: averaged gradients do not pull them together). The broadcast checks the
+        # trees first, so a model built differently on one rank is a ValueError naming it.
+        params, buffers, opt_state = mesh.broadcast((ts.params, ts.buffers, ts.opt_state))
+        return ts.replace(
+            params=params,
+            buffers=buffers,
+            opt_state=opt_state,
+            tx=_reduced(ts.tx, mesh, cap, "avg"),
+        )
 
     return map_train_states(wrap, state)
 

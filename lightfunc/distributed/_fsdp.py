@@ -462,9 +462,10 @@ def _check_params(params: PyTree, transform: str) -> None:
 def _check_sharded(leaf: Any, path: str, transform: str) -> None:
     if not isinstance(leaf, DTensor):
         raise TypeError(
-            f"`{transform}` expects a state sharded with lightfunc.distributed.shard_state("
-            f"state, mesh), but `{path}` is a plain {type(leaf).__name__}. Shard the state "
-            f"once before the first step."
+            f"`{transform}` expects a sharded state, but `{path}` is a plain "
+            f"{type(leaf).__name__}. Shard the state once before the first step: "
+            f"`state = step.prepare(state)` for a step built with `strategy=lfd.FSDP(mesh)` "
+            f"(`loop` and `fit` do it), or lightfunc.distributed.shard_state(state, mesh)."
         )
     if any(
         not isinstance(p, Shard | Replicate) or (isinstance(p, Shard) and p.dim != 0)

@@ -189,6 +189,30 @@ class Mesh:
                 f"${TIMEOUT_ENV}=SECONDS. ({error})"
             ) from error
 
+    def _agree(self, what: str, mine: list[str], payload: Any = None) -> list[Any]:
+        """Every rank's `payload`, after checking that all ranks passed the same signature.
+
+        Gathered (not broadcast) so that every rank sees a mismatch and raises, not only some.
+        """
+        everyone: list[Any] = [None] * self.world_size
+        with self._collective(what):
+            dist.all_gather_object(everyone, (mine, payload))
+        for rank, (theirs, _) in enumerate(everyone):
+            if theirs != mine:
+                diff = next(
+                    (
+                        f"`{a}` on rank {self.global_rank}, `{b}` on rank {rank}"
+                        for a, b in zip(mine, theirs, strict=False)
+                        if a != b
+                    ),
+                    f"{len(mine)} entries on rank {self.global_rank}, {len(theirs)} on rank {rank}",
+                )
+                raise ValueError(
+                    f"`{what}`: the call differs between ranks: {diff}. Every rank must pass "
+                    f"a tree of the same structure, shapes and dtypes (and the same `op`)."
+                )
+        return [payload for _, payload in everyone]
+
     def all_reduce(self, tree: PyTree, op: ReduceOp = "mean") -> PyTree:
         """Reduce every leaf of `tree` over the ranks; every rank gets the result.
 
@@ -203,8 +227,10 @@ class Mesh:
             Inputs are not modified.
 
         Raises:
-            ValueError: for an unknown `op`; TypeError for a leaf that is not
-                a tensor or a number.
+            ValueError: for an unknown `op`, or (on every rank) when the
+                trees' structures, shapes, dtypes or the `op` differ between
+                ranks, naming the first difference; TypeError for a leaf that
+                is not a tensor or a number.
         """
         if op not in _REDUCE_OPS:
             raise ValueError(
@@ -213,6 +239,9 @@ class Mesh:
         paths, leaves, spec = tree_flatten_with_paths(tree)
         tensors = [_as_tensor(path, leaf, op) for path, leaf in zip(paths, leaves, strict=True)]
         if self.is_distributed:
+            # One small object gather first: a tree, shape, dtype or op that differs between
+            # ranks would otherwise reduce unrelated values silently, hang or abort gloo.
+            self._agree("all_reduce", [f"op={op}", *_signature(paths, tensors)])
             reduced = []
             for t in tensors:
                 buf = t.detach().to(self.device, copy=True)
@@ -286,27 +315,11 @@ class Mesh:
         if not self.is_distributed:
             return tree
         paths, leaves, spec = tree_flatten_with_paths(tree)
-        mine = _signature(paths, leaves)
-        # Gathered (not broadcast) so that every rank sees a mismatch and raises, not only some.
-        everyone: list[Any] = [None] * self.world_size
         objects = [None if isinstance(x, torch.Tensor) else x for x in leaves]
-        with self._collective("broadcast"):
-            dist.all_gather_object(everyone, (mine, objects if self.global_rank == src else None))
-        for rank, (theirs, _) in enumerate(everyone):
-            if theirs != mine:
-                diff = next(
-                    (
-                        f"`{a}` on rank {self.global_rank}, `{b}` on rank {rank}"
-                        for a, b in zip(mine, theirs, strict=False)
-                        if a != b
-                    ),
-                    f"{len(mine)} leaves on rank {self.global_rank}, {len(theirs)} on rank {rank}",
-                )
-                raise ValueError(
-                    f"`broadcast`: the tree differs between ranks: {diff}. Every rank must pass "
-                    f"a tree of the same structure, shapes and dtypes."
-                )
-        objects = everyone[src][1]
+        everyone = self._agree(
+            "broadcast", _signature(paths, leaves), objects if self.global_rank == src else None
+        )
+        objects = everyone[src]
         out: list[Any] = []
         for x, obj in zip(leaves, objects, strict=True):
             if isinstance(x, torch.Tensor):
