@@ -88,6 +88,20 @@ class Callback:
         return type(self).on_interrupt is not Callback.on_interrupt
 
 
+def callback_list(callbacks: Any) -> list[Any]:
+    """`callbacks` as a list: one `Callback` alone (as Lightning's Trainer takes it) or None too."""
+    if callbacks is None:
+        return []
+    if isinstance(callbacks, Callback):
+        return [callbacks]
+    if isinstance(callbacks, str | bytes) or not hasattr(callbacks, "__iter__"):
+        raise TypeError(
+            f"`callbacks` must be a list of lightfunc.callbacks.Callback instances (or one), "
+            f"got {type(callbacks).__name__}."
+        )
+    return list(callbacks)
+
+
 def check_callbacks(callbacks: Sequence[Any]) -> list[Callback]:
     """`callbacks` as a list, after checking each is a `Callback` and their state keys are unique."""
     seen: dict[str, Callback] = {}

@@ -125,6 +125,8 @@ class Loader:
                 f"0 to {world_size - 1}. Pass the process's rank and the number of data-parallel ranks."
             )
         self._tensors, self._single = _columns(dataset)
+        if collate_fn is None:
+            _check_not_columns_in_a_list(dataset)
         self._dataset = dataset
         n = _length(dataset, self._tensors)
         if self._tensors is not None and collate_fn is not None:
@@ -315,6 +317,28 @@ def _columns(dataset: Any) -> tuple[tuple[torch.Tensor, ...] | None, bool]:
                 f"per example."
             )
     return tensors, isinstance(dataset, torch.Tensor)
+
+
+def _check_not_columns_in_a_list(dataset: Any) -> None:
+    """Refuse `[x, y]`: a few tensors of different shapes sharing their leading dimension.
+
+    A list is read as examples, so `Loader([x, y], 16)` would be a dataset of
+    two examples whose batches fail to stack only when iterated. Lists of
+    same-shaped tensors (real examples, or columns that cannot be told from
+    them) pass.
+    """
+    if type(dataset) is not list or not 2 <= len(dataset) <= 16:
+        return
+    if not all(isinstance(t, torch.Tensor) and t.ndim >= 1 for t in dataset):
+        return
+    shapes = [tuple(t.shape) for t in dataset]
+    if len(set(shapes)) > 1 and len({s[0] for s in shapes}) == 1 and shapes[0][0] > len(dataset):
+        names = ", ".join(f"t{i}" for i in range(len(dataset)))
+        raise TypeError(
+            f"`dataset` is a list of {len(dataset)} tensors of shapes {shapes}, sharing their "
+            f"leading dimension: columns (inputs, targets) given as a list. A list is read as "
+            f"examples; pass the columns as a tuple, `lf.Loader(({names}), batch_size)` (or give a `collate_fn` if these really are {len(dataset)} examples)."
+        )
 
 
 def _length(dataset: Any, tensors: tuple[torch.Tensor, ...] | None) -> int:

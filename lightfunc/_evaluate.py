@@ -22,6 +22,7 @@ from ._device import to_device
 from ._metrics import MetricTotals, batch_size
 from ._state import map_train_states, train_states
 from ._tree import tree_leaves
+from ._validate import is_int
 from .optim._averaging import (
     average_names,
     averaged_params,
@@ -186,7 +187,21 @@ def _as_eval_step(fn: Step[Any] | Callable[..., Any], like: Step[Any] | None = N
     return build_eval(fn, compile=compile_, precision=like.precision, strategy=like.strategy)
 
 
+def _check_limit(name: str, value: int | float | None) -> None:
+    if value is None:
+        return
+    if not (is_int(value) or isinstance(value, float)):
+        raise TypeError(f"`{name}` must be an int (batches) or a float (fraction), got {value!r}.")
+    if isinstance(value, int) and value < 1:
+        raise ValueError(f"`{name}` as a count must be >= 1, got {value}.")
+    if isinstance(value, float) and not 0.0 < value <= 1.0:
+        raise ValueError(
+            f"`{name}` as a fraction must be in (0, 1], got {value}. Give an int for a count."
+        )
+
+
 def _num_batches(data: Iterable[Any], limit: int | float | None, name: str) -> int | None:
+    _check_limit(name, limit)
     if limit is None or (isinstance(limit, float) and limit == 1.0):
         return None
     if isinstance(limit, int):

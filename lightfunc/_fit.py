@@ -23,7 +23,7 @@ from typing import Any, Literal
 import torch
 
 from ._build import Step
-from ._callback import Callback, callback_states
+from ._callback import Callback, callback_list, callback_states, check_callbacks
 from ._contract import LoopState, Strategy
 from ._evaluate import _as_eval_step, as_train_step, evaluate
 from ._loop import check_data, loop, prepare_loop_state
@@ -177,6 +177,7 @@ def fit(
             steps to take.
     """
     _check_fit_options(loop_kwargs)
+    callbacks = check_callbacks(callback_list(callbacks))
     train_data, loop_kwargs = _lightning_data(
         train_data, loop_kwargs, val_check_interval, overfit_batches
     )

@@ -31,12 +31,13 @@ from typing import Any
 import torch
 
 from ._build import Step
-from ._callback import Callback, InterruptReason, check_callbacks
+from ._callback import Callback, InterruptReason, callback_list, check_callbacks
 from ._compile import CompileOptions
 from ._contract import LoopState, Strategy
 from ._device import resolve_device, to_device
 from ._evaluate import (
     _as_eval_step,
+    _check_limit,
     _num_batches,
     as_train_step,
     evaluate,
@@ -194,7 +195,7 @@ def loop(
     ls = prepare_loop_state(train, state)
     ls = ls.replace(state=to_device(ls.state, device))
     with_weights(ls.state, eval_weights, "eval_weights")  # no such average: say so now
-    run_callbacks = check_callbacks([*callbacks, *_as_callbacks(checkpoint)])
+    run_callbacks = check_callbacks([*callback_list(callbacks), *_as_callbacks(checkpoint)])
     eval_batches = eval_data if eval_data is not None else ()
     return _run(train, evaluate_, ls, train_data, eval_batches, limits, device, run_callbacks)
 
@@ -208,6 +209,13 @@ def prepare_loop_state(train: Step[Any], state: Any) -> LoopState:
     the strategy's way.
     """
     ls = state if isinstance(state, LoopState) else LoopState(state=state)
+    if ls.state is None or isinstance(ls.state, torch.nn.Module):
+        given = "None" if ls.state is None else f"a {type(ls.state).__name__} (an nn.Module)"
+        raise TypeError(
+            f"the run's `state` is {given}; the loop trains a state built from the model: "
+            f"`state = lf.TrainState.create(model, lf.optim.adamw(1e-3))` (or a dict / dataclass "
+            f"of them), the step's first argument."
+        )
     return ls.replace(state=train.prepare(ls.state), strategy=train.strategy)
 
 
@@ -473,19 +481,6 @@ def _limits(
     if max_steps is None and max_epochs is None:
         max_epochs = 1
     return _Limits(max_steps, max_epochs, limit_train_batches, limit_eval_batches, eval_every)
-
-
-def _check_limit(name: str, value: int | float | None) -> None:
-    if value is None:
-        return
-    if not (is_int(value) or isinstance(value, float)):
-        raise TypeError(f"`{name}` must be an int (batches) or a float (fraction), got {value!r}.")
-    if isinstance(value, int) and value < 1:
-        raise ValueError(f"`{name}` as a count must be >= 1, got {value}.")
-    if isinstance(value, float) and not 0.0 < value <= 1.0:
-        raise ValueError(
-            f"`{name}` as a fraction must be in (0, 1], got {value}. Give an int for a count."
-        )
 
 
 def _done(ls: LoopState, limits: _Limits) -> bool:

@@ -160,6 +160,12 @@ class CheckpointManager(Callback):
             )
         self._check_template(filename, monitor)
         self.directory = Path(directory)
+        if self.directory.exists() and not self.directory.is_dir():
+            raise ValueError(
+                f"`directory` '{self.directory}' is a file, not a directory: a checkpoint "
+                f"manager keeps its checkpoints and index in a directory of its own. Pass a "
+                f"directory's path (it is created on the first save)."
+            )
         self.every_n_steps = every_n_steps
         self.every_n_epochs = every_n_epochs if every_n_epochs or every_n_steps else 1
         self.monitor, self.mode, self.save_top_k = monitor, mode, save_top_k
@@ -230,7 +236,7 @@ class CheckpointManager(Callback):
         strategy = ls.strategy if ls.strategy is not None else SingleProcess()
         self._strategy = strategy
         self._prepare(writer=strategy.is_writer)
-        score = self._score(ls)
+        score = self._score(ls, strict=reason == "scheduled")
         fields: dict[str, Any] = {"step": ls.step, "epoch": ls.epoch, "batch_idx": ls.batch_idx}
         if self.monitor is not None:
             fields[self.monitor] = float("nan") if score is None else score
@@ -310,11 +316,32 @@ class CheckpointManager(Callback):
         except OSError as error:
             raise write_error(self.directory / INDEX, error) from error
 
-    def _score(self, ls: LoopState) -> float | None:
+    def _score(self, ls: LoopState, *, strict: bool = False) -> float | None:
+        """`monitor`'s value in `ls`, or None when it is not there (yet).
+
+        With `strict` (a scheduled save), a monitor missing from metrics of
+        its kind that are there (the train step's, or the last evaluation's
+        for "val_...") is a `KeyError`, as Lightning's ModelCheckpoint raises:
+        a misspelt name would otherwise rank every checkpoint last, keep the
+        newest instead of the best, and make `ckpt_path="best"` the last one.
+        Saves at the end, on an interrupt or an exception never raise here.
+        """
         if self.monitor is None:
             return None
         value = ls.metric(self.monitor)
         if value is None:
+            evaluation = self.monitor.startswith("val_")
+            source = (ls.eval_metrics or {}) if evaluation else ls.metrics
+            if strict and source:
+                names = sorted(
+                    k if not evaluation or k.startswith("val_") else f"val_{k}" for k in source
+                )
+                raise KeyError(
+                    f"{type(self).__name__}: `monitor={self.monitor!r}` is not among the "
+                    f"{'evaluation' if evaluation else 'train'} metrics at step {ls.step} "
+                    f"({', '.join(names)}). Monitor one of those ('val_<name>' for what the "
+                    f"eval step returns), or return {self.monitor!r} from the step."
+                )
             return None  # not available at this save point: ranked last
         return (
             float(value.detach().float().cpu()) if isinstance(value, torch.Tensor) else float(value)

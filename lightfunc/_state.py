@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -116,6 +117,11 @@ class TrainState:
             >>> sorted(state.params), int(state.step)
             (['bias', 'weight'], 0)
         """
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+            raise TypeError(
+                f"`seed` must be an int (the run's random stream) or None (no stream), got "
+                f"{seed!r} ({type(seed).__name__})."
+            )
         if not isinstance(tx, GradientTransformation):
             raise TypeError(
                 f"`tx` must be a lightfunc.optim GradientTransformation (e.g. lightfunc.optim.adamw(1e-3)), "

@@ -120,6 +120,11 @@ def as_strategy(strategy: Any, mesh: Any = None) -> Strategy:
             f"`mesh` goes with a strategy name ('ddp' / 'fsdp'); {strategy!r} already has its "
             f"mesh. Drop `mesh=`."
         )
+    if isinstance(strategy, type):
+        raise TypeError(
+            f"`strategy` is the class {strategy.__name__}, not a strategy object: pass an "
+            f"instance, e.g. `strategy={strategy.__name__}(mesh)` (or the name 'ddp' / 'fsdp')."
+        )
     if not isinstance(strategy, Strategy):
         raise TypeError(
             f"`strategy` must be None, 'ddp', 'fsdp' or a strategy object (SingleProcess(), "

@@ -724,3 +724,17 @@ def test_restore_without_callbacks_keeps_their_state_for_the_loop_to_hand_back(t
     resumed = list(lf.loop(step, start, data, max_epochs=20, callbacks=[stopper()]))[-1]
     assert resumed.step == straight.step
     assert_trees_close(resumed.state, straight.state, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("monitor", "kind"), [("val_nope", "evaluation"), ("accuracy", "train")])
+def test_a_monitor_no_metric_answers_to_is_an_error_at_the_first_save(tmp_path, monitor, kind):
+    # Before: every checkpoint ranked last without a word, `best_model_path` was the newest
+    # checkpoint and `ckpt_path="best"` meant "last" (Lightning raises here too).
+    step, state = _fit_setup()
+    _, eval_step = make_steps(make_model())
+    checkpoint = lf.callbacks.ModelCheckpoint(tmp_path / "ckpt", monitor=monitor, save_top_k=2)
+    with pytest.raises(KeyError, match=rf"`monitor='{monitor}'` is not among the {kind} metrics"):
+        lf.fit(step, state, make_data(n=96), max_epochs=2, eval_step=eval_step,
+               eval_data=make_data(n=32), callbacks=[checkpoint], default_root_dir=tmp_path,
+               **QUIET)  # fmt: skip
+    assert not list((tmp_path / "ckpt").glob("step=*"))  # no checkpoint scored as missing

@@ -596,3 +596,60 @@ def test_a_layer_behind_a_zero_initialised_one_needs_skip_unused_false_to_match_
         finals[skip] = state.params
     assert_trees_close(finals[False], theirs, rtol=0, atol=0)  # torch's arithmetic, bit for bit
     assert (finals[True]["0.weight"] - theirs["0.weight"]).abs().max() > 1e-3  # as documented
+
+
+# -- mistakes named, found by an independent hostile check of the README ----------------------
+
+
+def test_a_model_or_none_given_as_the_loop_state_is_named():
+    model, train_step, _, _ = _plain()
+    for given, named in ((model, r"a Sequential \(an nn.Module\)"), (None, "None")):
+        with pytest.raises(TypeError, match=rf"`state` is {named}; .*TrainState\.create"):
+            lf.loop(train_step, given, make_data(), max_steps=1)
+
+
+def test_one_callback_not_in_a_list_is_taken_as_lightning_takes_it():
+    _, train_step, _, state = _plain()
+    stopper = lf.callbacks.EarlyStopping("loss", patience=1, min_delta=100.0)
+    runs = [
+        list(lf.loop(train_step, state, make_data(), max_epochs=5, callbacks=cbs))[-1]
+        for cbs in (stopper, [lf.callbacks.EarlyStopping("loss", patience=1, min_delta=100.0)])
+    ]
+    assert runs[0].step == runs[1].step < 5 * len(make_data())
+    with pytest.raises(TypeError, match="`callbacks` must be a list of .* got str"):
+        lf.loop(train_step, state, make_data(), max_steps=1, callbacks="EarlyStopping")
+
+
+def test_evaluate_names_a_bad_limit_batches():
+    _, _, eval_step, state = _plain()
+    with pytest.raises(ValueError, match=r"`limit_batches` as a count must be >= 1, got -1"):
+        lf.evaluate(eval_step, state, make_data(), limit_batches=-1)
+
+
+def test_columns_given_to_loader_as_a_list_are_refused_at_once():
+    x, y = torch.randn(40, 8), torch.randint(0, 3, (40,))
+    with pytest.raises(TypeError, match=r"list of 2 tensors .* pass the columns as a tuple"):
+        lf.Loader([x, y], 16)
+    assert len(lf.Loader([torch.randn(3) for _ in range(5)], 2)) == 3  # a list of examples
+
+
+def test_a_checkpoint_manager_on_a_file_is_refused_at_once(tmp_path):
+    path = tmp_path / "taken"
+    path.write_text("not a directory")
+    with pytest.raises(ValueError, match="is a file, not a directory"):
+        lf.CheckpointManager(path)
+    assert path.read_text() == "not a directory"
+
+
+def test_a_strategy_class_instead_of_an_instance_is_named():
+    import lightfunc.distributed as lfd
+
+    _, train_step, _, _ = _plain()
+    with pytest.raises(TypeError, match=r"is the class DDP, not a strategy object.*DDP\(mesh\)"):
+        lf.build(train_step, strategy=lfd.DDP)
+
+
+@pytest.mark.parametrize("seed", ["a", 1.5, True])
+def test_a_seed_that_is_no_int_is_refused(seed):
+    with pytest.raises(TypeError, match="`seed` must be an int"):
+        lf.TrainState.create(torch.nn.Linear(2, 2), lf.optim.sgd(0.1), seed=seed)
