@@ -87,11 +87,11 @@ def split_batch(batch: Any, n: int) -> tuple[list[Any], list[float]]:
     """`batch` split into `n` chunks along dim 0, and each chunk's share of the rows.
 
     Chunks differ by at most one row when the batch does not divide evenly
-    (each size compiles once). Non-tensor leaves are repeated in every chunk.
+    (each size compiles once); a batch of fewer than `n` rows gives one chunk
+    per row. Non-tensor leaves are repeated in every chunk.
 
     Raises:
-        ValueError: the batch has no tensors, its tensors disagree on dim 0, or
-            it has fewer rows than `n`.
+        ValueError: the batch has no tensors, or its tensors disagree on dim 0.
     """
     leaves, treedef = tree_flatten(batch)
     rows = {x.shape[0] for x in leaves if isinstance(x, torch.Tensor) and x.ndim > 0}
@@ -102,12 +102,10 @@ def split_batch(batch: Any, n: int) -> tuple[list[Any], list[float]]:
             f"Give batches whose tensors share their first dimension."
         )
     (size,) = rows
-    if size < n:
-        raise ValueError(
-            f"accumulate_grad_batches={n} cannot split a batch of {size} rows into {n} "
-            f"micro-batches; the loader's batch size is the size of the whole accumulated "
-            f"batch (n micro-batches)."
-        )
+    # A batch with fewer rows than n (an epoch's short last batch) runs as one-row
+    # micro-batches: still one update, equal to one step on that batch. (It used to raise,
+    # ending a run at its first epoch end when the dataset did not divide evenly.)
+    n = min(n, size)
     per_leaf = [
         x.tensor_split(n) if isinstance(x, torch.Tensor) and x.ndim > 0 else [x] * n for x in leaves
     ]

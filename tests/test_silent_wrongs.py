@@ -616,7 +616,7 @@ def test_one_callback_not_in_a_list_is_taken_as_lightning_takes_it():
         for cbs in (stopper, [lf.callbacks.EarlyStopping("loss", patience=1, min_delta=100.0)])
     ]
     assert runs[0].step == runs[1].step < 5 * len(make_data())
-    with pytest.raises(TypeError, match="`callbacks` must be a list of .* got str"):
+    with pytest.raises(TypeError, match=r"`callbacks` must be a list of .* got str"):
         lf.loop(train_step, state, make_data(), max_steps=1, callbacks="EarlyStopping")
 
 
