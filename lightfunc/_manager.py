@@ -248,6 +248,7 @@ class CheckpointManager(Callback):
             "reason": reason,
             "monitor": self.monitor,
             "score": score,
+            "world_size": strategy.world_size,
         }
         strategy.save(resumable, path, metadata=meta)
         entry = {
@@ -515,6 +516,7 @@ class CheckpointManager(Callback):
                 failures.append(f"{path.name}: {error}")
                 continue
             self._saved_step = restored.step
+            _warn_other_world_size(path, restored, strategy)
             return restored
         if failures:
             raise CheckpointError(
@@ -798,6 +800,34 @@ def _saved_callback_states(path: Path) -> dict[str, dict[str, Any]] | None:
             value = leaf.value
         states.setdefault(str(leaf.keys[1]), {})[str(leaf.keys[2])] = value
     return states
+
+
+def _warn_other_world_size(path: Path, restored: LoopState, strategy: Strategy) -> None:
+    """Warn when a mid-epoch checkpoint is resumed by another number of data-parallel ranks.
+
+    The state reshards exactly, but the data position does not: `batch_idx`
+    counts the batches each rank took, so with another world size the rest
+    of that epoch re-reads (or skips) examples. Epoch ends resume exactly.
+    """
+    if restored.batch_idx == 0:
+        return
+    try:
+        header = _sharded_header(path) if path.is_dir() else _checkpoint.read_header(path)[0]
+    except (CheckpointError, OSError):
+        return
+    user = header.user if header is not None else None
+    saved = user.get("world_size") if isinstance(user, dict) else None
+    if isinstance(saved, int) and saved != strategy.world_size:
+        warnings.warn(
+            f"resuming {path} (saved by {saved} rank(s) at batch {restored.batch_idx} of epoch "
+            f"{restored.epoch}) with {strategy.world_size} rank(s): the state is the same, but "
+            f"the data position counts each rank's batches, so the rest of this epoch reads "
+            f"other examples than the saved run would (some again, some not). Resume from a "
+            f"checkpoint at an epoch end (`every_n_epochs`), or with {saved} rank(s), to keep "
+            f"the data order exact.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _holds_callback_state(path: Path) -> bool:

@@ -738,3 +738,25 @@ def test_a_monitor_no_metric_answers_to_is_an_error_at_the_first_save(tmp_path, 
                eval_data=make_data(n=32), callbacks=[checkpoint], default_root_dir=tmp_path,
                **QUIET)  # fmt: skip
     assert not list((tmp_path / "ckpt").glob("step=*"))  # no checkpoint scored as missing
+
+
+class _TwoRanks(lf.SingleProcess):
+    """A single-file strategy that says it ran on 2 ranks (what a DDP run's checkpoint records)."""
+
+    @property
+    def world_size(self) -> int:
+        return 2
+
+
+def test_a_mid_epoch_checkpoint_resumed_on_another_world_size_warns_about_the_data(tmp_path):
+    # The state reshards exactly, but `batch_idx` counts each rank's batches: a 2-rank run's
+    # batch 2 resumed on 1 process re-reads examples (found by an independent check).
+    manager = lf.CheckpointManager(tmp_path / "ckpt", every_n_steps=1)
+    manager.save(_ls(5).replace(strategy=_TwoRanks()))
+    with pytest.warns(RuntimeWarning, match=r"saved by 2 rank\(s\) at batch 2 .* with 1 rank\(s\)"):
+        restored = lf.CheckpointManager(tmp_path / "ckpt").restore(TEMPLATE, callbacks=[Count()])
+    assert restored is not None and _same(restored, _ls(5))
+    manager.save(_ls(6).replace(strategy=_TwoRanks(), batch_idx=0))  # an epoch end: exact
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert lf.CheckpointManager(tmp_path / "ckpt").restore(TEMPLATE, callbacks=[Count()])
