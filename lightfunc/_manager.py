@@ -807,7 +807,8 @@ def _warn_other_world_size(path: Path, restored: LoopState, strategy: Strategy) 
 
     The state reshards exactly, but the data position does not: `batch_idx`
     counts the batches each rank took, so with another world size the rest
-    of that epoch re-reads (or skips) examples. Epoch ends resume exactly.
+    of that epoch re-reads (or skips) examples; an epoch end too, since its
+    `batch_idx` is the saved run's number of batches per rank.
     """
     if restored.batch_idx == 0:
         return
@@ -822,9 +823,8 @@ def _warn_other_world_size(path: Path, restored: LoopState, strategy: Strategy) 
             f"resuming {path} (saved by {saved} rank(s) at batch {restored.batch_idx} of epoch "
             f"{restored.epoch}) with {strategy.world_size} rank(s): the state is the same, but "
             f"the data position counts each rank's batches, so the rest of this epoch reads "
-            f"other examples than the saved run would (some again, some not). Resume from a "
-            f"checkpoint at an epoch end (`every_n_epochs`), or with {saved} rank(s), to keep "
-            f"the data order exact.",
+            f"other examples than the saved run would (some again, some not). Resume with "
+            f"{saved} rank(s) to keep the data order exact.",
             RuntimeWarning,
             stacklevel=3,
         )

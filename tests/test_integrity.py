@@ -756,7 +756,7 @@ def test_a_mid_epoch_checkpoint_resumed_on_another_world_size_warns_about_the_da
     with pytest.warns(RuntimeWarning, match=r"saved by 2 rank\(s\) at batch 2 .* with 1 rank\(s\)"):
         restored = lf.CheckpointManager(tmp_path / "ckpt").restore(TEMPLATE, callbacks=[Count()])
     assert restored is not None and _same(restored, _ls(5))
-    manager.save(_ls(6).replace(strategy=_TwoRanks(), batch_idx=0))  # an epoch end: exact
+    manager.save(_ls(6).replace(strategy=_TwoRanks(), batch_idx=0))  # before any batch: exact
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert lf.CheckpointManager(tmp_path / "ckpt").restore(TEMPLATE, callbacks=[Count()])
