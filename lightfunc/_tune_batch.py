@@ -33,9 +33,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import os
 import statistics
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -280,6 +282,31 @@ def resident_bytes(tree: Any) -> int:
     return sum(largest.values())
 
 
+@contextlib.contextmanager
+def _quiet_fd2() -> Iterator[None]:
+    """File descriptor 2 sent to /dev/null while the profiler starts or stops (no user code).
+
+    torch 2.13's CPU build prints two `USDT: ... profiler_start/stop` lines
+    from C++ at every start and stop, so `find_batch_size`'s trials printed
+    dozens of them under the README's example. Python's `sys.stderr` alone
+    would not catch a C++ write.
+    """
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no fd 2 (an embedded interpreter)
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def cpu_peak_growth(fn: Callable[[], Any]) -> int:
     """The peak growth, in bytes, of live CPU tensor memory while `fn()` runs.
 
@@ -292,9 +319,15 @@ def cpu_peak_growth(fn: Callable[[], Any]) -> int:
     """
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof: Any = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _quiet_fd2():
+        prof.start()
+    try:
         out = fn()
         del out
+    finally:
+        with _quiet_fd2():
+            prof.stop()
     # The profiler's raw events: the allocator's "[memory]" records, each with `nbytes`.
     events = [
         e

@@ -476,3 +476,13 @@ def test_docstring_examples_run():
     for module in (_tune_lr, _tune_batch):
         result = doctest.testmod(module, extraglobs={"lf": lf})
         assert result.failed == 0 and result.attempted > 0, module.__name__
+
+
+def test_the_cpu_memory_probe_measures_and_prints_nothing(capfd):
+    # torch 2.13's CPU build prints `USDT: ... profiler_start/stop` from C++ at every profiler
+    # start and stop: find_batch_size's trials printed dozens of such lines.
+    from lightfunc._tune_batch import cpu_peak_growth
+
+    assert cpu_peak_growth(lambda: torch.ones(1000)) >= 4000
+    captured = capfd.readouterr()
+    assert "profiler_st" not in captured.err + captured.out
