@@ -25,13 +25,16 @@ SCRIPTS = Path(__file__).parent / "scripts"
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _lightfunc(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def _lightfunc(
+    *args: str, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "lightfunc", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=timeout,
+        env=None if env is None else {**os.environ, **env},
     )
 
 
@@ -180,13 +183,14 @@ def test_the_environment_gives_defaults(monkeypatch: pytest.MonkeyPatch) -> None
     assert (config.rdzv_endpoint, config.rdzv_configs["rank"]) == ("10.1.2.3:4321", 1)
 
 
-def test_rendezvous_of_launch() -> None:
-    local = LaunchOptions(2).config()
+def test_rendezvous_of_launch(tmp_path: Path) -> None:
+    logs = str(tmp_path)  # torch elastic makes its log folder when the config is built
+    local = LaunchOptions(2).config(logs)
     assert (local.rdzv_backend, local.rdzv_endpoint) == ("c10d", "localhost:0")
-    nodes = LaunchOptions(8, nnodes=2, node_rank=1, master_addr="10.0.0.1").config()
+    nodes = LaunchOptions(8, nnodes=2, node_rank=1, master_addr="10.0.0.1").config(logs)
     assert (nodes.rdzv_backend, nodes.rdzv_endpoint) == ("static", "10.0.0.1:29500")
     assert nodes.rdzv_configs["rank"] == 1 and (nodes.min_nodes, nodes.max_nodes) == (2, 2)
-    assert LaunchOptions(2, master_port=1234, max_restarts=3).config().max_restarts == 3
+    assert LaunchOptions(2, master_port=1234, max_restarts=3).config(logs).max_restarts == 3
     assert "SIGUSR1" in local.signals_to_handle
 
 
@@ -221,9 +225,19 @@ def test_launch_rejects_a_non_function() -> None:
 
 
 @pytest.mark.multiprocess
-def test_a_rank_that_raises_stops_the_others() -> None:
+def test_a_rank_that_raises_stops_the_others(tmp_path: Path) -> None:
     start = time.monotonic()
-    done = _lightfunc("run", "--nproc-per-node", "2", str(SCRIPTS / "raise_on_rank.py"))
+    done = _lightfunc(
+        "run", "--nproc-per-node", "2", str(SCRIPTS / "raise_on_rank.py"),
+        env={"TMPDIR": str(tmp_path)},
+    )  # fmt: skip
+    # torch elastic's per-launch log folder (the workers' error files) is removed afterwards:
+    # it used to stay in the temporary directory as torchelastic_*, one per launch.
+    assert not [
+        p.name
+        for p in tmp_path.iterdir()
+        if p.name.startswith(("torchelastic_", "lightfunc-launch-"))
+    ]
     assert done.returncode == 1
     assert time.monotonic() - start < 100  # rank 0 sleeps 600 s unless the launcher stops it
     assert "ValueError: boom on rank 1" in done.stderr  # the worker's own traceback

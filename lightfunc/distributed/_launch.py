@@ -41,6 +41,7 @@ import functools
 import os
 import signal
 import sys
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -105,8 +106,13 @@ class LaunchOptions:
                 f"{self.start_method!r}."
             )
 
-    def config(self) -> Any:
-        """The `torch.distributed.launcher.api.LaunchConfig` for these options."""
+    def config(self, log_dir: str | None = None) -> Any:
+        """The `torch.distributed.launcher.api.LaunchConfig` for these options.
+
+        `log_dir`: where torch elastic keeps each worker's error file (None:
+        a `torchelastic_*` folder of its own in the temporary directory, which
+        it never removes; `launch` and `run_script` pass one they remove).
+        """
         from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
         from torch.distributed.launcher.api import LaunchConfig
 
@@ -127,7 +133,7 @@ class LaunchOptions:
             rdzv_configs=configs,
             max_restarts=self.max_restarts,
             start_method=self.start_method,
-            logs_specs=DefaultLogsSpecs(),
+            logs_specs=DefaultLogsSpecs(log_dir=log_dir),
             signals_to_handle=",".join(_SIGNALS),
         )
 
@@ -199,9 +205,12 @@ def launch(
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
 
-    with _launcher_environment(options.nproc_per_node):
+    with (
+        _launcher_environment(options.nproc_per_node),
+        tempfile.TemporaryDirectory(prefix="lightfunc-launch-") as logs,
+    ):
         try:
-            results: dict[int, Any] = elastic_launch(options.config(), fn)(*args)
+            results: dict[int, Any] = elastic_launch(options.config(logs), fn)(*args)
         except ChildFailedError as error:
             name = getattr(fn, "__name__", repr(fn))
             message = _failure_message(error, name, options.nproc_per_node, options.max_restarts)
@@ -231,8 +240,11 @@ def run_script(
     """
     options = options or LaunchOptions(nproc_per_node=1)
     command = ["-u", *(["-m"] if module else []), script, *script_args]
-    with _launcher_environment(options.nproc_per_node):
-        return run_config(options.config(), sys.executable, command, what=script)
+    with (
+        _launcher_environment(options.nproc_per_node),
+        tempfile.TemporaryDirectory(prefix="lightfunc-launch-") as logs,
+    ):
+        return run_config(options.config(logs), sys.executable, command, what=script)
 
 
 def run_config(config: Any, entrypoint: Any, args: Sequence[str], *, what: str) -> int:
@@ -476,7 +488,12 @@ def _run_command(args: argparse.Namespace, *, parser: argparse.ArgumentParser) -
     from torch.distributed.run import config_from_args
 
     nproc = _check_run_arguments(args, parser)
-    with _launcher_environment(nproc):
+    with (
+        _launcher_environment(nproc),
+        tempfile.TemporaryDirectory(prefix="lightfunc-launch-") as logs,
+    ):
+        if getattr(args, "log_dir", None) is None:  # else torch elastic leaves a torchelastic_*
+            args.log_dir = logs
         config, entrypoint, entry_args = config_from_args(args)
         return run_config(config, entrypoint, entry_args, what=args.training_script)
 
