@@ -52,9 +52,11 @@ depends on what a checkpoint is:
 A checkpoint holds the resumable part of a `LoopState`: the user state, the
 step / epoch / batch counters, the RNG key and the callbacks' states. The
 last metrics are not saved (the next step recomputes them), so
-`LoopState(state=template)` is a valid template to load into. A callback
-whose state the checkpoint holds but the run lacks is dropped, and one the
-checkpoint lacks starts fresh, each with a warning naming it.
+`LoopState(state=template)` is a valid template to load into. Restored
+without the run's callbacks, a single-file checkpoint's callback states are
+kept for `loop` to hand back; given them, a state for a callback not given
+is dropped, and a callback the checkpoint lacks starts fresh, each with a
+warning naming it.
 
 Beside the checkpoints, the writer keeps `compile_cache.bin`, what
 `torch.compile` built in this process (`lightfunc.save_compile_cache`), when
