@@ -356,9 +356,16 @@ def _ddp_starts_from_rank_0(mesh: lfd.Mesh) -> dict[str, Any]:
         mismatch = "no error"
     except ValueError as e:
         mismatch = str(e)
+    sharded = lfd.FSDP(mesh).prepare(lf.TrainState.create(make_model(0), _optimizer()))
+    try:
+        strategy.prepare(sharded)
+        crossed = "no error"
+    except TypeError as e:
+        crossed = str(e)
     return {
         "equal": all(torch.equal(v[0], v[1]) for v in everyone.values()),
         "mismatch": mismatch,
+        "crossed": crossed,
     }
 
 
@@ -593,6 +600,8 @@ def test_ddp_prepare_gives_every_rank_rank_0s_state_and_names_a_differing_model(
     for out in ok_results(ranks, "ddp_rank_0"):
         assert out["equal"]
         assert "`broadcast`: the call differs between ranks" in out["mismatch"]
+        # An FSDP-prepared state given to DDP: was an error deep inside torch.
+        assert "it was prepared for FSDP" in out["crossed"]
 
 
 @pytest.mark.multiprocess

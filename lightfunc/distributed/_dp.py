@@ -26,9 +26,11 @@ import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from torch.distributed.tensor import DTensor
+
 from .._metrics import Reduction
 from .._state import TrainState, map_train_states
-from .._tree import PyTree, tree_flatten, tree_unflatten
+from .._tree import PyTree, tree_flatten, tree_flatten_with_paths, tree_unflatten
 from ..optim._base import GradientTransformation, OptState, Params, Updates, update_params
 from ..optim._wrappers import unwrapped
 from . import _collectives
@@ -183,6 +185,7 @@ def prepare_gradient_reduction(state: PyTree, mesh: Mesh, *, bucket_cap_mb: floa
     """
     check_mesh(mesh, "prepare_gradient_reduction")
     cap = check_bucket_cap(bucket_cap_mb)
+    map_train_states(_check_not_sharded, state)
     if not mesh.is_distributed:
         return state
 
@@ -203,6 +206,19 @@ def prepare_gradient_reduction(state: PyTree, mesh: Mesh, *, bucket_cap_mb: floa
         )
 
     return map_train_states(wrap, state)
+
+
+def _check_not_sharded(_index: int, ts: TrainState) -> TrainState:
+    paths, leaves, _ = tree_flatten_with_paths(ts.params)
+    sharded = [p for p, v in zip(paths, leaves, strict=True) if isinstance(v, DTensor)]
+    if sharded:
+        raise TypeError(
+            f"DDP: this state's parameters are sharded DTensors (`{sharded[0]}`, ...): it was "
+            f"prepared for FSDP. Data parallel holds whole tensors on every rank: prepare the "
+            f"unsharded state with the DDP step, `step.prepare(state)` (or run the FSDP step "
+            f"it was prepared for)."
+        )
+    return ts
 
 
 def reduces_gradients(tx: GradientTransformation) -> bool:
