@@ -320,7 +320,8 @@ def unit_names(module: torch.nn.Module, units: Units = None) -> list[str]:
         elif isinstance(u, torch.nn.Module) and id(u) in names:
             chosen_names.append(names[id(u)])
         elif not _is_module_class(u):
-            some = ", ".join(repr(n) for n in list(known)[:6])
+            # In the model's order (a set's order differs from rank to rank).
+            some = ", ".join(repr(n) for n in list(dict.fromkeys(names.values()))[:6])
             given = repr(u) if isinstance(u, str) else f"a {type(u).__name__} sub-module"
             raise ValueError(
                 f"`units` holds {given}, which is not inside the {type(module).__name__} "
