@@ -26,7 +26,7 @@ from ._build import Step
 from ._callback import Callback, callback_list, callback_states, check_callbacks
 from ._contract import LoopState, Strategy
 from ._evaluate import _as_eval_step, as_train_step, evaluate
-from ._loop import check_data, loop, prepare_loop_state
+from ._loop import check_data, consume_callers_state, loop, prepare_loop_state
 from ._manager import CheckpointManager
 from ._run_dir import new_version, resume_version
 from ._state import train_states
@@ -61,6 +61,7 @@ _BUILD_OPTIONS = (
     "skip_nonfinite",
     "strategy",
     "compile",
+    "donate",
     "validate",
     "mesh",
     "metric_reductions",
@@ -227,9 +228,9 @@ def fit(
     # precision, sharded by its strategy) before a checkpoint is restored into it.
     options = {name: loop_kwargs.pop(name) for name in _BUILD_OPTIONS if name in loop_kwargs}
     train = as_train_step(step, **options)
-    start = _resume(
-        prepare_loop_state(train, state), root, ckpt_path, active, compiled=train.compiled
-    )
+    prepared = prepare_loop_state(train, state)
+    consume_callers_state(train, state, prepared)  # a donating run writes into its tensors
+    start = _resume(prepared, root, ckpt_path, active, compiled=train.compiled)
     _sanity_check(train, start, loop_kwargs, num_sanity_val_steps)
     last: LoopState | None = None
     try:

@@ -35,6 +35,7 @@ from ._callback import Callback, InterruptReason, callback_list, check_callbacks
 from ._compile import CompileOptions
 from ._contract import LoopState, Strategy
 from ._device import resolve_device, to_device
+from ._donate import consume
 from ._evaluate import (
     _as_eval_step,
     _check_limit,
@@ -194,6 +195,7 @@ def loop(
     device = resolve_device(accelerator, devices)
     ls = prepare_loop_state(train, state)
     ls = ls.replace(state=to_device(ls.state, device))
+    consume_callers_state(train, state, ls)
     with_weights(ls.state, eval_weights, "eval_weights")  # no such average: say so now
     run_callbacks = check_callbacks([*callback_list(callbacks), *_as_callbacks(checkpoint)])
     eval_batches = eval_data if eval_data is not None else ()
@@ -217,6 +219,21 @@ def prepare_loop_state(train: Step[Any], state: Any) -> LoopState:
             f"of them), the step's first argument."
         )
     return ls.replace(state=train.prepare(ls.state), strategy=train.strategy)
+
+
+def consume_callers_state(train: Step[Any], given: Any, running: LoopState) -> None:
+    """Under a donating step, mark the caller's state consumed: the run writes into its tensors.
+
+    The run's first step writes into the tensors of `running.state`, most of
+    them the caller's (preparing and placing the state copy only what they
+    change), but into other state objects than the one the caller holds: it
+    stayed readable while its values changed under it. Now any use of it
+    raises `DonatedStateError`, as the README promises. What `running`
+    holds itself is left to the step, which consumes it on its first call.
+    """
+    if getattr(train, "donate", False):
+        caller = given.state if isinstance(given, LoopState) else given
+        consume(caller, getattr(train, "__name__", "step"), keep=running.state)
 
 
 def _as_callbacks(checkpoint: Any) -> list[Callback]:

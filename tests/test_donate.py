@@ -289,6 +289,34 @@ def test_loop_and_fit_run_a_donating_step_with_checkpoints(tmp_path: Path) -> No
     _assert_states_equal(straight[True], fitted.state)
 
 
+@pytest.mark.parametrize("how", ["loop", "fit", "fit plain step", "loop LoopState"])
+def test_loop_and_fit_consume_the_callers_state_that_their_donating_steps_write(
+    tmp_path: Path, how: str
+) -> None:
+    # Before: the loop's first step wrote into the caller's tensors through other state objects
+    # (prepared, placed on the device), so the caller's `state` stayed readable and showed the
+    # final weights with step 0: a second run from it trained on silently (and
+    # `fit(plain_step, donate=True)` refused to run at all).
+    model = _model()
+    state = lf.TrainState.create(model, lf.optim.adamw(1e-2))
+    given: Any = lf.LoopState(state=state) if how == "loop LoopState" else state
+    step = _train_step(model)
+    if how.startswith("loop"):
+        runs = list(lf.loop(step, given, _batches(3), max_steps=3, compile=False, donate=True))
+        final = runs[-1]
+    else:
+        built = step if how == "fit plain step" else lf.build(step, compile=False, donate=True)
+        options = {"compile": False, "donate": True} if how == "fit plain step" else {}
+        final = lf.fit(built, state, _batches(3), max_steps=3, default_root_dir=tmp_path,
+                       enable_progress_bar=False, **options)  # fmt: skip
+    assert final.step == 3
+    with pytest.raises(lf.DonatedStateError, match="donated to `train_step`"):
+        _ = state.params["0.weight"]
+    plain = list(lf.loop(step, lf.TrainState.create(model, lf.optim.adamw(1e-2)), _batches(3),
+                         max_steps=3, compile=False))[-1]  # fmt: skip
+    _assert_one_rounding_apart(plain.state, final.state)
+
+
 def test_the_tuners_never_consume_the_callers_state() -> None:
     model = _model()
     step = lf.build(_train_step(model), compile=False, donate=True)
