@@ -584,3 +584,42 @@ def test_log_metrics_prefix(tmp_path):
         logger.log_metrics({"loss": 0.5}, step=3, prefix="")
     with pytest.raises(ValueError, match=r"may not be called 'step'"):
         logger.log_metrics({"step": 0.5}, step=3, prefix="test")
+
+
+def test_a_resumed_run_logs_each_step_once_in_csv_jsonl_and_tensorboard(tmp_path):
+    # A run that crashed at step 6 after its checkpoint at step 4 is resumed from step 4: the
+    # steps 5 and 6 it logs again used to appear twice in every file (found by an independent
+    # check). TensorBoard's writer is opened before the run here, as `fit` does by writing the
+    # hyper-parameters first.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def step(state, batch):
+        return state, {"loss": state["offset"] + torch.tensor(float(batch))}
+
+    def run(offset: float, start: int, stop: int) -> None:
+        loggers = [
+            lf.loggers.CSVLogger(tmp_path, name="csv", log_every_n_steps=1),
+            lf.loggers.JSONLLogger(tmp_path, name="jsonl", log_every_n_steps=1),
+            lf.loggers.TensorBoardLogger(tmp_path, name="tb", log_every_n_steps=1),
+        ]
+        loggers[2].log_hyperparams({"offset": offset})
+        begin = lf.LoopState(state={"offset": torch.tensor(offset)}, step=start)
+        for _ in lf.loop(step, begin, list(range(1, 20)), max_steps=stop, compile=False,
+                         callbacks=loggers):  # fmt: skip
+            pass
+        for logger in loggers:
+            logger.close()
+
+    run(0.0, 0, 6)
+    run(100.0, 4, 8)  # the resumed run: its values are 100 more
+    rows = list(csv.DictReader((tmp_path / "csv" / "metrics.csv").read_text().splitlines()))
+    assert [int(r["step"]) for r in rows] == list(range(1, 9))
+    lines = (tmp_path / "jsonl" / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["step"] for r in records] == list(range(1, 9))
+    assert records[4]["metrics"]["loss"] >= 100 and records[3]["metrics"]["loss"] < 100
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    scalars = events.Scalars("train/loss")
+    assert [e.step for e in scalars] == list(range(1, 9))
+    assert scalars[4].value >= 100 and scalars[3].value < 100

@@ -6,6 +6,11 @@ What a logger writes, and when (the same for every backend):
   (`loss`), and the epoch; a metric named in `metric_intervals` at its own
   rate instead (e.g. `{"lr": "epoch"}`: the learning rate once per epoch, on
   the epoch's last step, however often the loss is written);
+- a run resumed from a checkpoint at step k re-logs the steps after k that
+  the interrupted run had logged: the CSV and JSONL files drop those old
+  records first, and TensorBoard purges them (`SummaryWriter(purge_step=k+1)`),
+  so each step appears once; MLflow and W&B keep the interrupted run's
+  records of those steps beside the new ones (nothing is deleted there);
 - after every evaluation (`ls.evaluated`): the evaluation metrics as
   `val_<name>` (`val_loss`, the names `EarlyStopping` and `ProgressBar` use;
   a metric the eval step already calls `val_loss` keeps that name) and the
@@ -115,6 +120,9 @@ class Logger(Callback):
         self._init_hparams = None if hparams is None else check_hparams(hparams, "hparams")
         self._hparams: dict[str, Any] = {}  # everything logged so far, merged
         self.metric_intervals = _check_intervals(metric_intervals)
+        # The step a resumed run started from (`on_start`): records past it, written by the
+        # run that crashed after its last checkpoint, are dropped where the backend can.
+        self._resumed_at: int | None = None
         self._init_backend()
 
     def _init_backend(self) -> None:
@@ -211,6 +219,8 @@ class Logger(Callback):
     # The callback hooks --------------------------------------------------------------------
 
     def on_start(self, ls: LoopState) -> None:
+        if ls.step > 0 and self._resumed_at is None:
+            self._resumed_at = ls.step
         if self._init_hparams is not None:
             params, self._init_hparams = self._init_hparams, None
             self.log_hyperparams(params)

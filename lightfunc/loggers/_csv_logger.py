@@ -76,4 +76,13 @@ class CSVLogger(Logger):
         self._columns = [c for c in header if c not in ("step", "epoch")] + [
             c for c in self._columns if c not in header
         ]
+        if self._resumed_at is not None:  # the interrupted run's records past the checkpoint
+            old = [row for row in old if not _step_after(row.get("step"), self._resumed_at)]
         self._rows = old + self._rows
+
+
+def _step_after(step: Any, k: int) -> bool:
+    try:
+        return int(step) > k
+    except (TypeError, ValueError):
+        return False  # not a step: kept as it is

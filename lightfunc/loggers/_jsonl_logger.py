@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import IO, Any
 
+from .._atomic import atomic_write
 from ._base import Logger, write_json
 
 
@@ -41,9 +42,30 @@ class JSONLLogger(Logger):
     def write_metrics(self, step: int, epoch: int | None, metrics: dict[str, float]) -> None:
         if self._file is None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
+            if self._resumed_at is not None and self.metrics_file.is_file():
+                self._drop_records_after(self._resumed_at)
             self._file = open(self.metrics_file, "a", encoding="utf-8")  # noqa: SIM115
         self._file.write(json.dumps({"step": step, "epoch": epoch, "metrics": metrics}) + "\n")
         self._file.flush()
+
+    def _drop_records_after(self, k: int) -> None:
+        """Rewrite the file without the interrupted run's records past step `k` (atomically)."""
+        lines = self.metrics_file.read_text(encoding="utf-8").splitlines(keepends=True)
+
+        def after(line: str) -> bool:
+            try:
+                step = json.loads(line).get("step")
+            except (ValueError, AttributeError):
+                return False  # not a record of ours: kept
+            return isinstance(step, int) and step > k
+
+        kept = [line for line in lines if not after(line)]
+        if len(kept) != len(lines):
+
+            def write(tmp: Path) -> None:
+                tmp.write_text("".join(kept), encoding="utf-8")
+
+            atomic_write(self.metrics_file, write, fsync=False)
 
     def write_hparams(self, params: dict[str, Any]) -> None:
         write_json(self.log_dir / "hparams.json", params)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._base import Logger
+
+if TYPE_CHECKING:
+    from .._contract import LoopState
 
 # The tag of the hyper-parameters' text summary (TensorBoard's Text tab shows it exactly).
 HPARAMS_TAG = "hparams"
@@ -67,14 +70,30 @@ class TensorBoardLogger(Logger):
                 "(or `lightfunc[logging]`), or use lightfunc.loggers.CSVLogger / JSONLLogger."
             )
         self._writer: Any = None  # a SummaryWriter, opened at the first write
+        self._purged = False  # whether a resumed run's purge mark is written
         self._tags: dict[str, None] = {}  # the scalar tags written, in order of first write
 
     def _open(self) -> Any:
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: keep it lazy
 
-            self._writer = SummaryWriter(log_dir=str(self.log_dir))
+            # A resumed run: TensorBoard hides the interrupted run's events past the checkpoint.
+            purge = None if self._resumed_at is None else self._resumed_at + 1
+            self._writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=purge)
+            self._purged = purge is not None
         return self._writer
+
+    def on_start(self, ls: LoopState) -> None:
+        super().on_start(ls)
+        if self._resumed_at is not None and self._writer is not None and not self._purged:
+            # Opened before the run started (`fit` writes the hyper-parameters first): the
+            # purge mark `SummaryWriter(purge_step=)` would have written, written now.
+            from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+            self._writer._get_file_writer().add_event(
+                Event(step=self._resumed_at + 1, session_log=SessionLog(status=SessionLog.START))
+            )
+            self._purged = True
 
     def write_metrics(self, step: int, epoch: int | None, metrics: dict[str, float]) -> None:
         writer = self._open()
