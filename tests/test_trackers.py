@@ -295,10 +295,11 @@ def test_mlflow_default_store_in_the_run_directory_through_fit(tmp_path, capsys)
     logger.log_hyperparams(extra)
     params = client.get_run(logger.run_id).data.params
     assert params == {k: str(v) for k, v in flatten_hparams({**logged, **extra}).items()}
-    # A closed logger reopens the run for test metrics, and `close` ends it again.
+    # A closed logger reopens the run for test metrics and ends it again after the write: it
+    # used to stay RUNNING in the store for good unless `close` was called once more.
     logger.log_metrics({"loss": 0.25}, step=final.step, epoch=final.epoch, prefix="test")
-    assert client.get_run(logger.run_id).info.status == "RUNNING"
-    logger.close()
+    assert client.get_run(logger.run_id).info.status == "FINISHED"
+    logger.close()  # nothing left to do
     run = client.get_run(logger.run_id)
     assert run.info.status == "FINISHED"
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "test_loss")] == [

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from .._callback import InterruptReason
@@ -124,6 +125,7 @@ class MLflowLogger(Logger):
         self.experiment_name, self.run_name = experiment_name, run_name
         self._tracking_uri = tracking_uri
         self._run_id = run_id  # the run's id once created (kept to reopen it after `close`)
+        self._closed = False  # whether this logger has closed the run (a later write reopens it)
         super().__init__(
             save_dir,
             name=name,
@@ -222,21 +224,39 @@ class MLflowLogger(Logger):
     def _log_metrics(self, step: int, values: dict[str, float]) -> None:
         from mlflow.entities import Metric
 
-        client, run_id = self._open()
-        now = int(time.time() * 1000)
-        rows = [Metric(key, value, now, step) for key, value in values.items()]
-        for batch in _batches(rows, _MAX_METRICS_PER_BATCH):
-            client.log_batch(run_id, metrics=batch, synchronous=True)
+        with self._reopened():
+            client, run_id = self._open()
+            now = int(time.time() * 1000)
+            rows = [Metric(key, value, now, step) for key, value in values.items()]
+            for batch in _batches(rows, _MAX_METRICS_PER_BATCH):
+                client.log_batch(run_id, metrics=batch, synchronous=True)
         self._last_step.update(dict.fromkeys(values, step))
+
+    @contextlib.contextmanager
+    def _reopened(self) -> Iterator[None]:
+        """A write to a run this logger already closed reopens it and closes it again after.
+
+        E.g. the README's test metrics logged after `fit` ended: the run was left
+        RUNNING in the store for good (found by an independent check).
+        """
+        closed = self._closed and not self._running
+        status = self._status
+        try:
+            yield
+        finally:
+            if closed and self._running:
+                self._status = status
+                self.close()
 
     def write_hparams(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        client, run_id = self._open()
-        values = _param_values(params)
-        new = [Param(key, value) for key, value in values.items() if key not in self._params]
-        for batch in _batches(new, _MAX_PARAMS_PER_BATCH):
-            client.log_batch(run_id, params=batch, synchronous=True)
+        with self._reopened():
+            client, run_id = self._open()
+            values = _param_values(params)
+            new = [Param(key, value) for key, value in values.items() if key not in self._params]
+            for batch in _batches(new, _MAX_PARAMS_PER_BATCH):
+                client.log_batch(run_id, params=batch, synchronous=True)
         self._params.update(values)
 
     def on_end(self, ls: LoopState) -> None:
@@ -263,6 +283,7 @@ class MLflowLogger(Logger):
         if self._running and self._run_id is not None:
             self._client.set_terminated(self._run_id, status=self._status)
             self._running = False
+            self._closed = True
 
 
 def _param_values(params: dict[str, Any]) -> dict[str, str]:
