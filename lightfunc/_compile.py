@@ -120,14 +120,15 @@ def compile_regions(
     *,
     compile: bool | str | CompileOptions = True,
 ) -> list[str]:
-    """Compile each repeated block of `model` in place, as one graph shared by all of them.
+    """Compile each repeated block of `model` in place, as graphs shared by all of them.
 
     Regional compilation: instead of one graph for the whole step (whose
     compile time grows with the number of blocks), each block's forward is
     compiled on its own. The blocks are instances of one class with the same
-    shapes, so torch.compile traces the first and reuses its graph for every
-    other (parameters are graph inputs): the compile time is that of one
-    block, flat in depth. Use it with an eager step, `lf.build(step,
+    shapes, so torch.compile traces them once and reuses the graph
+    (parameters are graph inputs): in practice two graphs, the first block's
+    (its input needs no gradient) and one every later block shares, so the
+    compile time is flat in depth. Use it with an eager step, `lf.build(step,
     compile=False)`: the gradient is then taken by `torch.autograd.grad`
     around the compiled blocks (in torch 2.13 `torch.func.grad` cannot
     differentiate a compiled function from eager code, and a whole compiled
@@ -163,6 +164,11 @@ def compile_regions(
     Raises:
         ValueError: nothing in `model` matches `regions`.
     """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(
+            f"`model` must be the torch.nn.Module whose blocks to compile, got "
+            f"{type(model).__name__} {model!r:.80}."
+        )
     options = as_compile_options(compile)
     if regions is None:
         chosen = _repeated_blocks(model)

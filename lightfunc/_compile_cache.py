@@ -166,6 +166,11 @@ def load_compile_cache(directory: str | os.PathLike[str]) -> CompileCacheInfo | 
     Returns:
         What was loaded, or None.
     """
+    if Path(directory).is_file():
+        raise ValueError(
+            f"`directory` '{directory}' is a file: pass the checkpoint directory that holds "
+            f"{FILENAME} (its parent, '{Path(directory).parent}')."
+        )
     path = Path(directory) / FILENAME
     if not path.exists() and not path.is_symlink():
         return None

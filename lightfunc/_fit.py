@@ -178,6 +178,20 @@ def fit(
             steps to take.
     """
     _check_fit_options(loop_kwargs)
+    for flag, value in (
+        ("enable_progress_bar", enable_progress_bar),
+        ("enable_checkpointing", enable_checkpointing),
+        ("barebones", barebones),
+    ):
+        if not isinstance(value, bool):
+            raise TypeError(
+                f"`{flag}` must be True or False, got {type(value).__name__} {value!r}."
+            )
+    if not isinstance(enable_model_summary, bool | torch.nn.Module):
+        raise TypeError(
+            f"`enable_model_summary` must be True, False or the model to summarise, got "
+            f"{type(enable_model_summary).__name__} {enable_model_summary!r}."
+        )
     callbacks = check_callbacks(callback_list(callbacks))
     train_data, loop_kwargs = _lightning_data(
         train_data, loop_kwargs, val_check_interval, overfit_batches

@@ -653,3 +653,19 @@ def test_a_strategy_class_instead_of_an_instance_is_named():
 def test_a_seed_that_is_no_int_is_refused(seed):
     with pytest.raises(TypeError, match="`seed` must be an int"):
         lf.TrainState.create(torch.nn.Linear(2, 2), lf.optim.sgd(0.1), seed=seed)
+
+
+def test_fit_flags_logger_names_regions_and_cache_paths_are_checked(tmp_path):
+    _, train_step, _, state = _plain()
+    with pytest.raises(TypeError, match="`enable_progress_bar` must be True or False, got str"):
+        lf.fit(train_step, state, make_data(), max_steps=1, enable_progress_bar="no",
+               default_root_dir=tmp_path)  # fmt: skip
+    with pytest.raises(ValueError, match="leads outside it"):
+        lf.loggers.CSVLogger(tmp_path / "logs", name="../escape")
+    with pytest.raises(TypeError, match=r"`model` must be the torch\.nn\.Module"):
+        lf.compile_regions("model")  # type: ignore[arg-type]
+    cache = tmp_path / "compile_cache.bin"
+    cache.write_bytes(b"")
+    with pytest.raises(ValueError, match="is a file: pass the checkpoint directory"):
+        lf.load_compile_cache(cache)
+    assert not (tmp_path / "escape").exists() and not list(tmp_path.glob("version_*"))

@@ -103,6 +103,11 @@ class Logger(Callback):
             raise TypeError(f"`name` must be a string (a sub-directory), got {name!r}.")
         if not name:
             raise ValueError("`name` must be a non-empty string, e.g. name='run'.")
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ValueError(
+                f"`name` is a sub-directory of `save_dir`, got {name!r}, which leads outside it. "
+                f"Give a plain name (e.g. name='csv'), or another `save_dir`."
+            )
         if not is_int(log_every_n_steps) or log_every_n_steps < 1:
             raise ValueError(
                 f"`log_every_n_steps` must be an int >= 1, got {log_every_n_steps!r}. "
