@@ -519,6 +519,21 @@ def test_a_dtype_mistake_in_a_compiled_step_surfaces_the_eager_error():
     assert any(entry.name == "loss_fn" for entry in info.traceback)  # the user's own line
 
 
+def _linear_with_gradients_changed_by(mistake):
+    """A Linear(4, 2) and an MSE train step that hands `mistake(grads)` to `apply_gradients`."""
+    model = torch.nn.Linear(4, 2)
+    x, y = torch.randn(8, 4), torch.randn(8, 2)
+
+    def train_step(state, batch):
+        def loss_fn(params):
+            return F.mse_loss(lf.apply(model, params, state.buffers, x, train=True)[0], y)
+
+        loss, grads = lf.value_and_grad(loss_fn)(state.params)
+        return state.apply_gradients(mistake(grads)), {"loss": loss}
+
+    return model, train_step
+
+
 @pytest.mark.parametrize(
     "mistake, message",
     [
@@ -535,16 +550,7 @@ def test_a_dtype_mistake_in_a_compiled_step_surfaces_the_eager_error():
 def test_a_gradient_unlike_its_parameter_is_refused_naming_it(mistake, message, tx):
     # Before: a 0-d gradient for a (k,) parameter was broadcast into its update (same shapes
     # out, so no check caught it); a float64 one failed in `lerp` naming no parameter.
-    model = torch.nn.Linear(4, 2)
-    x, y = torch.randn(8, 4), torch.randn(8, 2)
-
-    def train_step(state, batch):
-        def loss_fn(params):
-            return F.mse_loss(lf.apply(model, params, state.buffers, x, train=True)[0], y)
-
-        loss, grads = lf.value_and_grad(loss_fn)(state.params)
-        return state.apply_gradients(mistake(grads)), {"loss": loss}
-
+    model, train_step = _linear_with_gradients_changed_by(mistake)
     step = lf.build(train_step, compile=False)
     state = lf.TrainState.create(model, tx)
     if message is None:
@@ -556,16 +562,7 @@ def test_a_gradient_unlike_its_parameter_is_refused_naming_it(mistake, message, 
 
 @pytest.mark.compiled
 def test_a_gradient_unlike_its_parameter_is_refused_in_a_compiled_step_too(fresh_dynamo):
-    model = torch.nn.Linear(4, 2)
-    x, y = torch.randn(8, 4), torch.randn(8, 2)
-
-    def train_step(state, batch):
-        def loss_fn(params):
-            return F.mse_loss(lf.apply(model, params, state.buffers, x, train=True)[0], y)
-
-        loss, grads = lf.value_and_grad(loss_fn)(state.params)
-        return state.apply_gradients(dict(grads, bias=grads["bias"].sum())), {"loss": loss}
-
+    model, train_step = _linear_with_gradients_changed_by(lambda g: dict(g, bias=g["bias"].sum()))
     with pytest.raises(ValueError, match=r"`bias` has shape \(\) .* shape \(2,\)"):
         lf.build(train_step)(lf.TrainState.create(model, lf.optim.adamw(0.1)), None)
 
