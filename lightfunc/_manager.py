@@ -814,10 +814,7 @@ def _warn_other_world_size(path: Path, restored: LoopState, strategy: Strategy) 
     """
     if restored.batch_idx == 0:
         return
-    try:
-        header = _sharded_header(path) if path.is_dir() else _checkpoint.read_header(path)[0]
-    except (CheckpointError, OSError):
-        return
+    header = _readable_header(path)
     user = header.user if header is not None else None
     saved = user.get("world_size") if isinstance(user, dict) else None
     if isinstance(saved, int) and saved != strategy.world_size:
@@ -832,12 +829,17 @@ def _warn_other_world_size(path: Path, restored: LoopState, strategy: Strategy) 
         )
 
 
+def _readable_header(path: Path) -> Header | None:
+    """The header of a single-file or sharded checkpoint, or None if it cannot be read."""
+    try:
+        return _sharded_header(path) if path.is_dir() else _checkpoint.read_header(path)[0]
+    except (CheckpointError, OSError):
+        return None
+
+
 def _holds_callback_state(path: Path) -> bool:
     """Whether `path`'s header lists any callback state (False if it cannot be read)."""
-    try:
-        header = _sharded_header(path) if path.is_dir() else _checkpoint.read_header(path)[0]
-    except (CheckpointError, OSError):
-        return False
+    header = _readable_header(path)
     return header is not None and any(
         len(leaf.keys) >= 2 and leaf.keys[0] == _CALLBACKS for leaf in header.leaves.values()
     )
